@@ -1,0 +1,148 @@
+"""AggregatorActor: holds the global state and the strategy, runs rounds, writes checkpoints.
+
+One round: ask the virtual clock who is online, let the strategy select and instruct clients,
+let the clock decide who drops out or is too slow (they are not trained), ``ray.put`` the
+global weights once, hand each kept client to one of its covering edge servers, merge the
+edges' partial aggregates, let the strategy aggregate, evaluate on the pool (test set split
+across the ClientActors), advance the clock. The driver only receives the metrics row.
+
+The actor is placed on the driver's node, so checkpoints land in the run directory the driver
+reads, also when the run is submitted to a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from actors.clock import VirtualClock
+from actors.metering import payload_bytes
+from actors.topology import assign_edges
+from edgeray.runs import load_latest_checkpoint
+
+log = logging.getLogger("edgeray.aggregator")
+
+
+@ray.remote(num_cpus=0)
+class AggregatorActor:
+    def __init__(self, strategy, global_params: dict, clock: VirtualClock, client_sizes: list[int],
+                 client_classes: list[str], coverage: list[list[int]], edges: list, pool: dict[str, list],
+                 store, *, clients_per_round: int, test_size: int, seed: int, round_timeout_s: float,
+                 edge_uplink_mbps: float):
+        self.strategy = strategy
+        self.global_params = global_params
+        self.server_state = strategy.init_state(global_params)
+        self.clock = clock
+        self.client_sizes = client_sizes
+        self.client_classes = client_classes
+        self.coverage = coverage
+        self.edges = edges
+        self.pool = pool
+        self.store = store
+        self.clients_per_round = clients_per_round
+        self.test_size = test_size
+        self.seed = seed
+        self.round_timeout_s = round_timeout_s
+        self.edge_uplink_mbps = edge_uplink_mbps
+
+    # ------------------------------------------------------------------ one round
+    def run_round(self, rnd: int) -> dict:
+        started = time.perf_counter()
+        rng = np.random.default_rng([self.seed, rnd, 3])
+        available = self.clock.available(rnd)
+        invited = self.strategy.select_clients(rnd, self.server_state, available,
+                                               self.clock.invite_count(self.clients_per_round), rng)
+        instructions = self.strategy.configure_round(rnd, self.server_state, invited)
+        key_bytes = {k: payload_bytes(v) for k, v in self.global_params.items()}
+        down = {c: sum(key_bytes[k] for k in self.strategy.download_keys(instructions[c], self.global_params))
+                for c in invited}
+        work = {c: self.strategy.work(instructions[c], self.client_sizes[c]) for c in invited}
+        # Upload size is only known after training; plan with the download size (a full update).
+        plan = self.clock.plan_round(rnd, invited, self.clients_per_round, work, down, down)
+
+        global_ref = ray.put(self.global_params)
+        by_edge = assign_edges(plan.kept, self.coverage, len(self.edges))
+        calls = [self.edges[e].run_round.remote(
+                     rnd, [global_ref], [(c, instructions[c], self.client_classes[c]) for c in clients],
+                     self.pool, self.round_timeout_s)
+                 for e, clients in by_edge.items() if clients]
+        results = ray.get(calls, timeout=self.round_timeout_s + 30)
+
+        agg_started = time.perf_counter()
+        partial = self.strategy.merge([r["partial"] for r in results])
+        self.global_params, self.server_state, train_metrics = self.strategy.aggregate(
+            rnd, self.global_params, self.server_state, partial)
+        aggregate_s = time.perf_counter() - agg_started
+
+        reports = [rep for r in results for rep in r["reports"]]
+        failures = [f for r in results for f in r["failures"]]
+        completed = [self.clock.timing(rep["client_id"], work[rep["client_id"]], down[rep["client_id"]],
+                                       rep["upload_bytes"]) for rep in reports]
+        edge_upload_s = max((payload_bytes(r["partial"]) * 8 / (self.edge_uplink_mbps * 1e6)
+                             for r in results), default=0.0)
+        sim_round_s = self.clock.round_time(completed, self.clients_per_round, edge_upload_s)
+        sim_now = self.clock.advance(sim_round_s)
+        round_s = time.perf_counter() - started
+        for f in failures:
+            log.warning("round %d: client %d failed (%s)", rnd, f["client_id"], f["error"])
+        return {
+            "round": rnd,
+            "clients_available": len(available),
+            "clients_selected": len(invited),
+            "clients_completed": len(reports),
+            "clients_failed": len(failures),
+            "clients_dropout": plan.count("dropout"),
+            "clients_straggler": plan.count("straggler"),
+            "bytes_down": int(sum(down[c] for c in plan.kept)),
+            "bytes_up": int(sum(rep["upload_bytes"] for rep in reports)),
+            "sim_round_s": sim_round_s,
+            "sim_time_s": sim_now,
+            "round_wall_s": round_s,
+            "aggregate_s": aggregate_s,
+            "client_train_s": float(sum(rep["train_s"] for rep in reports)),
+            **{f"train_{k}" if not k.startswith("train_") else k: v for k, v in train_metrics.items()},
+        }
+
+    def evaluate(self) -> dict:
+        """Central evaluation: the test set is split across every ClientActor of the pool."""
+        actors = [a for group in self.pool.values() for a in group]
+        global_ref = ray.put(self.global_params)
+        cuts = np.linspace(0, self.test_size, len(actors) + 1).astype(int)
+        parts = ray.get([a.evaluate.remote(global_ref, int(lo), int(hi))
+                         for a, lo, hi in zip(actors, cuts[:-1], cuts[1:]) if hi > lo])
+        correct, loss, n = (sum(p[i] for p in parts) for i in range(3))
+        return {"test_accuracy": correct / n, "test_loss": loss / n}
+
+    def global_weights(self) -> dict:
+        return self.global_params
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str, rnd: int, extra: dict) -> str:
+        """Atomic: written to a temp file, then renamed over the final name."""
+        ckpt = {"round": rnd, "global_params": self.global_params, "server_state": self.server_state,
+                "sim_time_s": self.clock.now_s, "client_states": ray.get(self.store.snapshot.remote()),
+                "extra": extra}
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        torch.save(ckpt, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return str(path)
+
+    def load_checkpoint(self, checkpoint_dir: str) -> int:
+        """Restore from the newest readable checkpoint; returns its round (0 when there is none)."""
+        ckpt = load_latest_checkpoint(checkpoint_dir)
+        if ckpt is None:
+            return 0
+        self.global_params = ckpt["global_params"]
+        self.server_state = ckpt["server_state"]
+        self.clock.now_s = ckpt["sim_time_s"]
+        ray.get(self.store.restore.remote(ckpt["client_states"]))
+        return ckpt["round"]

@@ -1,0 +1,65 @@
+"""ClientActor: one process of the fixed-size pool; it trains many virtual clients in turn.
+
+A virtual client is data, not an actor: its partition indices, its profile and its state in the
+`ClientStateStore`. For each assignment the actor loads the round's global weights (an object
+store view, no copy through the driver), loads the client's state, runs the strategy's
+``client_update`` and returns the update with its metered size. The dataset arrays are put in
+the object store once per run and read zero-copy here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import ray
+import torch
+
+from actors.metering import payload_bytes
+from actors.store import load_state, save_state
+from pipelines.models import build_model, evaluate, set_params
+from pipelines.strategy import ClientContext, ClientData
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ClientActor:
+    def __init__(self, strategy, model_spec: dict, data_refs: dict, store, seed: int, threads: int = 1):
+        # data_refs holds ObjectRefs nested in a dict, so they are not constructor arguments that a
+        # restart would need to re-resolve from a dead owner; the driver keeps them alive.
+        torch.set_num_threads(max(1, threads))
+        self.strategy = strategy
+        self.model = build_model(**model_spec)
+        train, partition, test = ray.get([data_refs["train"], data_refs["partition"], data_refs["test"]])
+        self.train_x, self.train_y = train["x"], train["y"]
+        self.partition = partition
+        self.test_x, self.test_y = test["x"], test["y"]
+        self.store = store
+        self.seed = seed
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def train(self, rnd: int, client_id: int, instruction: dict, global_params: dict, edge=None):
+        """Run one virtual client; returns (ClientUpdate, report)."""
+        started = time.perf_counter()
+        set_params(self.model, global_params)
+        idx = self.partition[client_id]
+        state = load_state(self.store, client_id)
+        had_state = bool(state)
+        torch.manual_seed(hash((self.seed, rnd, client_id)) & 0xFFFFFFFF)
+        ctx = ClientContext(
+            client_id=client_id, round=rnd, model=self.model,
+            data=ClientData(self.train_x[idx], self.train_y[idx]), instruction=instruction, state=state,
+            rng=np.random.default_rng([self.seed, rnd, client_id]),
+            exchange=None if edge is None else (lambda payload: ray.get(edge.exchange.remote(client_id, payload))))
+        update = self.strategy.client_update(ctx)
+        if ctx.state or had_state:
+            save_state(self.store, client_id, ctx.state)
+        report = {"client_id": client_id, "upload_bytes": payload_bytes(update),
+                  "train_s": time.perf_counter() - started, "pid": os.getpid()}
+        return update, report
+
+    def evaluate(self, global_params: dict, lo: int, hi: int):
+        set_params(self.model, global_params)
+        return evaluate(self.model, self.test_x[lo:hi], self.test_y[lo:hi])

@@ -1,0 +1,91 @@
+"""EdgeServerActor: covers a set of clients, dispatches them onto the pool, aggregates partially.
+
+Per round it gets the global weights as an ObjectRef and a list of (client, instruction,
+resource class). It keeps at most ``inflight_per_actor`` assignments queued on each ClientActor
+of the client's class (so the next client's arguments arrive while one trains), folds every
+update into the strategy's partial aggregate as soon as it arrives (memory stays flat however
+many clients the round has), and returns the partial, never the raw updates.
+
+A ClientActor that dies mid-round fails only its own assignments: they are counted and logged,
+the round completes with the surviving updates, and Ray restarts the actor for the next round.
+Every wait has a timeout: what is still running at ``timeout_s`` is cancelled and counted failed.
+
+The actor is threaded (``max_concurrency``) so that it can answer per-batch ``exchange`` calls
+from its clients (split learning) while ``run_round`` waits; ``server_step`` calls are
+serialized by a lock because they share the edge's state (e.g. one top model).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+log = logging.getLogger("edgeray.edge")
+
+
+@ray.remote(num_cpus=0, max_concurrency=32)
+class EdgeServerActor:
+    def __init__(self, edge_id: int, strategy, inflight_per_actor: int = 2):
+        self.edge_id = edge_id
+        self.strategy = strategy
+        self.inflight_per_actor = inflight_per_actor
+        self.edge_state: dict = {}
+        self._lock = threading.Lock()
+        self._self = ray.get_runtime_context().current_actor
+
+    def exchange(self, client_id: int, payload):
+        with self._lock:
+            return self.strategy.server_step(self.edge_state, client_id, payload)
+
+    def run_round(self, rnd: int, wrapped_global: list, jobs: list[tuple[int, dict, str]],
+                  pool: dict[str, list], timeout_s: float) -> dict:
+        global_ref = wrapped_global[0]
+        queues = {cls: deque() for cls in pool}
+        for cid, instruction, cls in jobs:
+            queues[cls].append((cid, instruction))
+        inflight: dict[ray.ObjectRef, tuple[int, object]] = {}
+        load = {id(a): 0 for actors in pool.values() for a in actors}
+
+        def submit():
+            for cls, queue in queues.items():
+                for actor in pool[cls]:
+                    while queue and load[id(actor)] < self.inflight_per_actor:
+                        cid, instruction = queue.popleft()
+                        ref = actor.train.remote(rnd, cid, instruction, global_ref, self._self)
+                        inflight[ref] = (cid, actor)
+                        load[id(actor)] += 1
+
+        partial = self.strategy.init_partial()
+        reports, failures = [], []
+        deadline = time.monotonic() + timeout_s
+        submit()
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                for ref, (cid, _) in inflight.items():
+                    ray.cancel(ref, force=False)
+                    failures.append({"client_id": cid, "error": f"timeout after {timeout_s:.0f}s"})
+                log.warning("edge %d round %d: %d clients timed out", self.edge_id, rnd, len(inflight))
+                break
+            ref = ready[0]
+            cid, actor = inflight.pop(ref)
+            load[id(actor)] -= 1
+            try:
+                update, report = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+                reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+                failures.append({"client_id": cid, "error": reason})
+                log.warning("edge %d round %d: client %d failed: %s", self.edge_id, rnd, cid, reason)
+            else:
+                partial = self.strategy.accumulate(partial, update)
+                reports.append(report)
+            submit()
+        # Assignments never submitted (their actors were all dead) count as failed too.
+        for queue in queues.values():
+            failures += [{"client_id": cid, "error": "no live actor"} for cid, _ in queue]
+        return {"edge_id": self.edge_id, "partial": partial, "reports": reports, "failures": failures}

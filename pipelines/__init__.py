@@ -1,0 +1,1 @@
+"""Algorithms on plain torch tensors (no Ray), and the entry points that wire them onto actors/."""

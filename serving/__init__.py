@@ -1,0 +1,1 @@
+"""Ray Serve HTTP services: SVD (steering-vector decoding) and SIDeR (face anonymization)."""

@@ -1,0 +1,88 @@
+"""The `edgeray` command line: smoke run on digits, resume, and bad input (one line, exit 2)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeray import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "fedavg_digits.yaml")
+EDGERAY = [sys.executable, "-m", "edgeray.cli"]
+
+
+def _run(tmp_path, *extra):
+    before = set(tmp_path.glob("*"))
+    code = cli.main(["run", "fedavg", "--config", DIGITS, "--set", f"output_dir={tmp_path}", "--no-progress",
+                     *extra])
+    assert code == 0
+    (run_dir,) = set(tmp_path.glob("*")) - before
+    return run_dir
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_smoke_run_writes_the_run_directory(ray_session, tmp_path, capsys):
+    run_dir = _run(tmp_path)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "run.json", "client_profiles.json",
+                 "plots/accuracy.png", "plots/label_histogram.png"):
+        assert (run_dir / name).is_file(), name
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all("test_accuracy" in r and r["sim_time_s"] >= 0 for r in rows)
+    assert rows[2]["sim_time_s"] > rows[1]["sim_time_s"] > 0 and rows[1]["bytes_up"] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_round"] == 4 and summary["pool"] == {"default": 2}
+    assert summary["final_test_accuracy"] > 0.6 > rows[0]["test_accuracy"]  # it learns
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_00003.pt", "round_00004.pt"]
+    assert "label histogram per client" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_resume_ends_where_an_uninterrupted_run_ends(ray_session, tmp_path):
+    full = _run(tmp_path / "full", "--set", "rounds=3")
+    part = _run(tmp_path / "part", "--set", "rounds=2")
+    assert cli.main(["run", "fedavg", "--resume", str(part), "--set", "rounds=3", "--no-progress"]) == 0
+    a = torch.load(full / "checkpoints" / "round_00003.pt", weights_only=False)["global_params"]
+    b = torch.load(part / "checkpoints" / "round_00003.pt", weights_only=False)["global_params"]
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-6)
+    keep = ("round", "test_accuracy", "clients_completed", "bytes_up", "bytes_down", "sim_time_s")
+    assert [{k: r.get(k) for k in keep} for r in _rows(full)] == [{k: r.get(k) for k in keep} for r in _rows(part)]
+
+
+@pytest.mark.ray
+def test_truncated_checkpoint_falls_back_to_previous(ray_session, tmp_path):
+    run_dir = _run(tmp_path, "--set", "rounds=2")
+    last = run_dir / "checkpoints" / "round_00002.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    from edgeray.runs import load_latest_checkpoint
+    assert load_latest_checkpoint(run_dir / "checkpoints")["round"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "fedavgg"], "unknown pipeline 'fedavgg'; choose one of: fedavg, fedprox"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "data.alpah=1"], "unknown config key data.alpah (did you mean data.alpha?)"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "data.alpha=0"], "data.alpha=0.0 is out of range; it must be > 0"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "data.num_clients=5000"], "is more than the 1437 training samples"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "data.dataset=mnist", "--set", "data.path=/nope/mnist.pkl.gz"],
+     "MNIST file not found: /nope/mnist.pkl.gz; run scripts/setup.sh"),
+    (["run", "fedavg", "--config", "/nope.yaml"], "config file not found: /nope.yaml"),
+    (["run", "fedavg", "--resume", "/tmp"], "cannot resume /tmp: it is not a run directory"),
+    (["run", "fedavg", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    proc = subprocess.run(EDGERAY + args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"edgeray: error: {lines[0].removeprefix('edgeray: error: ')}"]
+    assert message in lines[0] and "Traceback" not in proc.stderr

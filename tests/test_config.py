@@ -1,0 +1,73 @@
+"""The typed config loader: every bad value fails at load time with the field's name."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from edgeray.config import describe, load_config, param, section
+from edgeray.errors import UserError
+
+
+@dataclass
+class Inner:
+    alpha: float = param(0.5, "concentration", gt=0)
+    scheme: str = param("iid", "split", choices=("iid", "dirichlet"))
+    sizes: list[int] = param([1, 2], "sizes")
+
+
+@dataclass
+class Outer:
+    rounds: int = param(3, "rounds", ge=1)
+    deadline: float | None = param(None, "deadline", gt=0)
+    flag: bool = param(False, "a flag")
+    inner: Inner = section(Inner)
+
+    def validate(self):
+        if self.rounds == 13:
+            raise UserError("rounds=13 is unlucky")
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rounds: 5\ninner:\n  scheme: dirichlet\n")
+    cfg = load_config(Outer, path, ["inner.alpha=0.1", "deadline=2", "flag=true", "inner.sizes=[3, 4]"])
+    assert (cfg.rounds, cfg.inner.scheme, cfg.inner.alpha, cfg.deadline, cfg.flag) == (5, "dirichlet", 0.1, 2.0, True)
+    assert cfg.inner.sizes == [3, 4]
+    assert Outer().inner.sizes is not Outer().inner.sizes  # list defaults are not shared
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rounds=0"], "rounds=0 is out of range; it must be >= 1"),
+    (["inner.alpha=0"], "inner.alpha=0.0 is out of range; it must be > 0"),
+    (["inner.alpha=-1"], "inner.alpha=-1.0 is out of range"),
+    (["inner.scheme=shard"], "inner.scheme='shard' is not allowed; choose one of: iid, dirichlet"),
+    (["rounds=abc"], "rounds must be an integer, got 'abc'"),
+    (["rounds=2.5"], "rounds must be an integer"),
+    (["flag=maybe"], "flag must be true or false"),
+    (["roundz=3"], "unknown config key roundz (did you mean rounds?)"),
+    (["inner.alpah=3"], "unknown config key inner.alpah (did you mean inner.alpha?)"),
+    (["inner=3"], "inner must be a mapping"),
+    (["rounds"], "--set expects key=value"),
+    (["rounds=13"], "rounds=13 is unlucky"),
+])
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(UserError, match=None) as err:
+        load_config(Outer, None, overrides)
+    assert message in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1,\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(Outer, bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(Outer, bad)
+
+
+def test_describe_lists_every_field_with_its_doc():
+    rows = {name: doc for name, _, doc in describe(Outer)}
+    assert rows["inner.alpha"] == "concentration" and rows["rounds"] == "rounds"

@@ -1,0 +1,112 @@
+"""The FL runtime on a real local Ray: pool multiplexing, state store, hierarchy, exchange, faults."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeray.config import load_config
+from pipelines.fl import FLConfig, FLRun, build_strategy, prepare
+
+pytestmark = pytest.mark.ray
+DIGITS = Path(__file__).resolve().parents[1] / "configs" / "fedavg_digits.yaml"
+
+
+def make_run(overrides=(), strategy=None):
+    cfg = load_config(FLConfig, DIGITS, list(overrides))
+    return FLRun(cfg, strategy or build_strategy("fedavg", cfg.strategy), prepare(cfg)), cfg
+
+
+def test_virtual_clients_multiplexed_and_state_survives_actor_restart(ray_session):
+    ray = ray_session
+    fl, cfg = make_run(["data.num_clients=12", "data.min_size=20", "strategy.clients_per_round=12", "strategy.keep_optimizer_state=true",
+                        "runtime.num_edge_servers=1", "runtime.edge_overlap=0"])
+    try:
+        actors = fl.pool["default"]
+        assert len(actors) == 2
+        row = ray.get(fl.aggregator.run_round.remote(1))
+        assert row["clients_completed"] == 12 and row["clients_failed"] == 0
+        assert ray.get(fl.store.size.remote()) == 12          # 12 virtual clients on 2 actors
+        old_pid = ray.get(actors[0].pid.remote())
+        ray.kill(actors[0], no_restart=False)                  # the actor dies and Ray restarts it
+        deadline = time.time() + 60
+        while True:
+            try:
+                new_pid = ray.get(actors[0].pid.remote(), timeout=10)
+                break
+            except Exception:
+                assert time.time() < deadline, "actor did not restart"
+        assert new_pid != old_pid
+        row = ray.get(fl.aggregator.run_round.remote(2))
+        assert row["clients_completed"] == 12
+        states = ray.get(fl.store.snapshot.remote())
+        assert sorted(states) == list(range(12))
+        assert all(s["rounds_trained"] == 2 for s in states.values())  # state outlived the actor
+    finally:
+        fl.shutdown()
+
+
+def test_hierarchical_aggregation_equals_flat(ray_session):
+    ray = ray_session
+    weights = []
+    for edges, overlap in ((1, 0), (3, 1)):
+        fl, _ = make_run(["data.num_clients=12", "strategy.clients_per_round=9",
+                          f"runtime.num_edge_servers={edges}", f"runtime.edge_overlap={overlap}"])
+        try:
+            row = ray.get(fl.aggregator.run_round.remote(1))
+            assert row["clients_completed"] == 9
+            weights.append(ray.get(fl.aggregator.global_weights.remote()))
+        finally:
+            fl.shutdown()
+    flat, hierarchical = weights
+    for key in flat:
+        np.testing.assert_allclose(hierarchical[key], flat[key], rtol=1e-5, atol=1e-6)
+
+
+def test_per_batch_exchange_with_edge_server(ray_session):
+    from fl_helpers import LabelSumExchange
+
+    ray = ray_session
+    fl, cfg = make_run(["data.num_clients=6", "strategy.clients_per_round=6", "runtime.num_edge_servers=2"],
+                       strategy=LabelSumExchange(batch_size=16))
+    try:
+        row = ray.get(fl.aggregator.run_round.remote(1))
+        data = prepare(cfg)
+        expected = sum(int(data.data.y_train[p].sum()) for p in data.parts)
+        assert row["clients_completed"] == 6 and row["train_label_total"] == expected
+    finally:
+        fl.shutdown()
+
+
+def test_client_actor_killed_mid_round_round_completes(ray_session):
+    ray = ray_session
+    fl, _ = make_run(["data.num_clients=12", "strategy.clients_per_round=12", "strategy.local_epochs=30",
+                      "runtime.inflight_per_actor=1"])
+    try:
+        pending = fl.aggregator.run_round.remote(1)
+        time.sleep(2.0)
+        ray.kill(fl.pool["default"][0], no_restart=False)
+        row = ray.get(pending, timeout=300)
+        assert row["clients_failed"] >= 1
+        assert row["clients_completed"] + row["clients_failed"] == 12
+        assert row["clients_completed"] >= 1
+        row = ray.get(fl.aggregator.run_round.remote(2), timeout=300)  # the pool is whole again
+        assert row["clients_failed"] == 0 and row["clients_completed"] == 12
+    finally:
+        fl.shutdown()
+
+
+def test_deadline_and_dropouts_skip_training(ray_session):
+    ray = ray_session
+    fl, _ = make_run(["data.num_clients=20", "strategy.clients_per_round=5", "clock.over_selection=2.0",
+                      "clock.dropout_prob=0.3", "clock.deadline_s=1.0", "clock.speed_median=100"])
+    try:
+        row = ray.get(fl.aggregator.run_round.remote(1))
+        assert row["clients_selected"] == 10
+        assert row["clients_completed"] <= 5
+        assert row["clients_completed"] + row["clients_dropout"] + row["clients_straggler"] <= 10
+        assert row["clients_dropout"] + row["clients_straggler"] > 0
+        assert row["sim_round_s"] <= 1.0 + 1e-3 + 1.0  # deadline plus the edge upload
+    finally:
+        fl.shutdown()
