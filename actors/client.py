@@ -24,13 +24,15 @@ from pipelines.strategy import ClientContext, ClientData
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ClientActor:
-    def __init__(self, strategy, model_spec: dict, data_refs: dict, store, seed: int, threads: int = 1):
-        # data_refs holds ObjectRefs nested in a dict, so they are not constructor arguments that a
-        # restart would need to re-resolve from a dead owner; the driver keeps them alive.
+    def __init__(self, strategy, model_spec: dict, store_name: str, seed: int, threads: int = 1):
+        # The store is found by name, not passed as a handle: a restarted actor re-runs this
+        # constructor, and constructor arguments that live in the object store may be gone by then.
         torch.set_num_threads(max(1, threads))
         self.strategy = strategy
         self.model = build_model(**model_spec)
-        train, partition, test = ray.get([data_refs["train"], data_refs["partition"], data_refs["test"]])
+        store = ray.get_actor(store_name)
+        refs = ray.get(store.shared.remote())
+        train, partition, test = ray.get([refs["train"], refs["partition"], refs["test"]])
         self.train_x, self.train_y = train["x"], train["y"]
         self.partition = partition
         self.test_x, self.test_y = test["x"], test["y"]

@@ -14,8 +14,14 @@ import ray
 
 @ray.remote(num_cpus=0)
 class ClientStateStore:
-    def __init__(self):
+    def __init__(self, shared: dict | None = None):
         self._refs: dict[int, ray.ObjectRef] = {}
+        # Run-wide read-only objects (dataset, partition) as refs; ClientActors fetch them here, so
+        # a restarted ClientActor finds them without holding refs in its constructor arguments.
+        self._shared = shared or {}
+
+    def shared(self) -> dict:
+        return self._shared
 
     def get(self, client_id: int):
         """[ref] or None (a ref nested in a list is passed on, not resolved)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,10 +217,11 @@ class FLRun:
                       "num_classes": data.num_classes, "seed": cfg.seed}
         self.data_refs = {"train": ray.put({"x": data.x_train, "y": data.y_train}),
                           "test": ray.put({"x": data.x_test, "y": data.y_test}), "partition": ray.put(parts)}
-        self.store = ClientStateStore.remote()
+        store_name = f"edgeray-client-state-{uuid.uuid4().hex[:12]}"
+        self.store = ClientStateStore.options(name=store_name).remote(self.data_refs)
         self.pool = {
             name: [ClientActor.options(num_cpus=spec["num_cpus"], num_gpus=spec["num_gpus"]).remote(
-                       strategy, model_spec, self.data_refs, self.store, cfg.seed,
+                       strategy, model_spec, store_name, cfg.seed,
                        threads=max(1, int(spec["num_cpus"])))
                    for _ in range(counts[name])]
             for name, spec in classes.items()}
