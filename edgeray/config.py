@@ -87,8 +87,9 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted name, default, doc) for every field: the reference docs are generated from it."""
+def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str, str]]:
+    """(dotted name, default, doc, allowed values) for every field: the reference docs are
+    generated from it."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -98,11 +99,20 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
         else:
             default = f.default if f.default is not _MISSING else (
                 f.default_factory() if f.default_factory is not _MISSING else None)
-            rows.append((name, default, f.metadata.get("doc", "")))
+            rows.append((name, default, f.metadata.get("doc", ""), _allowed(f.metadata)))
     return rows
 
 
 # ----------------------------------------------------------------------------- internals
+
+_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _allowed(meta: typing.Mapping) -> str:
+    if meta.get("choices") is not None:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    return ", ".join(f"{sign} {meta[op]}" for op, sign in _SIGNS.items() if meta.get(op) is not None)
+
 
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
@@ -201,9 +211,9 @@ def _check(name: str, value: Any, meta: typing.Mapping) -> Any:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise UserError(f"{name}={value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
-    for op, bound, ok in (("ge", meta.get("ge"), lambda v, b: v >= b), ("gt", meta.get("gt"), lambda v, b: v > b),
-                          ("le", meta.get("le"), lambda v, b: v <= b), ("lt", meta.get("lt"), lambda v, b: v < b)):
+    for op, ok in (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b),
+                   ("le", lambda v, b: v <= b), ("lt", lambda v, b: v < b)):
+        bound = meta.get(op)
         if bound is not None and value is not None and not ok(value, bound):
-            sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
-            raise UserError(f"{name}={value!r} is out of range; it must be {sign} {bound}")
+            raise UserError(f"{name}={value!r} is out of range; it must be {_SIGNS[op]} {bound}")
     return value

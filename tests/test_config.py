@@ -69,5 +69,16 @@ def test_bad_files(tmp_path):
 
 
 def test_describe_lists_every_field_with_its_doc():
-    rows = {name: doc for name, _, doc in describe(Outer)}
-    assert rows["inner.alpha"] == "concentration" and rows["rounds"] == "rounds"
+    rows = {name: (doc, allowed) for name, _, doc, allowed in describe(Outer)}
+    assert rows["inner.alpha"] == ("concentration", "> 0") and rows["rounds"] == ("rounds", ">= 1")
+    assert rows["inner.scheme"][1] == "one of iid, dirichlet"
+
+
+def test_reference_doc_is_up_to_date():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "gen_reference.py"), "--check"])
+    assert proc.returncode == 0, "docs/reference.md is stale: run scripts/gen_reference.py"
