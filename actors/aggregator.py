@@ -23,6 +23,7 @@ import torch
 
 from actors.clock import VirtualClock
 from actors.metering import payload_bytes
+from actors.metrics import RoundMetrics
 from actors.topology import assign_edges
 from edgeray.runs import load_latest_checkpoint
 
@@ -34,7 +35,7 @@ class AggregatorActor:
     def __init__(self, strategy, global_params: dict, clock: VirtualClock, client_sizes: list[int],
                  client_classes: list[str], coverage: list[list[int]], edges: list, pool: dict[str, list],
                  store, *, clients_per_round: int, test_size: int, seed: int, round_timeout_s: float,
-                 edge_uplink_mbps: float):
+                 edge_uplink_mbps: float, pipeline: str, run_id: str):
         self.strategy = strategy
         self.global_params = global_params
         self.server_state = strategy.init_state(global_params)
@@ -50,6 +51,7 @@ class AggregatorActor:
         self.seed = seed
         self.round_timeout_s = round_timeout_s
         self.edge_uplink_mbps = edge_uplink_mbps
+        self.metrics = RoundMetrics(pipeline, run_id)
 
     # ------------------------------------------------------------------ one round
     def run_round(self, rnd: int) -> dict:
@@ -91,7 +93,7 @@ class AggregatorActor:
         round_s = time.perf_counter() - started
         for f in failures:
             log.warning("round %d: client %d failed (%s)", rnd, f["client_id"], f["error"])
-        return {
+        row = {
             "round": rnd,
             "clients_available": len(available),
             "clients_selected": len(invited),
@@ -108,6 +110,8 @@ class AggregatorActor:
             "client_train_s": float(sum(rep["train_s"] for rep in reports)),
             **{f"train_{k}" if not k.startswith("train_") else k: v for k, v in train_metrics.items()},
         }
+        self.metrics.record(row)
+        return row
 
     def evaluate(self) -> dict:
         """Central evaluation: the test set is split across every ClientActor of the pool."""

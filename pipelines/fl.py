@@ -198,7 +198,7 @@ def prepare(cfg: FLConfig, run_dir: Path | None = None, quiet: bool = False) -> 
 class FLRun:
     """The actors of one run: ClientActor pool, state store, edge servers, aggregator."""
 
-    def __init__(self, cfg: FLConfig, strategy, prepared: "Prepared"):
+    def __init__(self, cfg: FLConfig, strategy, prepared: "Prepared", run_id: str = ""):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -234,7 +234,7 @@ class FLRun:
             edge_coverage(cfg.data.num_clients, cfg.runtime.num_edge_servers, cfg.runtime.edge_overlap, cfg.seed),
             self.edges, self.pool, self.store, clients_per_round=cfg.strategy.clients_per_round,
             test_size=len(data.y_test), seed=cfg.seed, round_timeout_s=cfg.runtime.round_timeout_s,
-            edge_uplink_mbps=cfg.runtime.edge_uplink_mbps)
+            edge_uplink_mbps=cfg.runtime.edge_uplink_mbps, pipeline=strategy.name, run_id=run_id or store_name)
         ray.get([a.pid.remote() for group in self.pool.values() for a in group])
         self.pool_sizes = counts
 
@@ -260,7 +260,7 @@ def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = Fals
     started_ray = connect_ray(cfg.runtime.address)
     fl = None
     try:
-        fl = FLRun(cfg, build_strategy(strategy_name, cfg.strategy), prepared)
+        fl = FLRun(cfg, build_strategy(strategy_name, cfg.strategy), prepared, run_id=run_dir.name)
         first_round = ray.get(fl.aggregator.load_checkpoint.remote(str(run_dir / "checkpoints"))) + 1 \
             if resume else 1
         rows = [r for r in runs.read_metrics(run_dir) if r["round"] < first_round]

@@ -1,0 +1,90 @@
+"""Start and stop a local Ray head (`ray start --head`) that only we own.
+
+`ray stop` stops every Ray of the machine, including other users' and other jobs'. A head
+started here gets its own short temp dir; stopping it ends its process group and then only the
+processes whose command line names that temp dir.
+
+Token authentication (on by default in Ray 2.60) stays on: the head starts with
+``RAY_AUTH_MODE=token``; REST calls carry ``Authorization: Bearer <token>`` and CLI clients need
+``RAY_AUTH_MODE=token`` in their environment (``client_env()``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from edgeray.errors import UserError
+
+
+def auth_token() -> str:
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return os.environ.get("RAY_AUTH_TOKEN") or (path.read_text().strip() if path.is_file() else "")
+
+
+def client_env(**extra) -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "token", **extra}
+
+
+class LocalHead:
+    def __init__(self, *, gcs_port: int = 6390, dashboard_port: int = 8265, metrics_port: int = 8090,
+                 client_port: int = 20201, agent_port: int = 52401, num_cpus: int | None = None,
+                 dashboard_host: str = "127.0.0.1", extra_env: dict | None = None):
+        self.gcs_port, self.dashboard_port, self.metrics_port = gcs_port, dashboard_port, metrics_port
+        self.client_port, self.agent_port, self.num_cpus = client_port, agent_port, num_cpus
+        self.dashboard_host = dashboard_host
+        self.extra_env = extra_env or {}
+        self.temp_dir = tempfile.mkdtemp(prefix="er-", dir="/tmp")  # short: Ray's socket paths are capped
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 180.0) -> "LocalHead":
+        ray = str(Path(sys.executable).with_name("ray"))
+        cmd = [ray, "start", "--head", "--block", f"--port={self.gcs_port}",
+               f"--dashboard-host={self.dashboard_host}", f"--dashboard-port={self.dashboard_port}",
+               f"--metrics-export-port={self.metrics_port}", f"--ray-client-server-port={self.client_port}",
+               f"--dashboard-agent-listen-port={self.agent_port}", f"--temp-dir={self.temp_dir}",
+               "--disable-usage-stats"]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        log = open(Path(self.temp_dir) / "ray-start.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=client_env(**self.extra_env))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (Path(self.temp_dir) / "ray-start.log").read_text()[-2000:]
+                raise UserError(f"ray start --head exited with {self.proc.returncode}: {tail.strip().splitlines()[-1]}")
+            try:
+                with urllib.request.urlopen(self.dashboard_url, timeout=5) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise UserError(f"the Ray head did not answer on {self.dashboard_url} within {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        # Ray's daemons may have left the process group: end whatever names our temp dir.
+        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
