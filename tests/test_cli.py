@@ -86,3 +86,44 @@ def test_bad_input_is_one_line_exit_2(args, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"edgeray: error: {lines[0].removeprefix('edgeray: error: ')}"]
     assert message in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_driver_sigkill_then_resume_matches_uninterrupted(ray_session, tmp_path):
+    import os
+    import signal
+    import time
+
+    killed_root = tmp_path / "killed"
+    proc = subprocess.Popen(EDGERAY + ["run", "fedavg", "--config", DIGITS, "--set", f"output_dir={killed_root}",
+                                       "--set", "rounds=8", "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    run_dir = None
+    while time.time() < deadline:
+        dirs = list(killed_root.glob("*")) if killed_root.exists() else []
+        if dirs and len(list((dirs[0] / "checkpoints").glob("round_*.pt"))) >= 1 and \
+                (dirs[0] / "metrics.jsonl").exists() and len(_rows(dirs[0])) >= 4:
+            run_dir = dirs[0]
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    assert run_dir is not None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(_rows(run_dir)) - 1
+    assert done_before < 8
+
+    resumed = subprocess.run(EDGERAY + ["run", "fedavg", "--resume", str(run_dir), "--no-progress"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == list(range(9))  # no gap, no duplicate
+
+    full = _run(tmp_path / "full", "--set", "rounds=8")
+    a = torch.load(full / "checkpoints" / "round_00008.pt", weights_only=False)["global_params"]
+    b = torch.load(run_dir / "checkpoints" / "round_00008.pt", weights_only=False)["global_params"]
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-6)
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in _rows(full)]
