@@ -1,5 +1,7 @@
 """The `edgeray` command line.
 
+    edgeray main [--config FILE] [--set key=value ...]   (local head + Ray Jobs + dashboard)
+    edgeray down                                          (stop the head `main` started)
     edgeray run <pipeline> --config FILE [--set key=value ...] [--resume RUN_DIR] [--address ADDR]
     edgeray rl <train|eval> <method> ...          (see `edgeray rl --help`)
     edgeray serve <app> ...                        (see `edgeray serve --help`)
@@ -16,7 +18,9 @@ from edgeray.errors import UserError
 USAGE = """usage: edgeray <command> ...
 
 commands:
-  run <pipeline>   run a federated / split learning pipeline (edgeray run --help)
+  main             start a local Ray head, submit the FL job through Ray Jobs, follow it (edgeray main --help)
+  down             stop the Ray head that `edgeray main` started
+  run <pipeline>   run a federated / split learning pipeline in this process (edgeray run --help)
   rl ...           train and evaluate RLlib methods (edgeray rl --help)
   serve ...        start the Ray Serve HTTP apps (edgeray serve --help)
 """
@@ -29,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             print(USAGE, end="")
             return 0 if argv else 2
         command, rest = argv[0], argv[1:]
+        if command in ("main", "down"):
+            from edgeray.launch import main as launch_main, stop_head
+            return launch_main(rest) if command == "main" else stop_head()
         if command == "run":
             from pipelines.cli import main as run_main
             return run_main(rest)
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "serve":
             from serving.cli import main as serve_main
             return serve_main(rest)
-        raise UserError(f"unknown command {command!r}; choose one of: run, rl, serve")
+        raise UserError(f"unknown command {command!r}; choose one of: main, down, run, rl, serve")
     except UserError as exc:
         print(f"edgeray: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -70,7 +70,7 @@ def test_truncated_checkpoint_falls_back_to_previous(ray_session, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["run", "fedavgg"], "unknown pipeline 'fedavgg'; choose one of: fedavg, fedprox"),
-    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["frobnicate"], "unknown command 'frobnicate'; choose one of: main, down, run, rl, serve"),
     (["run", "fedavg", "--config", DIGITS, "--set", "data.alpah=1"], "unknown config key data.alpah (did you mean data.alpha?)"),
     (["run", "fedavg", "--config", DIGITS, "--set", "data.alpha=0"], "data.alpha=0.0 is out of range; it must be > 0"),
     (["run", "fedavg", "--config", DIGITS, "--set", "data.num_clients=5000"], "is more than the 1437 training samples"),

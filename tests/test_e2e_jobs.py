@@ -69,3 +69,21 @@ def test_job_submit_runs_fedavg_and_exports_metrics(head, tmp_path):
         assert f"ray_{name}" in seen_metrics, name
     assert f'run_id="{run_dir.name}"' in seen_metrics and 'pipeline="fedavg"' in seen_metrics
     assert "client_id" not in seen_metrics  # no per-client tags
+
+
+def test_edgeray_main_submits_and_follows_the_job(head, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgeray.cli", "main", "--config", "configs/fedavg_digits.yaml",
+                           "--address", head.dashboard_url, "--set", f"output_dir={tmp_path}", "--set", "rounds=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"dashboard:  {head.dashboard_url}" in proc.stdout and "job id:     raysubmit_" in proc.stdout
+    (run_dir,) = tmp_path.iterdir()
+    assert f"results:    {run_dir}" in proc.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["final_round"] == 2
+
+
+def test_edgeray_main_bad_input_fails_before_ray(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgeray.cli", "main", "--set", "data.alpha=-1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "edgeray: error: data.alpha=-1.0 is out of range; it must be > 0"
