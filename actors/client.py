@@ -47,8 +47,10 @@ class ClientActor:
         started = time.perf_counter()
         set_params(self.model, global_params)
         idx = self.partition[client_id]
-        state = load_state(self.store, client_id)
+        stateful = self.strategy.uses_client_state
+        state = load_state(self.store, client_id) if stateful else {}
         had_state = bool(state)
+        store_calls = int(stateful)
         torch.manual_seed(hash((self.seed, rnd, client_id)) & 0xFFFFFFFF)
         ctx = ClientContext(
             client_id=client_id, round=rnd, model=self.model,
@@ -56,10 +58,11 @@ class ClientActor:
             rng=np.random.default_rng([self.seed, rnd, client_id]),
             exchange=None if edge is None else (lambda payload: ray.get(edge.exchange.remote(client_id, payload))))
         update = self.strategy.client_update(ctx)
-        if ctx.state or had_state:
+        if stateful and (ctx.state or had_state):
             save_state(self.store, client_id, ctx.state)
+            store_calls += 1
         report = {"client_id": client_id, "upload_bytes": payload_bytes(update),
-                  "train_s": time.perf_counter() - started, "pid": os.getpid()}
+                  "train_s": time.perf_counter() - started, "pid": os.getpid(), "store_calls": store_calls}
         return update, report
 
     def evaluate(self, global_params: dict, lo: int, hi: int):

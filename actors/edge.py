@@ -2,9 +2,11 @@
 
 Per round it gets the global weights as an ObjectRef and a list of (client, instruction,
 resource class). It keeps at most ``inflight_per_actor`` assignments queued on each ClientActor
-of the client's class (so the next client's arguments arrive while one trains), folds every
-update into the strategy's partial aggregate as soon as it arrives (memory stays flat however
-many clients the round has), and returns the partial, never the raw updates.
+of the client's class (so the next client's arguments arrive while one trains), folds the
+updates into the strategy's partial aggregate as they arrive, in the order of the job list (an
+update that arrives early waits for its predecessors, so a seeded run sums in the same order
+every time; memory stays bounded by the few updates in flight), and returns the partial,
+never the raw updates.
 
 A ClientActor that dies mid-round fails only its own assignments: they are counted and logged,
 the round completes with the surviving updates, and Ray restarts the actor for the next round.
@@ -48,33 +50,49 @@ class EdgeServerActor:
         queues = {cls: deque() for cls in pool}
         for cid, instruction, cls in jobs:
             queues[cls].append((cid, instruction))
-        inflight: dict[ray.ObjectRef, tuple[int, object]] = {}
+        inflight: dict[ray.ObjectRef, tuple[int, int, object]] = {}
         load = {id(a): 0 for actors in pool.values() for a in actors}
+        position = {cid: i for i, (cid, _, _) in enumerate(jobs)}
+        calls = 0
 
         def submit():
+            nonlocal calls
             for cls, queue in queues.items():
                 for actor in pool[cls]:
                     while queue and load[id(actor)] < self.inflight_per_actor:
                         cid, instruction = queue.popleft()
                         ref = actor.train.remote(rnd, cid, instruction, global_ref, self._self)
-                        inflight[ref] = (cid, actor)
+                        inflight[ref] = (cid, position[cid], actor)
                         load[id(actor)] += 1
+                        calls += 1
 
         partial = self.strategy.init_partial()
         reports, failures = [], []
+        arrived: dict[int, object] = {}   # position -> update, waiting for its predecessors
+        settled: set[int] = set()         # positions that arrived or failed
+        next_position = 0
+
+        def fold_in_order():
+            nonlocal partial, next_position
+            while next_position in settled:
+                if next_position in arrived:
+                    partial = self.strategy.accumulate(partial, arrived.pop(next_position))
+                next_position += 1
+
         deadline = time.monotonic() + timeout_s
         submit()
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                for ref, (cid, _) in inflight.items():
+                for ref, (cid, _, _) in inflight.items():
                     ray.cancel(ref, force=False)
                     failures.append({"client_id": cid, "error": f"timeout after {timeout_s:.0f}s"})
                 log.warning("edge %d round %d: %d clients timed out", self.edge_id, rnd, len(inflight))
                 break
             ref = ready[0]
-            cid, actor = inflight.pop(ref)
+            cid, pos, actor = inflight.pop(ref)
             load[id(actor)] -= 1
+            settled.add(pos)
             try:
                 update, report = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
@@ -82,10 +100,14 @@ class EdgeServerActor:
                 failures.append({"client_id": cid, "error": reason})
                 log.warning("edge %d round %d: client %d failed: %s", self.edge_id, rnd, cid, reason)
             else:
-                partial = self.strategy.accumulate(partial, update)
+                arrived[pos] = update
                 reports.append(report)
+            fold_in_order()
             submit()
+        for pos in sorted(arrived):  # after a timeout: what did arrive, still in order
+            partial = self.strategy.accumulate(partial, arrived.pop(pos))
         # Assignments never submitted (their actors were all dead) count as failed too.
         for queue in queues.values():
             failures += [{"client_id": cid, "error": "no live actor"} for cid, _ in queue]
-        return {"edge_id": self.edge_id, "partial": partial, "reports": reports, "failures": failures}
+        return {"edge_id": self.edge_id, "partial": partial, "reports": reports, "failures": failures,
+                "actor_calls": calls + sum(r["store_calls"] for r in reports)}

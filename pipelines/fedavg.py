@@ -35,6 +35,10 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
+    @property
+    def uses_client_state(self) -> bool:
+        return self.keep_optimizer_state
+
     def configure_round(self, rnd, state, client_ids):
         return {cid: {"local_epochs": self.local_epochs, "lr": self.lr} for cid in client_ids}
 

@@ -27,6 +27,7 @@ What this design carries beyond FedAvg:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -80,7 +81,13 @@ class ClientUpdate:
 @dataclass
 class WeightedSum:
     """Partial aggregate of example-weighted tensors: decomposable, so edge servers can sum
-    their clients and the aggregator can sum the edges (hierarchical == flat)."""
+    their clients and the aggregator can sum the edges (hierarchical == flat).
+
+    Floating tensors are summed in their own precision (float32) with one fused in-place
+    ``acc += w * x`` pass, as fast as a plain in-place sum; float64 accumulation costs about
+    half the throughput. Summation order still matters at the last bit, so the runtime folds
+    updates in a fixed order (the edge server reorders arrivals): a seeded run is bit-exact.
+    Integer tensors (e.g. counters) are averaged in float64 and cast back."""
 
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
@@ -92,11 +99,10 @@ class WeightedSum:
     def add(self, update: ClientUpdate, weight: float | None = None) -> "WeightedSum":
         w = float(update.num_examples if weight is None else weight)
         for key, value in update.params.items():
-            term = value.astype(np.float64) * w
             if key in self.sums:
-                self.sums[key] += term
+                _axpy(self.sums[key], value, w)
             else:
-                self.sums[key] = term
+                self.sums[key] = _accumulator(value) * w
             self.weights[key] = self.weights.get(key, 0.0) + w
         self.num_examples += update.num_examples
         self.num_clients += 1
@@ -109,7 +115,7 @@ class WeightedSum:
     def merge(self, other: "WeightedSum") -> "WeightedSum":
         for key, value in other.sums.items():
             if key in self.sums:
-                self.sums[key] += value
+                _axpy(self.sums[key], value, 1.0)
             else:
                 self.sums[key] = value.copy()
             self.weights[key] = self.weights.get(key, 0.0) + other.weights[key]
@@ -135,10 +141,25 @@ class WeightedSum:
         return {k: v / n for k, v in self.metric_sums.items()}
 
 
+def _accumulator(value: np.ndarray) -> np.ndarray:
+    return value.astype(value.dtype if np.issubdtype(value.dtype, np.floating) else np.float64)
+
+
+def _axpy(acc: np.ndarray, x: np.ndarray, alpha: float) -> None:
+    """acc += alpha * x in place (one pass through torch; x may be a read-only object-store view)."""
+    if acc.dtype == np.float64 and not np.issubdtype(x.dtype, np.floating):
+        acc += alpha * x
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(acc).add_(torch.from_numpy(x), alpha=alpha)
+
+
 class Strategy:
     """Base class; FedAvg-style defaults for every hook but ``client_update``."""
 
     name = "base"
+    uses_client_state = True   # False skips the state store round trip for every client
 
     # ---- server side (AggregatorActor)
     def init_state(self, global_params: Params) -> dict:

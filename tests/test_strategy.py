@@ -52,7 +52,7 @@ def test_hierarchical_merge_equals_flat():
         edges.append(p)
     merged = strategy.merge(edges)
     old = {"w": np.zeros((4, 4), np.float32)}
-    np.testing.assert_allclose(merged.average(old)["w"], flat.average(old)["w"], rtol=1e-12)
+    np.testing.assert_allclose(merged.average(old)["w"], flat.average(old)["w"], rtol=1e-6)
     assert merged.num_clients == 9 and len(merged.stats) == 9  # statistics travel beside the update
 
 
