@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.clock import VirtualClock
 from actors.metering import payload_bytes
@@ -69,12 +70,13 @@ class AggregatorActor:
         plan = self.clock.plan_round(rnd, invited, self.clients_per_round, work, down, down)
 
         global_ref = ray.put(self.global_params)
-        by_edge = assign_edges(plan.kept, self.coverage, len(self.edges))
-        calls = [self.edges[e].run_round.remote(
+        by_edge = {e: clients for e, clients in assign_edges(plan.kept, self.coverage, len(self.edges)).items()
+                   if clients}
+        calls = {e: self.edges[e].run_round.remote(
                      rnd, [global_ref], [(c, instructions[c], self.client_classes[c]) for c in clients],
                      self.pool, self.round_timeout_s)
-                 for e, clients in by_edge.items() if clients]
-        results = ray.get(calls, timeout=self.round_timeout_s + 30)
+                 for e, clients in by_edge.items()}
+        results = self._collect_edges(rnd, calls, by_edge)
 
         agg_started = time.perf_counter()
         partial = self.strategy.merge([r["partial"] for r in results])
@@ -87,7 +89,7 @@ class AggregatorActor:
         completed = [self.clock.timing(rep["client_id"], work[rep["client_id"]], down[rep["client_id"]],
                                        rep["upload_bytes"]) for rep in reports]
         edge_upload_s = max((payload_bytes(r["partial"]) * 8 / (self.edge_uplink_mbps * 1e6)
-                             for r in results), default=0.0)
+                             for r in results if r["reports"]), default=0.0)
         sim_round_s = self.clock.round_time(completed, self.clients_per_round, edge_upload_s)
         sim_now = self.clock.advance(sim_round_s)
         round_s = time.perf_counter() - started
@@ -113,6 +115,23 @@ class AggregatorActor:
         }
         self.metrics.record(row)
         return row
+
+    def _collect_edges(self, rnd: int, calls: dict, by_edge: dict) -> list[dict]:
+        """Each edge's result; an edge that dies or overruns degrades the round instead of failing
+        it: its clients count as failed and Ray restarts the edge server for the next round."""
+        results, deadline = [], time.monotonic() + self.round_timeout_s + 30
+        for e, ref in calls.items():
+            try:
+                results.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
+            except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+                reason = f"edge server {e} failed: {type(exc).__name__}"
+                log.warning("round %d: %s; its %d clients count as failed", rnd, reason, len(by_edge[e]))
+                if isinstance(exc, GetTimeoutError):
+                    ray.cancel(ref, force=False)
+                results.append({"edge_id": e, "partial": self.strategy.init_partial(), "reports": [],
+                                "failures": [{"client_id": c, "error": reason} for c in by_edge[e]],
+                                "actor_calls": 0})
+        return results
 
     def evaluate(self) -> dict:
         """Central evaluation: the test set is split across every ClientActor of the pool."""

@@ -30,7 +30,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 log = logging.getLogger("edgeray.edge")
 
 
-@ray.remote(num_cpus=0, max_concurrency=32)
+@ray.remote(num_cpus=0, max_concurrency=32, max_restarts=-1, max_task_retries=0)
 class EdgeServerActor:
     def __init__(self, edge_id: int, strategy, inflight_per_actor: int = 2):
         self.edge_id = edge_id

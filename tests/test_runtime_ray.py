@@ -110,3 +110,20 @@ def test_deadline_and_dropouts_skip_training(ray_session):
         assert row["sim_round_s"] <= 1.0 + 1e-3 + 1.0  # deadline plus the edge upload
     finally:
         fl.shutdown()
+
+
+def test_edge_server_killed_mid_round_degrades_the_round(ray_session):
+    ray = ray_session
+    fl, _ = make_run(["data.num_clients=12", "strategy.clients_per_round=12", "strategy.local_epochs=30",
+                      "runtime.num_edge_servers=2", "runtime.edge_overlap=0", "runtime.inflight_per_actor=1"])
+    try:
+        pending = fl.aggregator.run_round.remote(1)
+        time.sleep(2.0)
+        ray.kill(fl.edges[1], no_restart=False)
+        row = ray.get(pending, timeout=300)
+        assert row["clients_failed"] >= 1 and row["clients_completed"] >= 1   # degraded, not failed
+        assert row["clients_completed"] + row["clients_failed"] == 12
+        row = ray.get(fl.aggregator.run_round.remote(2), timeout=300)          # the edge was restarted
+        assert row["clients_completed"] == 12 and row["clients_failed"] == 0
+    finally:
+        fl.shutdown()
