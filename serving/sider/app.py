@@ -1,0 +1,229 @@
+"""SIDeR over HTTP: a Ray Serve deployment with a FastAPI ingress.
+
+Routes (relative to the app's route_prefix, "/sider" by default):
+    POST /protect   multipart (image file + fields) or JSON (image_b64 + fields)
+    POST /restore   multipart or JSON: image, password, restore_token (optional if the image carries it)
+    POST /verify    multipart or JSON: image_a, image_b -> identity distance (the built-in evaluator)
+    GET  /health
+    GET  /openapi.json, /docs
+
+Start it with any of:
+    serve run serving.sider.app:app_builder config=configs/sider.yaml
+    serve deploy serving/sider/serve_config.yaml
+    edgeray serve sider ...          (serving/cli.py calls app_builder)
+"""
+
+# No `from __future__ import annotations` here: Serve rebuilds the ingress routes, and FastAPI must
+# see `request: Request` as a real type, not a string (the OpenAPI route fails otherwise).
+import base64
+import binascii
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from edgeray.config import load_config, to_dict
+from edgeray.errors import UserError
+from serving.sider.config import SiderConfig
+from serving.sider.service import ApiError, SiderService
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("ray.serve")
+
+
+class ProtectJson(BaseModel):
+    image_b64: str = Field(description="PNG/JPEG/WebP file, base64")
+    password: str = Field(description="8-1024 bytes; only sent in the body, never logged")
+    n_samples: int = Field(1, ge=1, le=16, description="diverse protected samples (seeds seed, seed+7919, ...)")
+    gamma: float | None = Field(None, ge=0, le=1, description="semantic-visual balancing factor")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    embed: Literal["none", "chunk", "lsb"] = Field("chunk", description="where the token also travels")
+
+
+class RestoreJson(BaseModel):
+    image_b64: str
+    password: str
+    restore_token: str | None = Field(None, description="base64 token; omit if the PNG carries it")
+
+
+class VerifyJson(BaseModel):
+    image_a_b64: str
+    image_b_b64: str
+
+
+def _multipart_schema(fields: dict, files: tuple) -> dict:
+    props = {name: {"type": "string", "format": "binary"} for name in files}
+    props.update(fields)
+    return {"type": "object", "properties": props, "required": list(files)}
+
+
+def _request_body(model: type[BaseModel], form_fields: dict, files: tuple) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()},
+        "multipart/form-data": {"schema": _multipart_schema(form_fields, files)}}}}
+
+
+_PROTECT_FORM = {"password": {"type": "string"}, "n_samples": {"type": "integer"},
+                 "gamma": {"type": "number"}, "seed": {"type": "integer"},
+                 "embed": {"type": "string", "enum": ["none", "chunk", "lsb"]}}
+_ERRORS = {status: {"description": text, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}}}}
+    for status, text in ((403, "restore failed"), (413, "too large"), (415, "unsupported format"),
+                         (422, "bad input or no face"))}
+
+api = FastAPI(title="SIDeR", version="sider/1",
+              description="Identity-keeping face anonymization with password restoration (edgeray).")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"error": exc.code, "message": str(exc)}, status_code=exc.status)
+
+
+@api.exception_handler(Exception)
+async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    log.error("sider internal error: %s", type(exc).__name__)  # no request data: it may hold a password
+    return JSONResponse({"error": "internal", "message": "internal error"}, status_code=500)
+
+
+async def _read_fields(request: Request, max_body: int, files: tuple) -> dict:
+    """Body fields from JSON (`<file>_b64` base64 strings) or multipart (file parts), with the
+    body-size limit enforced while reading."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_body:
+        raise ApiError(413, "too_large", f"request body is {declared} bytes; the limit is {max_body}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body:
+            raise ApiError(413, "too_large", f"request body exceeds {max_body} bytes")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            data = json.loads(bytes(body))
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(422, "invalid_request", "body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid_request", "JSON body must be an object")
+        return {"json": data}
+    if ctype == "multipart/form-data":
+        async def receive():
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+        try:
+            form = await Request(request.scope, receive).form(max_files=len(files), max_fields=16)
+        except Exception:
+            raise ApiError(422, "invalid_request", "malformed multipart body") from None
+        out = {}
+        for key, value in form.multi_items():
+            out[key] = await value.read() if isinstance(value, UploadFile) else value
+        return {"form": out}
+    raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+
+
+def _parse(model: type[BaseModel], fields: dict, files: tuple) -> dict:
+    """Validate with the JSON model; multipart files are turned into their base64 JSON twins."""
+    if "json" in fields:
+        raw = fields["json"]
+    else:
+        raw = {}
+        for key, value in fields["form"].items():
+            if key in files:
+                if not isinstance(value, bytes):
+                    raise ApiError(422, "invalid_request", f"{key} must be a file part")
+                raw[f"{key}_b64"] = base64.b64encode(value).decode("ascii")
+            else:
+                raw[key] = value
+    try:
+        parsed = model.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        where = ", ".join(".".join(map(str, e["loc"])) + ": " + e["msg"] for e in exc.errors()[:3])
+        raise ApiError(422, "invalid_request", f"invalid request ({where})") from None
+    for key in files:
+        try:
+            parsed[key] = base64.b64decode(parsed.pop(f"{key}_b64"), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "invalid_image", f"{key}_b64 is not valid base64") from None
+    return parsed
+
+
+@serve.deployment(name="SiderDeployment", max_ongoing_requests=8)
+@serve.ingress(api)
+class SiderDeployment:
+    """One replica = one set of face models in memory; heavy work runs off the event loop."""
+
+    def __init__(self, config: dict, torch_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.cfg = load_config(SiderConfig, data=config)
+        self.service = SiderService(self.cfg)
+
+    @api.post("/protect", responses=_ERRORS, openapi_extra=_request_body(ProtectJson, _PROTECT_FORM, ("image",)))
+    async def protect(self, request: Request) -> dict:
+        fields = await _read_fields(request, self.cfg.limits.max_body_bytes, ("image",))
+        args = _parse(ProtectJson, fields, ("image",))
+        log.info("sider protect: %d bytes, n_samples=%d, embed=%s", len(args["image"]), args["n_samples"],
+                 args["embed"])
+        return await run_in_threadpool(self.service.protect, args["image"], args["password"], args["n_samples"],
+                                       args["gamma"], args["seed"], args["embed"])
+
+    @api.post("/restore", responses=_ERRORS, openapi_extra=_request_body(
+        RestoreJson, {"password": {"type": "string"}, "restore_token": {"type": "string"}}, ("image",)))
+    async def restore(self, request: Request) -> dict:
+        fields = await _read_fields(request, self.cfg.limits.max_body_bytes, ("image",))
+        args = _parse(RestoreJson, fields, ("image",))
+        return await run_in_threadpool(self.service.restore, args["image"], args["password"],
+                                       args["restore_token"])
+
+    @api.post("/verify", responses=_ERRORS, openapi_extra=_request_body(VerifyJson, {}, ("image_a", "image_b")))
+    async def verify(self, request: Request) -> dict:
+        fields = await _read_fields(request, self.cfg.limits.max_body_bytes, ("image_a", "image_b"))
+        args = _parse(VerifyJson, fields, ("image_a", "image_b"))
+        return await run_in_threadpool(self.service.verify, args["image_a"], args["image_b"])
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return self.service.health()
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths work from the current directory or, failing that, from the repo root
+    (Serve builds apps in its controller, whose working directory is not the user's)."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+
+
+def app_builder(args: dict):
+    """Build the SIDeR Serve application.
+
+    args (all optional; strings are accepted, as `serve run ... key=value` passes them):
+        config        path to a SiderConfig YAML (e.g. configs/sider.yaml)
+        set           list of "key=value" overrides, or one string of them separated by ';'
+        num_replicas  int, default 1
+        num_cpus      float per replica, default 1
+        torch_threads int, default 1
+    """
+    args = dict(args or {})
+    unknown = set(args) - {"config", "set", "num_replicas", "num_cpus", "torch_threads"}
+    if unknown:
+        raise UserError(f"unknown sider app args {sorted(unknown)}; allowed: config, set, num_replicas, "
+                        f"num_cpus, torch_threads")
+    overrides = args.get("set") or []
+    if isinstance(overrides, str):
+        overrides = [s for s in overrides.split(";") if s.strip()]
+    config = args.get("config")
+    cfg = load_config(SiderConfig, resolve_path(config) if config else None, overrides)
+    try:
+        replicas, cpus, threads = int(args.get("num_replicas", 1)), float(args.get("num_cpus", 1)), \
+            int(args.get("torch_threads", 1))
+    except (TypeError, ValueError):
+        raise UserError("num_replicas and torch_threads must be integers, num_cpus a number") from None
+    return SiderDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus}).bind(
+        to_dict(cfg), threads)
