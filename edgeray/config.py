@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Iterable
@@ -165,7 +166,7 @@ def _build(cls: type, raw: Any, prefix: str):
 def _coerce(name: str, value: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors = []

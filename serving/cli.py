@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--set expects key=value, got {bad[0]!r}")
 
     # Build the apps first: a bad config fails here, before Ray starts.
-    builders = {name: importlib.import_module(APPS[name][0]).app_builder for name in names}
+    apps = {name: importlib.import_module(APPS[name][0]).app_builder(APPS[name][2](args.config, args.overrides))
+            for name in names}
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not address and not args.default_proxy:
         os.environ.update(FAST_SERVE_ENV)
@@ -63,16 +64,16 @@ def main(argv: list[str]) -> int:
         ray.init(address=address)
     else:
         ray.init(address="local", include_dashboard=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # after ray.init, which installs its own
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        for name in names:
-            module, prefix, adapt = APPS[name]
-            serve.run(builders[name](adapt(args.config, args.overrides)), name=name, route_prefix=prefix)
+        for name, app in apps.items():
+            prefix = APPS[name][1]
+            serve.run(app, name=name, route_prefix=prefix)
             print(f"{name}: http://{args.host}:{args.port}{prefix.rstrip('/')}/  "
                   f"(OpenAPI: {prefix.rstrip('/')}/docs)", flush=True)
         print("serving; Ctrl-C to stop", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             stop.wait()
         except KeyboardInterrupt:

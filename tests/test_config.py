@@ -82,3 +82,11 @@ def test_reference_doc_is_up_to_date():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "scripts" / "gen_reference.py"), "--check"])
     assert proc.returncode == 0, "docs/reference.md is stale: run scripts/gen_reference.py"
+
+
+def test_optional_fields_are_checked():
+    assert load_config(Outer, None, ["deadline=null"]).deadline is None
+    with pytest.raises(UserError, match="deadline must be a number, got 'soon'"):
+        load_config(Outer, None, ["deadline=soon"])
+    with pytest.raises(UserError, match="deadline=-1.0 is out of range"):
+        load_config(Outer, None, ["deadline=-1"])

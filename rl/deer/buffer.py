@@ -1,0 +1,101 @@
+"""DEER's replay buffer: RLlib's `PrioritizedEpisodeReplayBuffer` plus what DEER needs.
+
+  * every stored timestep is stamped with the global step at which it was added;
+  * the rewards of every added chunk are kept, in order, for the change detector (the stream
+    position of a reward equals its timestep's stamp, so a detected change point splits the
+    buffer into "pre" and "post" transitions);
+  * `sample()` tags each sampled transition with its phase (0 no change yet, 1 pre, 2 post) in
+    `extra_model_outputs["deer_phase"]`, which reaches the learner as `batch["deer_phase"]`;
+  * `sample()` and `update_priorities()` must alternate: a second sample before the priorities of
+    the first were written back raises (PER would silently drop those updates otherwise).
+
+Priorities themselves are computed in the learner (`rl.deer.learners`) and arrive through
+RLlib's normal TD-error path. Plug in with the dotted path (RLlib only accepts a string that
+contains "EpisodeReplayBuffer"): `replay_buffer_config={"type": DEER_BUFFER_TYPE, ...}`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ray.rllib.env.utils.infinite_lookback_buffer import InfiniteLookbackBuffer
+from ray.rllib.utils.replay_buffers.prioritized_episode_buffer import PrioritizedEpisodeReplayBuffer
+
+from rl.deer.priorities import PHASE_NO_CHANGE, PHASE_POST, PHASE_PRE
+
+DEER_BUFFER_TYPE = "rl.deer.buffer.DEERPrioritizedEpisodeReplayBuffer"
+
+
+class DEERPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
+    def __init__(self, capacity: int = 10000, **kwargs):
+        super().__init__(capacity=capacity, **kwargs)
+        self._added_at = np.full(self._sum_segment.capacity, -1, dtype=np.int64)
+        self._next_stamp = 0
+        self.steps_added = 0
+        self._pending_rewards: list[np.ndarray] = []
+        self.change_steps: list[int] = []
+        self.num_samples = 0
+        self.num_priority_updates = 0
+        self._awaiting_update = False
+        # Opaque detector state kept here so it travels with the buffer in checkpoints.
+        self.detector_state: dict | None = None
+
+    def add(self, episodes, weight=None) -> None:
+        episodes = episodes if isinstance(episodes, list) else [episodes]
+        for episode in episodes:
+            self._pending_rewards.append(np.asarray(episode.get_rewards(), dtype=np.float64))
+        self._next_stamp = self.steps_added
+        super().add(episodes, weight=weight)
+        self.steps_added += sum(len(e) for e in episodes)
+
+    def _get_free_node_and_assign(self, sample_index, weight: float = 1.0) -> int:
+        tree_idx = super()._get_free_node_and_assign(sample_index, weight)
+        self._added_at[tree_idx] = self._next_stamp
+        self._next_stamp += 1
+        return tree_idx
+
+    def drain_rewards(self) -> np.ndarray:
+        """Rewards added since the last call, in stream order."""
+        rewards = np.concatenate(self._pending_rewards) if self._pending_rewards else np.zeros(0)
+        self._pending_rewards = []
+        return rewards
+
+    def mark_change(self, step: int) -> None:
+        """A change was detected at global step `step`: older transitions become "pre"."""
+        self.change_steps.append(int(step))
+
+    def phases(self, tree_indices) -> np.ndarray:
+        if not self.change_steps:
+            return np.full(len(tree_indices), PHASE_NO_CHANGE, dtype=np.int64)
+        stamps = self._added_at[np.asarray(tree_indices, dtype=np.int64)]
+        return np.where(stamps < self.change_steps[-1], PHASE_PRE, PHASE_POST)
+
+    def sample(self, num_items=None, **kwargs):
+        if self._awaiting_update:
+            raise RuntimeError("DEER buffer sampled twice without update_priorities in between")
+        episodes = super().sample(num_items, **kwargs)
+        for episode, phase in zip(episodes, self.phases(self._last_sampled_indices)):
+            episode.extra_model_outputs["deer_phase"] = InfiniteLookbackBuffer(data=[int(phase)])
+        self.num_samples += 1
+        self._awaiting_update = True
+        return episodes
+
+    def update_priorities(self, priorities, module_id=None) -> None:
+        super().update_priorities(priorities, module_id)
+        self.num_priority_updates += 1
+        self._awaiting_update = False
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        state.update(deer_added_at=self._added_at, deer_steps_added=self.steps_added,
+                     deer_change_steps=list(self.change_steps), deer_detector_state=self.detector_state,
+                     deer_pending_rewards=[r.tolist() for r in self._pending_rewards])
+        return state
+
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        self._added_at = np.asarray(state["deer_added_at"], dtype=np.int64)
+        self.steps_added = int(state["deer_steps_added"])
+        self.change_steps = list(state["deer_change_steps"])
+        self.detector_state = state["deer_detector_state"]
+        self._pending_rewards = [np.asarray(r, dtype=np.float64) for r in state["deer_pending_rewards"]]
+        self._awaiting_update = False

@@ -1,0 +1,95 @@
+"""DEER on RLlib: DQN/SAC smoke runs with the DEER buffer, learner and callback; CLI train/resume/eval."""
+
+import json
+
+import pytest
+
+from edgeray.config import load_config
+from edgeray.errors import UserError
+
+TINY = ["train.env_steps_per_iter=200", "train.rollout_fragment_length=20", "train.learning_starts=60",
+        "train.train_batch_size=16", "train.hidden=[16]", "train.training_intensity=1.6",
+        "train.buffer_capacity=2000", "env.shift_every=150", "env.max_episode_steps=50",
+        "deer.detector.window=50", "deer.detector.subseq_len=8", "deer.detector.check_every=50", "deer.detector.cooldown=100",
+        # a threshold no score can miss: every check after the cooldown fires, so the
+        # snapshot / DoE / pre-post priority path runs inside the smoke test
+        "deer.detector.threshold=-1000000000.0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded_torch():
+    from rl.deer.run import torch_threads
+
+    with torch_threads(1):  # as train_run does (train.torch_threads); restored afterwards
+        yield
+
+
+def _tiny(env, *extra):
+    from rl.deer.algorithms import ExperimentConfig
+    return load_config(ExperimentConfig, None, [f"env.name={env}", *TINY, *extra])
+
+
+@pytest.mark.parametrize("env", ["ns-cartpole", "ns-pendulum"])
+def test_deer_trains_two_iterations(ray_session, env):
+    from rl.deer.algorithms import build_algo_config
+
+    algo = build_algo_config("deer", _tiny(env)).build_algo()
+    try:
+        results = [algo.train() for _ in range(2)]
+        buffer = algo.local_replay_buffer
+        assert type(buffer).__name__ == "DEERPrioritizedEpisodeReplayBuffer"
+        assert buffer.num_samples > 0 and buffer.num_samples == buffer.num_priority_updates
+        assert buffer.change_steps, "the forced detector should have fired"
+        assert results[-1]["deer"]["change_points"] == buffer.change_steps
+        assert all(algo.learner_group.foreach_learner(lambda learner: learner.has_q_snapshot()))
+        learner_stats = results[-1]["learners"]["default_policy"]
+        assert "deer_doe_abs_mean" in learner_stats and learner_stats["deer_doe_abs_mean"] >= 0
+        assert results[-1]["env_runners"]["num_env_steps_sampled_lifetime"] >= 400
+    finally:
+        algo.stop()
+
+
+def test_baselines_use_stock_buffers(ray_session):
+    from rl.deer.algorithms import build_algo_config
+
+    assert build_algo_config("per", _tiny("ns-cartpole")).replay_buffer_config["type"] == "PrioritizedEpisodeReplayBuffer"
+    assert build_algo_config("uniform", _tiny("ns-pendulum")).replay_buffer_config["type"] == "EpisodeReplayBuffer"
+    with pytest.raises(UserError):
+        build_algo_config("her", _tiny("ns-cartpole"))
+
+
+def test_cli_train_resume_eval(ray_session, tmp_path):
+    from rl.cli import main
+
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    assert main(["train", "deer", "--env", "ns-cartpole", *sets, "--set", "train.checkpoint_every=1",
+                 "--stop-iters", "1", "--runs-root", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "checkpoints" / "latest").is_dir() and (run_dir / "config.yaml").is_file()
+    assert main(["train", "deer", "--resume", str(run_dir), "--stop-iters", "2"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    # the resumed run kept its buffer (stamps, change points) and the env schedule position
+    assert rows[1]["env_steps"] >= 400 and rows[1]["deer"]["change_points"][:1] == rows[0]["deer"]["change_points"][:1]
+    assert rows[1]["shift_steps"] and rows[1]["shift_steps"][0] == 150
+    out = tmp_path / "eval"
+    assert main(["eval", "deer", "--runs", str(run_dir), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["per_env"]["ns-cartpole"]["deer"]["seeds"] == 1
+    assert (out / "returns_ns-cartpole.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "dqn"], "unknown RL method"),
+    (["train", "deer", "--env", "ns-nope"], "env.name"),
+    (["train", "deer", "--set", "replay.alpha=-1"], "replay.alpha"),
+    (["train", "deer", "--set", "deer.detector.windw=10"], "did you mean"),
+    (["train", "deer", "--resume", "/nonexistent/run"], "not found"),
+    (["eval", "deer", "--runs", "/nonexistent/run"], "not found"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_bad_input_is_a_user_error(argv, message):
+    from rl.cli import main
+
+    with pytest.raises(UserError, match=message):
+        main(argv)
