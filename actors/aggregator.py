@@ -70,13 +70,19 @@ class AggregatorActor:
         plan = self.clock.plan_round(rnd, invited, self.clients_per_round, work, down, down)
 
         global_ref = ray.put(self.global_params)
-        by_edge = {e: clients for e, clients in assign_edges(plan.kept, self.coverage, len(self.edges)).items()
-                   if clients}
+        live = self._live_edges()
+        coverage = [[e for e in cov if e in live] for cov in self.coverage]
+        stranded = [c for c in plan.kept if not coverage[c]]
+        by_edge = {e: clients for e, clients in
+                   assign_edges([c for c in plan.kept if coverage[c]], coverage, len(self.edges)).items() if clients}
         calls = {e: self.edges[e].run_round.remote(
                      rnd, [global_ref], [(c, instructions[c], self.client_classes[c]) for c in clients],
                      self.pool, self.round_timeout_s)
                  for e, clients in by_edge.items()}
         results = self._collect_edges(rnd, calls, by_edge)
+        if stranded:
+            results.append({"edge_id": None, "partial": self.strategy.init_partial(), "reports": [], "actor_calls": 0,
+                            "failures": [{"client_id": c, "error": "no live edge server covers it"} for c in stranded]})
 
         agg_started = time.perf_counter()
         partial = self.strategy.merge([r["partial"] for r in results])
@@ -115,6 +121,20 @@ class AggregatorActor:
         }
         self.metrics.record(row)
         return row
+
+    def _live_edges(self, timeout_s: float = 60.0) -> set[int]:
+        """Edge servers that answer a ping (a restarting one gets up to ``timeout_s``); clients are
+        assigned only to live ones, so with overlapping coverage a dead edge's clients move."""
+        pings = {e: edge.ping.remote() for e, edge in enumerate(self.edges)}
+        live, deadline = set(), time.monotonic() + timeout_s
+        for e, ref in pings.items():
+            try:
+                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+                live.add(e)
+            except (RayActorError, GetTimeoutError) as exc:
+                log.warning("edge server %d is down (%s); its clients go to others that cover them",
+                            e, type(exc).__name__)
+        return live
 
     def _collect_edges(self, rnd: int, calls: dict, by_edge: dict) -> list[dict]:
         """Each edge's result; an edge that dies or overruns degrades the round instead of failing

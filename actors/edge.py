@@ -40,6 +40,9 @@ class EdgeServerActor:
         self._lock = threading.Lock()
         self._self = ray.get_runtime_context().current_actor
 
+    def ping(self) -> int:
+        return self.edge_id
+
     def exchange(self, client_id: int, payload):
         with self._lock:
             return self.strategy.server_step(self.edge_state, client_id, payload)
