@@ -54,6 +54,8 @@ class LocalHead:
 
     def start(self, timeout_s: float = 180.0) -> "LocalHead":
         ray = str(Path(sys.executable).with_name("ray"))
+        if not auth_token():  # a fresh machine: create the shared token first (its output is the token: keep it)
+            subprocess.run([ray, "get-auth-token", "--generate"], env=client_env(), capture_output=True, check=False)
         cmd = [ray, "start", "--head", "--block", f"--port={self.gcs_port}",
                f"--dashboard-host={self.dashboard_host}", f"--dashboard-port={self.dashboard_port}",
                f"--metrics-export-port={self.metrics_port}", f"--ray-client-server-port={self.client_port}",
