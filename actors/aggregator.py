@@ -116,6 +116,7 @@ class AggregatorActor:
             "round_wall_s": round_s,
             "aggregate_s": aggregate_s,
             "client_train_s": float(sum(rep["train_s"] for rep in reports)),
+            "client_update_s": float(sum(rep["update_s"] for rep in reports)),
             "actor_calls": 1 + len(calls) + sum(r["actor_calls"] for r in results),
             **{f"train_{k}" if not k.startswith("train_") else k: v for k, v in train_metrics.items()},
         }

@@ -57,12 +57,15 @@ class ClientActor:
             data=ClientData(self.train_x[idx], self.train_y[idx]), instruction=instruction, state=state,
             rng=np.random.default_rng([self.seed, rnd, client_id]),
             exchange=None if edge is None else (lambda payload: ray.get(edge.exchange.remote(client_id, payload))))
+        update_started = time.perf_counter()
         update = self.strategy.client_update(ctx)
+        update_s = time.perf_counter() - update_started
         if stateful and (ctx.state or had_state):
             save_state(self.store, client_id, ctx.state)
             store_calls += 1
         report = {"client_id": client_id, "upload_bytes": payload_bytes(update),
-                  "train_s": time.perf_counter() - started, "pid": os.getpid(), "store_calls": store_calls}
+                  "train_s": time.perf_counter() - started, "update_s": update_s, "pid": os.getpid(),
+                  "store_calls": store_calls}
         return update, report
 
     def evaluate(self, global_params: dict, lo: int, hi: int):
