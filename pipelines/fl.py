@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.clock import VirtualClock, load_trace, sample_profiles, save_trace
+from actors.clock import ClientProfile, VirtualClock, load_trace, sample_profiles, save_trace
 from actors.topology import edge_coverage, plan_pool
 from edgeray import runs
 from edgeray.config import dump_yaml, param, section
 from edgeray.errors import UserError
-from pipelines.data import DATASETS, PARTITIONS, format_histogram, label_histogram, load_dataset, partition, \
+from pipelines.data import DATASETS, PARTITIONS, Dataset, format_histogram, label_histogram, load_dataset, partition, \
     plot_histogram
 from pipelines.fedavg import STRATEGIES
 from pipelines.models import MODELS, build_model, get_params
@@ -159,9 +159,9 @@ class Prepared:
     """What the driver computes before touching Ray (so bad input fails in a second, not after
     Ray started): the data, its partition and the client profiles."""
 
-    data: object
-    parts: list
-    profiles: list
+    data: Dataset
+    parts: list[np.ndarray]
+    profiles: list[ClientProfile]
 
 
 def prepare(cfg: FLConfig, run_dir: Path | None = None, quiet: bool = False) -> Prepared:
