@@ -16,6 +16,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.malloc import keep_large_allocations_on_heap
 from actors.metering import payload_bytes
 from actors.store import load_state, save_state
 from pipelines.models import build_model, evaluate, set_params
@@ -28,6 +29,7 @@ class ClientActor:
         # The store is found by name, not passed as a handle: a restarted actor re-runs this
         # constructor, and constructor arguments that live in the object store may be gone by then.
         torch.set_num_threads(max(1, threads))
+        keep_large_allocations_on_heap()
         self.strategy = strategy
         self.model = build_model(**model_spec)
         store = ray.get_actor(store_name)
