@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 from edgeray.config import param, section
 from edgeray.errors import UserError
@@ -84,8 +83,7 @@ class DetectorSection:
     epochs: int = param(40, "classifier epochs per check", ge=1)
     hidden: int = param(16, "classifier hidden units", ge=1)
     lr: float = param(0.02, "classifier learning rate", gt=0)
-    # Optional[...] rather than `float | None`: edgeray.config only coerces typing.Union
-    threshold: Optional[float] = param(None, "eta; null = calibrate on stationary noise [R]")
+    threshold: float | None = param(None, "eta; null = calibrate on stationary noise [R]")
     quantile: float = param(0.99, "calibration quantile of the stationary score [R]", gt=0.5, lt=1)
     calibration_trials: int = param(60, "stationary streams simulated for calibration", ge=10)
     cooldown: int = param(1000, "env steps without a new detection after one [R]", ge=0)

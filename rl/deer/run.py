@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from edgeray import runs
 from edgeray.config import load_config, to_dict
 from edgeray.errors import UserError
 from rl.deer.algorithms import ExperimentConfig, build_algo_config
@@ -50,11 +51,7 @@ def load_run(run_dir: str | Path) -> tuple[str, ExperimentConfig, list[dict]]:
     raw = yaml.safe_load(config_path.read_text()) or {}
     method = raw.pop("method", None)
     cfg = load_config(ExperimentConfig, data=raw)
-    rows = []
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.is_file():
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return method, cfg, rows
+    return method, cfg, runs.read_metrics(run_dir)
 
 
 def _row(result: dict, iteration_wall_s: float) -> dict:
@@ -106,7 +103,6 @@ def torch_threads(n: int):
 
 
 def _train(method, cfg, run_dir, resume, stop_iters, log) -> Path:
-    metrics_path = run_dir / "metrics.jsonl"
     rows = []
     if resume:
         if not (run_dir / CHECKPOINT_DIR).is_dir():
@@ -115,7 +111,7 @@ def _train(method, cfg, run_dir, resume, stop_iters, log) -> Path:
         state = json.loads((run_dir / "checkpoints" / "progress.json").read_text())
         # drop rows logged after the checkpoint, so metrics match an uninterrupted run
         rows = [r for r in rows if r["iteration"] <= state["iteration"]]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.rewrite_metrics(run_dir, rows)
         algo = build_algo_config(method, cfg, start_step=state["env_steps"]).build_algo()
         algo.restore_from_path(str((run_dir / CHECKPOINT_DIR).resolve()))
         # RLlib's new-stack checkpoints leave the replay buffer out; we keep it beside them.
@@ -131,8 +127,7 @@ def _train(method, cfg, run_dir, resume, stop_iters, log) -> Path:
             result = algo.train()
             row = _row(result, time.perf_counter() - t0)
             iteration = row["iteration"]
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            runs.append_metrics(run_dir, row)
             log(f"[{method} {cfg.env.name} seed={cfg.train.seed}] iter {iteration} steps {row['env_steps']} "
                 f"return {row['episode_return_mean']} ({row['iteration_wall_s']:.1f}s)")
             if iteration % cfg.train.checkpoint_every == 0 or iteration >= stop_iters:
