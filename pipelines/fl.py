@@ -164,7 +164,7 @@ class Prepared:
     profiles: list[ClientProfile]
 
 
-def prepare(cfg: FLConfig, run_dir: Path | None = None, quiet: bool = False) -> Prepared:
+def prepare(cfg: FLConfig, run_dir: Path | None = None) -> Prepared:
     data = load_dataset(cfg.data.dataset, cfg.data.path, cfg.seed)
     parts = partition(data.y_train, cfg.data.num_clients, cfg.data.partition, seed=cfg.seed,
                       alpha=cfg.data.alpha, min_size=cfg.data.min_size,
@@ -185,9 +185,8 @@ def prepare(cfg: FLConfig, run_dir: Path | None = None, quiet: bool = False) -> 
                                    resource_classes={n: s["share"] for n, s in classes.items()})
     if run_dir is not None:
         hist = label_histogram(data.y_train, parts, data.num_classes)
-        if not quiet:
-            print(f"label histogram per client ({cfg.data.partition}, {cfg.data.num_clients} clients):\n"
-                  + format_histogram(hist), flush=True)
+        print(f"label histogram per client ({cfg.data.partition}, {cfg.data.num_clients} clients):\n"
+              + format_histogram(hist), flush=True)
         plot_histogram(hist, run_dir / "plots" / "label_histogram.png",
                        f"{cfg.data.dataset}: {cfg.data.partition} over {cfg.data.num_clients} clients")
         np.save(run_dir / "label_histogram.npy", hist)
@@ -247,7 +246,7 @@ class FLRun:
             ray.kill(actor)
 
 
-def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = False, quiet: bool = False,
+def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = False,
            progress: bool = True) -> dict:
     """Run (or resume) an FL job in ``run_dir``; returns the summary."""
     import ray
@@ -256,7 +255,7 @@ def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = Fals
     started = time.perf_counter()
     if not resume:
         dump_yaml(cfg, run_dir / "config.yaml")
-    prepared = prepare(cfg, run_dir, quiet)
+    prepared = prepare(cfg, run_dir)
     started_ray = connect_ray(cfg.runtime.address)
     fl = None
     try:
