@@ -124,17 +124,22 @@ class AggregatorActor:
         return row
 
     def _live_edges(self, timeout_s: float = 60.0) -> set[int]:
-        """Edge servers that answer a ping (a restarting one gets up to ``timeout_s``); clients are
-        assigned only to live ones, so with overlapping coverage a dead edge's clients move."""
-        pings = {e: edge.ping.remote() for e, edge in enumerate(self.edges)}
+        """Edge servers that answer a ping; one that Ray is restarting refuses calls for a moment,
+        so it is asked again until ``timeout_s``. Clients are assigned only to live edges, so with
+        overlapping coverage a dead edge's clients move to another."""
         live, deadline = set(), time.monotonic() + timeout_s
-        for e, ref in pings.items():
-            try:
-                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-                live.add(e)
-            except (RayActorError, GetTimeoutError) as exc:
-                log.warning("edge server %d is down (%s); its clients go to others that cover them",
-                            e, type(exc).__name__)
+        for e, edge in enumerate(self.edges):
+            while True:
+                try:
+                    ray.get(edge.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                    live.add(e)
+                    break
+                except (RayActorError, GetTimeoutError) as exc:
+                    if isinstance(exc, GetTimeoutError) or time.monotonic() >= deadline:
+                        log.warning("edge server %d is down (%s); its clients go to others that cover them",
+                                    e, type(exc).__name__)
+                        break
+                    time.sleep(0.2)
         return live
 
     def _collect_edges(self, rnd: int, calls: dict, by_edge: dict) -> list[dict]:
