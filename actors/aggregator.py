@@ -7,7 +7,8 @@ edges' partial aggregates, let the strategy aggregate, evaluate on the pool (tes
 across the ClientActors), advance the clock. The driver only receives the metrics row.
 
 The actor is placed on the driver's node, so checkpoints land in the run directory the driver
-reads, also when the run is submitted to a cluster.
+reads, also when the run is submitted to a cluster. It is run-agnostic (``actors.warm``): each
+run opens an ``AggregatorRun`` on it, and every call names its run.
 """
 
 from __future__ import annotations
@@ -26,17 +27,60 @@ from actors.clock import VirtualClock
 from actors.metering import payload_bytes
 from actors.metrics import RoundMetrics
 from actors.topology import assign_edges
+from actors.warm import IdleExit
 from edgeray.runs import load_latest_checkpoint
 
 log = logging.getLogger("edgeray.aggregator")
 
 
 @ray.remote(num_cpus=0)
-class AggregatorActor:
-    def __init__(self, strategy, global_params: dict, clock: VirtualClock, client_sizes: list[int],
+class AggregatorActor(IdleExit):
+    """Hosts the ``AggregatorRun`` of each open run; every method takes the run key first."""
+
+    def __init__(self, idle_exit_s: float | None = None):
+        self.runs: dict[str, AggregatorRun] = {}
+        self.start_idle_exit(idle_exit_s)
+
+    def open_run(self, run: str, **kwargs) -> None:
+        self.runs[run] = AggregatorRun(run, **kwargs)
+
+    def close_run(self, run: str) -> None:
+        self.runs.pop(run, None)
+
+    def _run(self, run: str) -> "AggregatorRun":
+        if run not in self.runs:
+            raise RuntimeError(f"run {run} is not open on this aggregator (it was restarted or the run closed); "
+                               "resume the run with --resume")
+        return self.runs[run]
+
+    def run_round(self, run: str, rnd: int) -> dict:
+        with self.busy():
+            return self._run(run).run_round(rnd)
+
+    def evaluate(self, run: str) -> dict:
+        with self.busy():
+            return self._run(run).evaluate()
+
+    def global_weights(self, run: str) -> dict:
+        return self._run(run).global_params
+
+    def save_checkpoint(self, run: str, path: str, rnd: int, extra: dict) -> str:
+        with self.busy():
+            return self._run(run).save_checkpoint(path, rnd, extra)
+
+    def load_checkpoint(self, run: str, checkpoint_dir: str) -> int:
+        with self.busy():
+            return self._run(run).load_checkpoint(checkpoint_dir)
+
+
+class AggregatorRun:
+    """The server side of one run: global weights, server state, clock, rounds, checkpoints."""
+
+    def __init__(self, run: str, strategy, global_params: dict, clock: VirtualClock, client_sizes: list[int],
                  client_classes: list[str], coverage: list[list[int]], edges: list, pool: dict[str, list],
                  store, *, clients_per_round: int, test_size: int, seed: int, round_timeout_s: float,
-                 edge_uplink_mbps: float, pipeline: str, run_id: str):
+                 inflight_per_actor: int, edge_uplink_mbps: float, pipeline: str, run_id: str):
+        self.run = run
         self.strategy = strategy
         self.global_params = global_params
         self.server_state = strategy.init_state(global_params)
@@ -51,6 +95,7 @@ class AggregatorActor:
         self.test_size = test_size
         self.seed = seed
         self.round_timeout_s = round_timeout_s
+        self.inflight_per_actor = inflight_per_actor
         self.edge_uplink_mbps = edge_uplink_mbps
         self.metrics = RoundMetrics(pipeline, run_id)
 
@@ -76,8 +121,8 @@ class AggregatorActor:
         by_edge = {e: clients for e, clients in
                    assign_edges([c for c in plan.kept if coverage[c]], coverage, len(self.edges)).items() if clients}
         calls = {e: self.edges[e].run_round.remote(
-                     rnd, [global_ref], [(c, instructions[c], self.client_classes[c]) for c in clients],
-                     self.pool, self.round_timeout_s)
+                     self.run, rnd, [global_ref], [(c, instructions[c], self.client_classes[c]) for c in clients],
+                     self.pool, self.round_timeout_s, self.inflight_per_actor)
                  for e, clients in by_edge.items()}
         results = self._collect_edges(rnd, calls, by_edge)
         if stranded:
@@ -164,13 +209,10 @@ class AggregatorActor:
         actors = [a for group in self.pool.values() for a in group]
         global_ref = ray.put(self.global_params)
         cuts = np.linspace(0, self.test_size, len(actors) + 1).astype(int)
-        parts = ray.get([a.evaluate.remote(global_ref, int(lo), int(hi))
+        parts = ray.get([a.evaluate.remote(self.run, global_ref, int(lo), int(hi))
                          for a, lo, hi in zip(actors, cuts[:-1], cuts[1:]) if hi > lo])
         correct, loss, n = (sum(p[i] for p in parts) for i in range(3))
         return {"test_accuracy": correct / n, "test_loss": loss / n}
-
-    def global_weights(self) -> dict:
-        return self.global_params
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str, rnd: int, extra: dict) -> str:

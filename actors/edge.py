@@ -14,7 +14,8 @@ Every wait has a timeout: what is still running at ``timeout_s`` is cancelled an
 
 The actor is threaded (``max_concurrency``) so that it can answer per-batch ``exchange`` calls
 from its clients (split learning) while ``run_round`` waits; ``server_step`` calls are
-serialized by a lock because they share the edge's state (e.g. one top model).
+serialized by a lock because they share the edge's state (e.g. one top model). Like every
+actor of the runtime it is run-agnostic: the run key comes with each call (``actors.warm``).
 """
 
 from __future__ import annotations
@@ -27,29 +28,48 @@ from collections import deque
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.store import find_run
+from actors.warm import IdleExit
+
 log = logging.getLogger("edgeray.edge")
 
 
 @ray.remote(num_cpus=0, max_concurrency=32, max_restarts=-1, max_task_retries=0)
-class EdgeServerActor:
-    def __init__(self, edge_id: int, strategy, inflight_per_actor: int = 2):
+class EdgeServerActor(IdleExit):
+    def __init__(self, edge_id: int, idle_exit_s: float | None = None):
         self.edge_id = edge_id
-        self.strategy = strategy
-        self.inflight_per_actor = inflight_per_actor
-        self.edge_state: dict = {}
+        self.runs: dict[str, dict] = {}  # run -> {"strategy", "edge_state"}; bound lazily (actors.warm)
         self._lock = threading.Lock()
         self._self = ray.get_runtime_context().current_actor
+        self.start_idle_exit(idle_exit_s)
+
+    def _bound(self, run: str) -> dict:
+        with self._lock:
+            if run not in self.runs:
+                _, refs = find_run(run)
+                self.runs[run] = {"strategy": ray.get(refs["binding"])["strategy"], "edge_state": {}}
+            return self.runs[run]
+
+    def release(self, run: str) -> None:
+        with self._lock:
+            self.runs.pop(run, None)
 
     def ping(self) -> int:
         return self.edge_id
 
-    def exchange(self, client_id: int, payload):
-        with self._lock:
-            return self.strategy.server_step(self.edge_state, client_id, payload)
+    def exchange(self, run: str, client_id: int, payload):
+        with self.busy():
+            bound = self._bound(run)
+            with self._lock:
+                return bound["strategy"].server_step(bound["edge_state"], client_id, payload)
 
-    def run_round(self, rnd: int, wrapped_global: list, jobs: list[tuple[int, dict, str]],
-                  pool: dict[str, list], timeout_s: float) -> dict:
-        global_ref = wrapped_global[0]
+    def run_round(self, run: str, rnd: int, wrapped_global: list, jobs: list[tuple[int, dict, str]],
+                  pool: dict[str, list], timeout_s: float, inflight_per_actor: int) -> dict:
+        with self.busy():
+            return self._run_round(run, self._bound(run)["strategy"], rnd, wrapped_global[0], jobs, pool,
+                                   timeout_s, inflight_per_actor)
+
+    def _run_round(self, run, strategy, rnd, global_ref, jobs, pool, timeout_s, inflight_per_actor) -> dict:
         queues = {cls: deque() for cls in pool}
         for cid, instruction, cls in jobs:
             queues[cls].append((cid, instruction))
@@ -62,14 +82,14 @@ class EdgeServerActor:
             nonlocal calls
             for cls, queue in queues.items():
                 for actor in pool[cls]:
-                    while queue and load[id(actor)] < self.inflight_per_actor:
+                    while queue and load[id(actor)] < inflight_per_actor:
                         cid, instruction = queue.popleft()
-                        ref = actor.train.remote(rnd, cid, instruction, global_ref, self._self)
+                        ref = actor.train.remote(run, rnd, cid, instruction, global_ref, self._self)
                         inflight[ref] = (cid, position[cid], actor)
                         load[id(actor)] += 1
                         calls += 1
 
-        partial = self.strategy.init_partial()
+        partial = strategy.init_partial()
         reports, failures = [], []
         arrived: dict[int, object] = {}   # position -> update, waiting for its predecessors
         settled: set[int] = set()         # positions that arrived or failed
@@ -79,7 +99,7 @@ class EdgeServerActor:
             nonlocal partial, next_position
             while next_position in settled:
                 if next_position in arrived:
-                    partial = self.strategy.accumulate(partial, arrived.pop(next_position))
+                    partial = strategy.accumulate(partial, arrived.pop(next_position))
                 next_position += 1
 
         deadline = time.monotonic() + timeout_s
@@ -108,7 +128,7 @@ class EdgeServerActor:
             fold_in_order()
             submit()
         for pos in sorted(arrived):  # after a timeout: what did arrive, still in order
-            partial = self.strategy.accumulate(partial, arrived.pop(pos))
+            partial = strategy.accumulate(partial, arrived.pop(pos))
         # Assignments never submitted (their actors were all dead) count as failed too.
         for queue in queues.values():
             failures += [{"client_id": cid, "error": "no live actor"} for cid, _ in queue]

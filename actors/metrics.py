@@ -6,15 +6,22 @@ the ``ray_`` prefix, e.g. ``ray_edgeray_round_seconds_bucket{pipeline="fedavg",r
 
 from __future__ import annotations
 
+from functools import cache
+
 from ray.util.metrics import Counter, Gauge, Histogram
 
 TAG_KEYS = ("pipeline", "run_id")
 SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 600]
 
 
-class RoundMetrics:
-    def __init__(self, pipeline: str, run_id: str):
-        self.tags = {"pipeline": pipeline, "run_id": run_id}
+@cache
+def _instruments():
+    """Registered once per process (a warm aggregator records many runs)."""
+    return _Instruments()
+
+
+class _Instruments:
+    def __init__(self):
         self.round_seconds = Histogram("edgeray_round_seconds", "wall time of one FL round", SECONDS, TAG_KEYS)
         self.aggregate_seconds = Histogram("edgeray_aggregate_seconds", "wall time of the server aggregation",
                                            SECONDS, TAG_KEYS)
@@ -24,12 +31,18 @@ class RoundMetrics:
         self.bytes_up = Counter("edgeray_bytes_up_total", "bytes sent by clients", TAG_KEYS)
         self.bytes_down = Counter("edgeray_bytes_down_total", "bytes sent to clients", TAG_KEYS)
 
+
+class RoundMetrics:
+    def __init__(self, pipeline: str, run_id: str):
+        self.tags = {"pipeline": pipeline, "run_id": run_id}
+
     def record(self, row: dict) -> None:
-        self.round_seconds.observe(row["round_wall_s"], self.tags)
-        self.aggregate_seconds.observe(row["aggregate_s"], self.tags)
-        self.clients_selected.set(row["clients_selected"], self.tags)
+        m = _instruments()
+        m.round_seconds.observe(row["round_wall_s"], self.tags)
+        m.aggregate_seconds.observe(row["aggregate_s"], self.tags)
+        m.clients_selected.set(row["clients_selected"], self.tags)
         # Counter.inc rejects 0, so only positive increments are sent.
-        for counter, key in ((self.clients_completed, "clients_completed"), (self.clients_failed, "clients_failed"),
-                             (self.bytes_up, "bytes_up"), (self.bytes_down, "bytes_down")):
+        for counter, key in ((m.clients_completed, "clients_completed"), (m.clients_failed, "clients_failed"),
+                             (m.bytes_up, "bytes_up"), (m.bytes_down, "bytes_down")):
             if row[key] > 0:
                 counter.inc(row[key], self.tags)

@@ -5,11 +5,18 @@ owned by the store, not by the (possibly short-lived) ClientActor that produced 
 ClientActor dies or the pool is resized, every client's state is still there. (Ray 2.56 removed
 ``ray.put(_owner=...)``, which would have saved the store one deserialization per write.)
 Readers get the ref and read the value from the object store.
+
+The store is also the run's key: it is named (in the ``edgeray`` namespace) and lives exactly as
+long as the run's driver, and its ``shared`` refs carry the run's binding (strategy, model spec,
+seed), so a run-agnostic actor binds itself to a run from the store's name alone
+(``actors.warm``).
 """
 
 from __future__ import annotations
 
 import ray
+
+from actors.warm import NAMESPACE
 
 
 @ray.remote(num_cpus=0)
@@ -41,6 +48,12 @@ class ClientStateStore:
 
     def size(self) -> int:
         return len(self._refs)
+
+
+def find_run(run: str) -> tuple[object, dict]:
+    """The store named ``run`` and its shared refs (dataset, partition, binding)."""
+    store = ray.get_actor(run, namespace=NAMESPACE)
+    return store, ray.get(store.shared.remote())
 
 
 def load_state(store, client_id: int) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +66,35 @@ def load_mnist(path: str | Path) -> Dataset:
     if digest != MNIST_FILE_SHA256:
         raise UserError(f"MNIST file {path} has sha256 {digest}, expected {MNIST_FILE_SHA256}; "
                         f"delete it and run scripts/setup.sh again")
+    cache = path.parent / ".cache" / f"mnist-{digest[:16]}"
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    if all((cache / f"{k}.npy").is_file() for k in keys):
+        try:
+            return Dataset("mnist", *(np.load(cache / f"{k}.npy") for k in keys))
+        except (OSError, ValueError):
+            pass  # a damaged cache is rebuilt below
     with gzip.open(path, "rb") as f:
         (x_train, y_train), _validation, (x_test, y_test) = pickle.load(f, encoding="latin1")
 
     def images(x):
         return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)
 
-    return Dataset("mnist", images(x_train), y_train.astype(np.int64),
-                   images(x_test), y_test.astype(np.int64))
+    data = Dataset("mnist", images(x_train), y_train.astype(np.int64), images(x_test), y_test.astype(np.int64))
+    _write_cache(cache, {k: getattr(data, k) for k in keys})
+    return data
+
+
+def _write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Decompressed arrays beside the verified file (0.05 s to load instead of 0.6 s); each file
+    is written under a temporary name and renamed. An unwritable directory just means no cache."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for key, array in arrays.items():
+            tmp = cache / f".{key}.{os.getpid()}.npy"
+            np.save(tmp, array)
+            os.replace(tmp, cache / f"{key}.npy")
+    except OSError:
+        pass
 
 
 def load_digits(seed: int = 0) -> Dataset:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +74,9 @@ class ClockConfig:
     dropout_prob: float = param(0.0, "probability an invited client drops out mid-round", ge=0, lt=1)
 
 
+WARM_POOL_MODES = ("auto", "on", "off")
+
+
 @dataclass
 class RuntimeConfig:
     """Ray placement: the actor pool, edge servers and timeouts."""
@@ -89,6 +91,10 @@ class RuntimeConfig:
     edge_uplink_mbps: float = param(100.0, "edge server to aggregator bandwidth (simulated)", gt=0)
     inflight_per_actor: int = param(2, "assignments queued per ClientActor (prefetches the next client)", ge=1)
     round_timeout_s: float = param(600.0, "wall-clock limit of one round; later clients count as failed", gt=0)
+    warm_pool: str = param("auto", "keep the actors running between runs (detached, found again by the next run "
+                           "of the same code): auto = when attaching to a running cluster", choices=WARM_POOL_MODES)
+    warm_idle_exit_s: float = param(600.0, "a warm actor ends itself after this long without calls", gt=0)
+    actor_start_timeout_s: float = param(120.0, "wall-clock limit for the ClientActor pool to start", gt=0)
 
 
 RESOURCE_CLASS_KEYS = {"num_cpus": float, "num_gpus": float, "num_actors": int, "share": float}
@@ -195,16 +201,24 @@ def prepare(cfg: FLConfig, run_dir: Path | None = None) -> Prepared:
 
 
 class FLRun:
-    """The actors of one run: ClientActor pool, state store, edge servers, aggregator."""
+    """The actors of one run: ClientActor pool, state store, edge servers, aggregator.
 
-    def __init__(self, cfg: FLConfig, strategy, prepared: "Prepared", run_id: str = ""):
+    ``warm``: take the actors from the warm pool of this code (detached, named by
+    ``actors.warm.code_fingerprint``), starting only those that are missing; at the end they are
+    released, not killed. Otherwise they are started for this run and killed at its end.
+    ``self.aggregator`` has the run key bound (``RunHandle``): ``fl.aggregator.run_round.remote(1)``.
+    """
+
+    def __init__(self, cfg: FLConfig, strategy, prepared: "Prepared", run_id: str = "", warm: bool = False):
         import ray
+        from ray.exceptions import RayActorError
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from actors.aggregator import AggregatorActor
         from actors.client import ClientActor
         from actors.edge import EdgeServerActor
         from actors.store import ClientStateStore
+        from actors.warm import NAMESPACE, RunHandle, code_fingerprint, retire_unused_pools, run_key, warm_options
 
         data, parts, profiles = prepared.data, prepared.parts, prepared.profiles
         classes = cfg.runtime.resource_classes
@@ -214,36 +228,77 @@ class FLRun:
         counts = plan_pool(classes, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
         model_spec = {"name": cfg.model, "input_shape": tuple(data.x_train.shape[1:]),
                       "num_classes": data.num_classes, "seed": cfg.seed}
+        self.warm = warm
+        fingerprint = code_fingerprint(strategy) if warm else None
+        idle_exit_s = cfg.runtime.warm_idle_exit_s if warm else None
+        retire_unused_pools(keep=fingerprint)
+        self.run = run_key(fingerprint)
         self.data_refs = {"train": ray.put({"x": data.x_train, "y": data.y_train}),
-                          "test": ray.put({"x": data.x_test, "y": data.y_test}), "partition": ray.put(parts)}
-        store_name = f"edgeray-client-state-{uuid.uuid4().hex[:12]}"
-        self.store = ClientStateStore.options(name=store_name).remote(self.data_refs)
-        self.pool = {
-            name: [ClientActor.options(num_cpus=spec["num_cpus"], num_gpus=spec["num_gpus"]).remote(
-                       strategy, model_spec, store_name, cfg.seed,
-                       threads=max(1, int(spec["num_cpus"])))
-                   for _ in range(counts[name])]
-            for name, spec in classes.items()}
-        self.edges = [EdgeServerActor.remote(e, strategy, cfg.runtime.inflight_per_actor)
-                      for e in range(cfg.runtime.num_edge_servers)]
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.aggregator = AggregatorActor.options(scheduling_strategy=here).remote(
-            strategy, get_params(build_model(**model_spec)), clock, [len(p) for p in parts],
-            [p.resource_class for p in profiles],
-            edge_coverage(cfg.data.num_clients, cfg.runtime.num_edge_servers, cfg.runtime.edge_overlap, cfg.seed),
-            self.edges, self.pool, self.store, clients_per_round=cfg.strategy.clients_per_round,
+                          "test": ray.put({"x": data.x_test, "y": data.y_test}), "partition": ray.put(parts),
+                          "binding": ray.put({"strategy": strategy, "model_spec": model_spec, "seed": cfg.seed})}
+        self.store = ClientStateStore.options(name=self.run, namespace=NAMESPACE).remote(self.data_refs)
+
+        def named(kind: str) -> dict:
+            return warm_options(fingerprint, kind) if warm else {}
+
+        def start_actors() -> list:
+            self.pool = {
+                name: [ClientActor.options(num_cpus=spec["num_cpus"], num_gpus=spec["num_gpus"],
+                                           **named(f"client-{name}-c{spec['num_cpus']:g}-g{spec['num_gpus']:g}-{i}"))
+                       .remote(threads=max(1, int(spec["num_cpus"])), idle_exit_s=idle_exit_s)
+                       for i in range(counts[name])]
+                for name, spec in classes.items()}
+            self.edges = [EdgeServerActor.options(**named(f"edge-{e}")).remote(e, idle_exit_s=idle_exit_s)
+                          for e in range(cfg.runtime.num_edge_servers)]
+            node = ray.get_runtime_context().get_node_id()
+            self.aggregator_actor = AggregatorActor.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                **named(f"aggregator-{node[:12]}")).remote(idle_exit_s=idle_exit_s)
+            return [a.pid.remote() for a in (*self.clients(), *self.edges, self.aggregator_actor)]
+
+        for attempt in (1, 2):
+            started = start_actors()
+            ready, _ = ray.wait(started, num_returns=len(started), timeout=cfg.runtime.actor_start_timeout_s)
+            if len(ready) < len(started):
+                self.shutdown()
+                raise UserError(
+                    f"{len(started) - len(ready)} of {len(started)} actors did not start within "
+                    f"runtime.actor_start_timeout_s={cfg.runtime.actor_start_timeout_s:g}: the cluster has "
+                    f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs in all, and other jobs "
+                    f"or actors hold some (see `ray status`); lower runtime.resource_classes.*.num_actors")
+            try:
+                ray.get(started)
+                break
+            except RayActorError:  # a warm actor ended itself (idle) between lookup and use: look again
+                if not warm or attempt == 2:
+                    raise
+        ray.get(self.aggregator_actor.open_run.remote(
+            self.run, strategy=strategy, global_params=get_params(build_model(**model_spec)), clock=clock,
+            client_sizes=[len(p) for p in parts], client_classes=[p.resource_class for p in profiles],
+            coverage=edge_coverage(cfg.data.num_clients, cfg.runtime.num_edge_servers, cfg.runtime.edge_overlap,
+                                   cfg.seed),
+            edges=self.edges, pool=self.pool, store=self.store, clients_per_round=cfg.strategy.clients_per_round,
             test_size=len(data.y_test), seed=cfg.seed, round_timeout_s=cfg.runtime.round_timeout_s,
-            edge_uplink_mbps=cfg.runtime.edge_uplink_mbps, pipeline=strategy.name, run_id=run_id or store_name)
-        ray.get([a.pid.remote() for group in self.pool.values() for a in group])
+            inflight_per_actor=cfg.runtime.inflight_per_actor, edge_uplink_mbps=cfg.runtime.edge_uplink_mbps,
+            pipeline=strategy.name, run_id=run_id or self.run))
+        self.aggregator = RunHandle(self.aggregator_actor, self.run)
         self.pool_sizes = counts
 
-    def actors(self) -> list:
-        return [self.aggregator, self.store, *self.edges, *(a for g in self.pool.values() for a in g)]
+    def clients(self) -> list:
+        return [a for group in self.pool.values() for a in group]
 
     def shutdown(self) -> None:
+        """Kill this run's actors; warm ones are only told to drop the run (best effort)."""
         import ray
-        for actor in self.actors():
-            ray.kill(actor)
+
+        if self.warm:
+            calls = [self.aggregator_actor.close_run.remote(self.run),
+                     *(a.release.remote(self.run) for a in (*self.edges, *self.clients()))]
+            ray.wait(calls, num_returns=len(calls), timeout=10)
+        else:
+            for actor in (self.aggregator_actor, *self.edges, *self.clients()):
+                ray.kill(actor)
+        ray.kill(self.store)
 
 
 def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = False,
@@ -257,9 +312,10 @@ def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = Fals
         dump_yaml(cfg, run_dir / "config.yaml")
     prepared = prepare(cfg, run_dir)
     started_ray = connect_ray(cfg.runtime.address)
+    warm = cfg.runtime.warm_pool == "on" or (cfg.runtime.warm_pool == "auto" and not started_ray)
     fl = None
     try:
-        fl = FLRun(cfg, build_strategy(strategy_name, cfg.strategy), prepared, run_id=run_dir.name)
+        fl = FLRun(cfg, build_strategy(strategy_name, cfg.strategy), prepared, run_id=run_dir.name, warm=warm)
         first_round = ray.get(fl.aggregator.load_checkpoint.remote(str(run_dir / "checkpoints"))) + 1 \
             if resume else 1
         rows = [r for r in runs.read_metrics(run_dir) if r["round"] < first_round]

@@ -1,0 +1,143 @@
+"""Warm actors: keep the runtime's processes alive between runs on a long-lived cluster.
+
+Starting a run's actors costs seconds on a small machine: every actor is a new Python process
+that imports torch (about 1 s of CPU each). On a cluster that outlives the run (the head that
+``edgeray main`` starts, or any ``--address``), the actors are instead *detached* and named by a
+fingerprint of the code they run, so the next run finds them already started and only binds
+them to its own data.
+
+What makes this safe:
+- Every actor is run-agnostic: a run is a key (the name of its ``ClientStateStore``), passed in
+  every call; an actor (re)binds to that run lazily, from the store, on the first call it gets
+  for it. A restarted actor therefore needs nothing but its next call, and two runs sharing the
+  pool at the same time stay correct (each call uses its own run's strategy, model and data).
+- The fingerprint covers the source of ``actors/``, ``pipelines/``, ``edgeray/`` and the
+  strategy's own module, the Python and torch versions: edit the code and the next run gets a
+  fresh pool (the stale one exits when idle).
+- A warm actor ends itself after ``idle_exit_s`` without calls, so it does not hold CPUs on a
+  shared cluster for longer than that; ``edgeray down`` ends them with the head.
+- Pools of another code version hold CPUs the new pool needs: every run starts by retiring the
+  pools that no live run uses (a run's store is named ``edgeray-run-<fingerprint>-<id>`` and dies
+  with the run's driver, so a crashed driver does not keep its pool alive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+NAMESPACE = "edgeray"  # stores and warm actors live here, so actors of any job can find them
+PACKAGES = ("actors", "pipelines", "edgeray")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_fingerprint(strategy) -> str:
+    """12 hex digits over the runtime's source, the strategy's module and the versions."""
+    import torch
+
+    digest = hashlib.sha256(f"{sys.version}|{torch.__version__}".encode())
+    files = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+    strategy_file = inspect.getsourcefile(type(strategy))
+    if strategy_file and Path(strategy_file).resolve() not in {f.resolve() for f in files}:
+        files.append(Path(strategy_file))
+    for path in files:
+        digest.update(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run_key(fingerprint: str | None) -> str:
+    """A new run's key (its store's name); ``cold`` for a run that uses no warm pool."""
+    return f"edgeray-run-{fingerprint or 'cold'}-{uuid.uuid4().hex[:12]}"
+
+
+def warm_options(fingerprint: str, kind: str) -> dict:
+    """``.options(...)`` of a warm actor: detached, named, found again by the next run."""
+    return {"name": f"edgeray-warm-{fingerprint}-{kind}", "namespace": NAMESPACE, "lifetime": "detached",
+            "get_if_exists": True}
+
+
+def retire_unused_pools(keep: str | None = None) -> list[str]:
+    """Kill the warm actors of every fingerprint but ``keep`` that no live run's store names;
+    returns their names."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+    in_use = {name.split("-")[2] for name in names if name.startswith("edgeray-run-")} | {keep}
+    retired = [name for name in names if name.startswith("edgeray-warm-") and name.split("-")[2] not in in_use]
+    for name in retired:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # it ended on its own meanwhile
+            pass
+    return retired
+
+
+class IdleExit:
+    """Mixin for actors: ``busy()`` around every call; after ``idle_exit_s`` with no call in
+    progress the actor kills itself for good (no restart). ``idle_exit_s=None``: never."""
+
+    def start_idle_exit(self, idle_exit_s: float | None) -> None:
+        self._calls_in_progress = 0
+        self._last_call = time.monotonic()
+        self._idle_lock = threading.Lock()
+        if idle_exit_s:
+            threading.Thread(target=self._exit_when_idle, args=(idle_exit_s,), daemon=True).start()
+
+    def pid(self) -> int:
+        """A probe: the run starting on this actor calls it first (which also resets the idle clock)."""
+        with self.busy():
+            return os.getpid()
+
+    def busy(self) -> "_Busy":
+        return _Busy(self)
+
+    def _exit_when_idle(self, idle_exit_s: float) -> None:
+        import ray
+
+        while True:
+            time.sleep(min(5.0, idle_exit_s / 4))
+            with self._idle_lock:
+                idle = self._calls_in_progress == 0 and time.monotonic() - self._last_call > idle_exit_s
+            if idle:
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
+
+
+class _Busy:
+    def __init__(self, owner: IdleExit):
+        self.owner = owner
+
+    def __enter__(self):
+        with self.owner._idle_lock:
+            self.owner._calls_in_progress += 1
+
+    def __exit__(self, *exc):
+        with self.owner._idle_lock:
+            self.owner._calls_in_progress -= 1
+            self.owner._last_call = time.monotonic()
+
+
+class RunHandle:
+    """An actor handle with the run key bound as the first argument of every method:
+    ``RunHandle(aggregator, run).run_round.remote(3)`` calls ``run_round(run, 3)``."""
+
+    def __init__(self, actor, run: str):
+        self.actor, self.run = actor, run
+
+    def __getattr__(self, method: str):
+        bound = getattr(self.actor, method)
+        run = self.run
+
+        class _Method:
+            @staticmethod
+            def remote(*args, **kwargs):
+                return bound.remote(run, *args, **kwargs)
+
+        return _Method
