@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.clock import VirtualClock
@@ -28,6 +27,7 @@ from actors.metering import payload_bytes
 from actors.metrics import RoundMetrics
 from actors.topology import assign_edges
 from actors.warm import IdleExit
+from pipelines.registry import materialize
 from edgeray.runs import load_latest_checkpoint
 
 log = logging.getLogger("edgeray.aggregator")
@@ -76,14 +76,17 @@ class AggregatorActor(IdleExit):
 class AggregatorRun:
     """The server side of one run: global weights, server state, clock, rounds, checkpoints."""
 
-    def __init__(self, run: str, strategy, global_params: dict, clock: VirtualClock, client_sizes: list[int],
+    def __init__(self, run: str, refs: dict, strategy, model_spec: dict, clock: VirtualClock, client_sizes: list[int],
                  client_classes: list[str], coverage: list[list[int]], edges: list, pool: dict[str, list],
                  store, *, clients_per_round: int, test_size: int, seed: int, round_timeout_s: float,
                  inflight_per_actor: int, edge_uplink_mbps: float, pipeline: str, run_id: str):
+        from pipelines.models import build_model, get_params  # torch: in the actor's process only
+
         self.run = run
-        self.strategy = strategy
-        self.global_params = global_params
-        self.server_state = strategy.init_state(global_params)
+        self.refs = refs  # the run's data and binding as refs, passed on with every call
+        self.strategy = materialize(strategy)
+        self.global_params = get_params(build_model(**model_spec))
+        self.server_state = self.strategy.init_state(self.global_params)
         self.clock = clock
         self.client_sizes = client_sizes
         self.client_classes = client_classes
@@ -121,7 +124,7 @@ class AggregatorRun:
         by_edge = {e: clients for e, clients in
                    assign_edges([c for c in plan.kept if coverage[c]], coverage, len(self.edges)).items() if clients}
         calls = {e: self.edges[e].run_round.remote(
-                     self.run, rnd, [global_ref], [(c, instructions[c], self.client_classes[c]) for c in clients],
+                     self.run, self.refs, rnd, [global_ref], [(c, instructions[c], self.client_classes[c]) for c in clients],
                      self.pool, self.round_timeout_s, self.inflight_per_actor)
                  for e, clients in by_edge.items()}
         results = self._collect_edges(rnd, calls, by_edge)
@@ -209,7 +212,7 @@ class AggregatorRun:
         actors = [a for group in self.pool.values() for a in group]
         global_ref = ray.put(self.global_params)
         cuts = np.linspace(0, self.test_size, len(actors) + 1).astype(int)
-        parts = ray.get([a.evaluate.remote(self.run, global_ref, int(lo), int(hi))
+        parts = ray.get([a.evaluate.remote(self.run, self.refs, global_ref, int(lo), int(hi))
                          for a, lo, hi in zip(actors, cuts[:-1], cuts[1:]) if hi > lo])
         correct, loss, n = (sum(p[i] for p in parts) for i in range(3))
         return {"test_accuracy": correct / n, "test_loss": loss / n}
@@ -217,6 +220,7 @@ class AggregatorRun:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str, rnd: int, extra: dict) -> str:
         """Atomic: written to a temp file, then renamed over the final name."""
+        import torch
         ckpt = {"round": rnd, "global_params": self.global_params, "server_state": self.server_state,
                 "sim_time_s": self.clock.now_s, "client_states": ray.get(self.store.snapshot.remote()),
                 "extra": extra}

@@ -28,7 +28,7 @@ from collections import deque
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.store import find_run
+from pipelines.registry import materialize
 from actors.warm import IdleExit
 
 log = logging.getLogger("edgeray.edge")
@@ -43,11 +43,12 @@ class EdgeServerActor(IdleExit):
         self._self = ray.get_runtime_context().current_actor
         self.start_idle_exit(idle_exit_s)
 
-    def _bound(self, run: str) -> dict:
+    def _bound(self, run: str, refs: dict | None = None) -> dict:
         with self._lock:
             if run not in self.runs:
-                _, refs = find_run(run)
-                self.runs[run] = {"strategy": ray.get(refs["binding"])["strategy"], "edge_state": {}}
+                if refs is None:
+                    raise RuntimeError(f"edge server {self.edge_id} has no run {run} (it was restarted mid-round)")
+                self.runs[run] = {"strategy": materialize(ray.get(refs["binding"])["strategy"]), "edge_state": {}}
             return self.runs[run]
 
     def release(self, run: str) -> None:
@@ -63,13 +64,13 @@ class EdgeServerActor(IdleExit):
             with self._lock:
                 return bound["strategy"].server_step(bound["edge_state"], client_id, payload)
 
-    def run_round(self, run: str, rnd: int, wrapped_global: list, jobs: list[tuple[int, dict, str]],
+    def run_round(self, run: str, refs: dict, rnd: int, wrapped_global: list, jobs: list[tuple[int, dict, str]],
                   pool: dict[str, list], timeout_s: float, inflight_per_actor: int) -> dict:
         with self.busy():
-            return self._run_round(run, self._bound(run)["strategy"], rnd, wrapped_global[0], jobs, pool,
-                                   timeout_s, inflight_per_actor)
+            return self._run_round(run, refs, self._bound(run, refs)["strategy"], rnd, wrapped_global[0], jobs,
+                                   pool, timeout_s, inflight_per_actor)
 
-    def _run_round(self, run, strategy, rnd, global_ref, jobs, pool, timeout_s, inflight_per_actor) -> dict:
+    def _run_round(self, run, refs, strategy, rnd, global_ref, jobs, pool, timeout_s, inflight_per_actor) -> dict:
         queues = {cls: deque() for cls in pool}
         for cid, instruction, cls in jobs:
             queues[cls].append((cid, instruction))
@@ -84,7 +85,7 @@ class EdgeServerActor(IdleExit):
                 for actor in pool[cls]:
                     while queue and load[id(actor)] < inflight_per_actor:
                         cid, instruction = queue.popleft()
-                        ref = actor.train.remote(run, rnd, cid, instruction, global_ref, self._self)
+                        ref = actor.train.remote(run, refs, rnd, cid, instruction, global_ref, self._self)
                         inflight[ref] = (cid, position[cid], actor)
                         load[id(actor)] += 1
                         calls += 1

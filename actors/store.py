@@ -6,10 +6,8 @@ ClientActor dies or the pool is resized, every client's state is still there. (R
 ``ray.put(_owner=...)``, which would have saved the store one deserialization per write.)
 Readers get the ref and read the value from the object store.
 
-The store is also the run's key: it is named (in the ``edgeray`` namespace) and lives exactly as
-long as the run's driver, and its ``shared`` refs carry the run's binding (strategy, model spec,
-seed), so a run-agnostic actor binds itself to a run from the store's name alone
-(``actors.warm``).
+The store is also the run's key: it is named (in the ``edgeray`` namespace, found with
+``find_store``) and lives exactly as long as the run's driver (``actors.warm``).
 """
 
 from __future__ import annotations
@@ -21,14 +19,8 @@ from actors.warm import NAMESPACE
 
 @ray.remote(num_cpus=0)
 class ClientStateStore:
-    def __init__(self, shared: dict | None = None):
+    def __init__(self):
         self._refs: dict[int, ray.ObjectRef] = {}
-        # Run-wide read-only objects (dataset, partition) as refs; ClientActors fetch them here, so
-        # a restarted ClientActor finds them without holding refs in its constructor arguments.
-        self._shared = shared or {}
-
-    def shared(self) -> dict:
-        return self._shared
 
     def get(self, client_id: int):
         """[ref] or None (a ref nested in a list is passed on, not resolved)."""
@@ -50,10 +42,9 @@ class ClientStateStore:
         return len(self._refs)
 
 
-def find_run(run: str) -> tuple[object, dict]:
-    """The store named ``run`` and its shared refs (dataset, partition, binding)."""
-    store = ray.get_actor(run, namespace=NAMESPACE)
-    return store, ray.get(store.shared.remote())
+def find_store(run: str):
+    """The store of run ``run`` (its key)."""
+    return ray.get_actor(run, namespace=NAMESPACE)
 
 
 def load_state(store, client_id: int) -> dict:

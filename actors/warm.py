@@ -7,9 +7,9 @@ fingerprint of the code they run, so the next run finds them already started and
 them to its own data.
 
 What makes this safe:
-- Every actor is run-agnostic: a run is a key (the name of its ``ClientStateStore``), passed in
-  every call; an actor (re)binds to that run lazily, from the store, on the first call it gets
-  for it. A restarted actor therefore needs nothing but its next call, and two runs sharing the
+- Every actor is run-agnostic: a run is a key (the name of its ``ClientStateStore``) passed in
+  every call with the refs of the run's data and binding (strategy, model spec, seed); an actor
+  (re)binds to that run lazily, on the first call it gets for it. A restarted actor therefore needs nothing but its next call, and two runs sharing the
   pool at the same time stay correct (each call uses its own run's strategy, model and data).
 - The fingerprint covers the source of ``actors/``, ``pipelines/``, ``edgeray/`` and the
   strategy's own module, the Python and torch versions: edit the code and the next run gets a
@@ -24,6 +24,7 @@ What makes this safe:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import os
 import sys
@@ -38,12 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def code_fingerprint(strategy) -> str:
-    """12 hex digits over the runtime's source, the strategy's module and the versions."""
-    import torch
-
-    digest = hashlib.sha256(f"{sys.version}|{torch.__version__}".encode())
+    """12 hex digits over the runtime's source, the strategy's module and the versions
+    (``strategy``: a built strategy or a ``pipelines.registry.StrategySpec``)."""
+    digest = hashlib.sha256(f"{sys.version}|{importlib.metadata.version('torch')}".encode())
     files = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
-    strategy_file = inspect.getsourcefile(type(strategy))
+    strategy_file = strategy.source_file() if hasattr(strategy, "source_file") else \
+        inspect.getsourcefile(type(strategy))
     if strategy_file and Path(strategy_file).resolve() not in {f.resolve() for f in files}:
         files.append(Path(strategy_file))
     for path in files:

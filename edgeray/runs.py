@@ -10,8 +10,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from edgeray.errors import UserError
 
 log = logging.getLogger("edgeray.runs")
@@ -70,6 +68,8 @@ def checkpoint_path(run_dir: str | Path, rnd: int) -> Path:
 
 def load_latest_checkpoint(checkpoint_dir: str | Path) -> dict | None:
     """The newest checkpoint that loads; a truncated or corrupt one is skipped (and logged)."""
+    import torch  # only the processes that read checkpoints pay for it
+
     for file in sorted(Path(checkpoint_dir).glob("round_*.pt"), reverse=True):
         try:
             return torch.load(file, weights_only=False)

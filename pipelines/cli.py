@@ -14,11 +14,7 @@ from edgeray import runs
 from edgeray.argparse_util import ArgumentParser
 from edgeray.config import load_config
 from edgeray.errors import UserError
-
-PIPELINES = {
-    "fedavg": "FedAvg (McMahan et al. 2017): example-weighted mean of local SGD weights",
-    "fedprox": "FedProx (Li et al. 2020): FedAvg with a proximal term mu/2·||w - w_global||²",
-}
+from pipelines.registry import STRATEGIES as PIPELINES
 
 
 def main(argv: list[str]) -> int:

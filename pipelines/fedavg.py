@@ -85,6 +85,3 @@ class FedProx(FedAvg):
 
     def _penalty(self, model, anchor):
         return 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-
-
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx}

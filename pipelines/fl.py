@@ -25,8 +25,7 @@ from edgeray.config import dump_yaml, param, section
 from edgeray.errors import UserError
 from pipelines.data import DATASETS, PARTITIONS, Dataset, format_histogram, label_histogram, load_dataset, partition, \
     plot_histogram
-from pipelines.fedavg import STRATEGIES
-from pipelines.models import MODELS, build_model, get_params
+from pipelines.registry import MODELS, StrategySpec
 
 log = logging.getLogger("edgeray.fl")
 
@@ -138,12 +137,17 @@ class FLConfig:
                 raise UserError(f"runtime.resource_classes.{name} needs num_cpus or num_gpus > 0")
 
 
-def build_strategy(name: str, cfg: StrategyConfig):
+def strategy_spec(name: str, cfg: StrategyConfig) -> StrategySpec:
+    """The strategy ``name`` with the config's hyper-parameters, built where it runs."""
     kwargs = dict(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                   weight_decay=cfg.weight_decay, keep_optimizer_state=cfg.keep_optimizer_state)
     if name == "fedprox":
         kwargs["mu"] = cfg.mu
-    return STRATEGIES[name](**kwargs)
+    return StrategySpec(name, kwargs)
+
+
+def build_strategy(name: str, cfg: StrategyConfig):
+    return strategy_spec(name, cfg).build()
 
 
 def connect_ray(address: str | None) -> bool:
@@ -236,7 +240,7 @@ class FLRun:
         self.data_refs = {"train": ray.put({"x": data.x_train, "y": data.y_train}),
                           "test": ray.put({"x": data.x_test, "y": data.y_test}), "partition": ray.put(parts),
                           "binding": ray.put({"strategy": strategy, "model_spec": model_spec, "seed": cfg.seed})}
-        self.store = ClientStateStore.options(name=self.run, namespace=NAMESPACE).remote(self.data_refs)
+        self.store = ClientStateStore.options(name=self.run, namespace=NAMESPACE).remote()
 
         def named(kind: str) -> dict:
             return warm_options(fingerprint, kind) if warm else {}
@@ -273,7 +277,7 @@ class FLRun:
                 if not warm or attempt == 2:
                     raise
         ray.get(self.aggregator_actor.open_run.remote(
-            self.run, strategy=strategy, global_params=get_params(build_model(**model_spec)), clock=clock,
+            self.run, refs=self.data_refs, strategy=strategy, model_spec=model_spec, clock=clock,
             client_sizes=[len(p) for p in parts], client_classes=[p.resource_class for p in profiles],
             coverage=edge_coverage(cfg.data.num_clients, cfg.runtime.num_edge_servers, cfg.runtime.edge_overlap,
                                    cfg.seed),
@@ -315,7 +319,7 @@ def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = Fals
     warm = cfg.runtime.warm_pool == "on" or (cfg.runtime.warm_pool == "auto" and not started_ray)
     fl = None
     try:
-        fl = FLRun(cfg, build_strategy(strategy_name, cfg.strategy), prepared, run_id=run_dir.name, warm=warm)
+        fl = FLRun(cfg, strategy_spec(strategy_name, cfg.strategy), prepared, run_id=run_dir.name, warm=warm)
         first_round = ray.get(fl.aggregator.load_checkpoint.remote(str(run_dir / "checkpoints"))) + 1 \
             if resume else 1
         rows = [r for r in runs.read_metrics(run_dir) if r["round"] < first_round]

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from edgeray.errors import UserError
-
-MODELS = ("cnn", "mlp")
+from pipelines.registry import MODELS
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
