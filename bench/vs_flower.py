@@ -36,6 +36,11 @@ Creates bench/.flwr-venv when missing (CPU torch first, then flwr[simulation]==1
 Writes bench/results/vs_flower{,_quick}.json and .png, the Flower and `edgeray run` logs beside
 them, and prints one JSON line last: ratio_10, ratio_100 (edgeray / Flower round time),
 startup_ratio, the final accuracies of both, the raw times, rounds, load averages.
+
+Start-up is measured three ways for edgeray: cold (``startup_ratio``: the command starts its own
+Ray, as Flower's simulation does), on a running head (``startup_ratio_head``: the first run after
+`edgeray main` / `ray start`; it starts the warm actor pool) and with the warm pool
+(``startup_ratio_warm``: every later run of the same code on that head, see actors/warm.py).
 """
 
 from __future__ import annotations
@@ -140,7 +145,7 @@ def on_flower(cfg, setting: Setting, schedule: list[list[int]], evaluate_rounds:
     return out
 
 
-def on_edgeray_cli(setting: Setting, evaluate_rounds: str, log_path: Path) -> dict:
+def on_edgeray_cli(setting: Setting, evaluate_rounds: str, log_path: Path, address: str | None = None) -> dict:
     """`edgeray run fedavg` as a user runs it. Start-up: launch to the round-0 metrics row, which
     run_fl writes after Ray start, the actors and the initial evaluation, right before round 1.
     Its metrics rows give each round's wall time as the AggregatorActor measures it (selection to
@@ -152,8 +157,8 @@ def on_edgeray_cli(setting: Setting, evaluate_rounds: str, log_path: Path) -> di
         cmd = [*edgeray, "run", "fedavg", "--config", str(ROOT / "configs" / "fedavg_mnist.yaml"), "--no-progress",
                "--set", f"rounds={setting.rounds}", "--set", f"data.num_clients={setting.num_clients}",
                "--set", f"data.path={DATA_PATH}", "--set", f"output_dir={out_dir}",
-               "--set", f"eval_every={eval_every}"]
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+               "--set", f"eval_every={eval_every}", *(["--address", address] if address else [])]
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
         launched = time.time()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -173,6 +178,23 @@ def on_edgeray_cli(setting: Setting, evaluate_rounds: str, log_path: Path) -> di
     return {"rows": [r for r in rows if r["round"] >= 1], "initial_evaluation": rows[0],
             "startup_s": row0_written - launched, "startup_s_in_run_fl": summary["startup_s"],
             "process_s": exited - launched}
+
+
+def on_running_head(setting: Setting, evaluate_rounds: str, suffix: str) -> dict:
+    """`edgeray run --address` on a Ray head that is already up (as `edgeray main` leaves it): the
+    first run starts the warm actor pool, the second finds it (actors.warm). The head is up only
+    for these two runs (its own ports and temp dir), then stopped."""
+    from edgeray.localhead import LocalHead
+
+    head = LocalHead(gcs_port=6391, dashboard_port=8266, metrics_port=8091, client_port=20202,
+                     agent_port=52402).start()
+    try:
+        address = f"127.0.0.1:{head.gcs_port}"
+        return {name: on_edgeray_cli(setting, evaluate_rounds,
+                                     RESULTS / f"vs_flower{suffix}_edgeray_{name}.log", address)
+                for name in ("first", "warm")}
+    finally:
+        head.stop()
 
 
 def on_edgeray(cfg, prepared, rounds: int, evaluate_rounds: str) -> tuple[list[dict], dict]:
@@ -234,6 +256,7 @@ def main() -> None:
         if s.num_clients == 100 and not s.train_rows:
             startup = on_edgeray_cli(s, evaluate_rounds, RESULTS / f"vs_flower{suffix}_edgeray_run.log")
             edgeray[s.name] = startup.pop("rows")
+            on_head = on_running_head(s, evaluate_rounds, suffix)
         else:
             edgeray[s.name], edgeray_setup[s.name] = on_edgeray(cfg, prep, s.rounds, evaluate_rounds)
         loads[f"after_edgeray_{s.name}"] = os.getloadavg()
@@ -257,6 +280,12 @@ def main() -> None:
         "startup_s_edgeray": startup["startup_s"],
         "startup_s_flower": flower["100"]["startup_s"],
         "startup_ratio": startup["startup_s"] / flower["100"]["startup_s"],
+        "startup_s_edgeray_head": on_head["first"]["startup_s"],
+        "startup_s_edgeray_warm": on_head["warm"]["startup_s"],
+        "startup_ratio_head": on_head["first"]["startup_s"] / flower["100"]["startup_s"],
+        "startup_ratio_warm": on_head["warm"]["startup_s"] / flower["100"]["startup_s"],
+        "accuracy_edgeray_warm_100": on_head["warm"]["rows"][-1]["test_accuracy"],
+        "round_s_edgeray_warm_100": median_after_first(on_head["warm"]["rows"]),
         "flower_query_s_100": flower["100"]["query_s"],
         "flower_call_to_round1_s_100": flower["100"]["call_to_round1_s"],
         "edgeray_startup_in_run_fl_s": startup["startup_s_in_run_fl"],
@@ -267,7 +296,8 @@ def main() -> None:
         "loadavg_before": loads["before"], "loadavg_after": loads["after"],
     })
     raw = {"result": result, "loadavg": loads, "settings": [dataclasses.asdict(s) for s in settings],
-           "flower": flower, "edgeray": edgeray, "edgeray_run": startup, "edgeray_in_process_setup": edgeray_setup}
+           "flower": flower, "edgeray": edgeray, "edgeray_run": startup, "edgeray_on_head": on_head,
+           "edgeray_in_process_setup": edgeray_setup}
     (RESULTS / f"vs_flower{suffix}.json").write_text(json.dumps(raw, indent=2, default=str))
     plot(result, settings, RESULTS / f"vs_flower{suffix}.png")
     print(json.dumps(result), flush=True)
@@ -291,8 +321,9 @@ def plot(result: dict, settings: list[Setting], path: Path) -> None:
     ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
-    ax2.bar(["flower", "edgeray"], [result["startup_s_flower"], result["startup_s_edgeray"]],
-            color=["tab:orange", "tab:blue"])
+    ax2.bar(["flower", "edgeray\ncold", "edgeray\nhead up", "edgeray\nwarm pool"],
+            [result["startup_s_flower"], result["startup_s_edgeray"], result["startup_s_edgeray_head"],
+             result["startup_s_edgeray_warm"]], color=["tab:orange", "tab:blue", "tab:blue", "tab:blue"])
     ax2.set_ylabel("command to round 1 (s), 100 clients")
     ax2.grid(alpha=0.3, axis="y")
     fig.suptitle(f"FedAvg MNIST CNN, 10 clients/round; load avg {result['loadavg_before'][0]:.1f} -> "

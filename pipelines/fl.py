@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,18 +151,40 @@ def build_strategy(name: str, cfg: StrategyConfig):
     return strategy_spec(name, cfg).build()
 
 
-def connect_ray(address: str | None) -> bool:
-    """Attach to ``address`` / RAY_ADDRESS, or start a local Ray; returns True if we started it."""
+def connect_ray(address: str | None) -> str | None:
+    """Attach to ``address`` / RAY_ADDRESS (returns "attached"), or start a local Ray ("local");
+    None when this process is already connected.
+    Call it before anything imports ray: attaching sets RAY_AUTH_MODE=token (Ray 2.60 heads
+    require the token, and a driver without it retries forever), which Ray reads at import."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        _check_reachable(address)
     import ray
 
     if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
+        return None
+    if not address:
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    return True
+        return "local"
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot attach to the Ray cluster at {address}: "
+                        f"{' '.join(str(exc).split())[:300]}") from None
+    return "attached"
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minute of retries, when HOST:PORT does not answer."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return  # "auto", ray://...: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(f"cannot attach to the Ray cluster at {address}: {exc.strerror or exc}; "
+                        f"is a head running there (`ray start --head`, `edgeray main`)?") from None
 
 
 @dataclass
@@ -197,9 +220,7 @@ def prepare(cfg: FLConfig, run_dir: Path | None = None) -> Prepared:
         hist = label_histogram(data.y_train, parts, data.num_classes)
         print(f"label histogram per client ({cfg.data.partition}, {cfg.data.num_clients} clients):\n"
               + format_histogram(hist), flush=True)
-        plot_histogram(hist, run_dir / "plots" / "label_histogram.png",
-                       f"{cfg.data.dataset}: {cfg.data.partition} over {cfg.data.num_clients} clients")
-        np.save(run_dir / "label_histogram.npy", hist)
+        np.save(run_dir / "label_histogram.npy", hist)  # plotted with the curves at the end (matplotlib: ~1 s)
         save_trace(profiles, run_dir / "client_profiles.json")
     return Prepared(data, parts, profiles)
 
@@ -308,15 +329,17 @@ class FLRun:
 def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = False,
            progress: bool = True) -> dict:
     """Run (or resume) an FL job in ``run_dir``; returns the summary."""
-    import ray
     from tqdm import tqdm
 
     started = time.perf_counter()
     if not resume:
         dump_yaml(cfg, run_dir / "config.yaml")
     prepared = prepare(cfg, run_dir)
-    started_ray = connect_ray(cfg.runtime.address)
-    warm = cfg.runtime.warm_pool == "on" or (cfg.runtime.warm_pool == "auto" and not started_ray)
+    connected = connect_ray(cfg.runtime.address)
+    import ray
+
+    # auto: warm actors only pay off on a cluster that outlives this run
+    warm = cfg.runtime.warm_pool == "on" or (cfg.runtime.warm_pool == "auto" and connected == "attached")
     fl = None
     try:
         fl = FLRun(cfg, strategy_spec(strategy_name, cfg.strategy), prepared, run_id=run_dir.name, warm=warm)
@@ -348,11 +371,13 @@ def run_fl(cfg: FLConfig, strategy_name: str, run_dir: Path, resume: bool = Fals
         runs.write_json(run_dir / "summary.json", summary)
         runs.plot_curves(rows, [("round", "round"), ("sim_time_s", "simulated time (s)")], "test_accuracy",
                          run_dir / "plots" / "accuracy.png", f"{cfg.name}: test accuracy")
+        plot_histogram(np.load(run_dir / "label_histogram.npy"), run_dir / "plots" / "label_histogram.png",
+                       f"{cfg.data.dataset}: {cfg.data.partition} over {cfg.data.num_clients} clients")
         return summary
     finally:
         if fl is not None:
             fl.shutdown()
-        if started_ray:
+        if connected:
             ray.shutdown()
 
 
