@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 NAMESPACE = "edgeray"  # stores and warm actors live here, so actors of any job can find them
@@ -96,8 +97,16 @@ class IdleExit:
         with self.busy():
             return os.getpid()
 
-    def busy(self) -> "_Busy":
-        return _Busy(self)
+    @contextmanager
+    def busy(self):
+        with self._idle_lock:
+            self._calls_in_progress += 1
+        try:
+            yield
+        finally:
+            with self._idle_lock:
+                self._calls_in_progress -= 1
+                self._last_call = time.monotonic()
 
     def _exit_when_idle(self, idle_exit_s: float) -> None:
         import ray
@@ -111,20 +120,6 @@ class IdleExit:
                 return
 
 
-class _Busy:
-    def __init__(self, owner: IdleExit):
-        self.owner = owner
-
-    def __enter__(self):
-        with self.owner._idle_lock:
-            self.owner._calls_in_progress += 1
-
-    def __exit__(self, *exc):
-        with self.owner._idle_lock:
-            self.owner._calls_in_progress -= 1
-            self.owner._last_call = time.monotonic()
-
-
 class RunHandle:
     """An actor handle with the run key bound as the first argument of every method:
     ``RunHandle(aggregator, run).run_round.remote(3)`` calls ``run_round(run, 3)``."""
@@ -132,13 +127,13 @@ class RunHandle:
     def __init__(self, actor, run: str):
         self.actor, self.run = actor, run
 
-    def __getattr__(self, method: str):
-        bound = getattr(self.actor, method)
-        run = self.run
+    def __getattr__(self, method: str) -> "_BoundMethod":
+        return _BoundMethod(getattr(self.actor, method), self.run)
 
-        class _Method:
-            @staticmethod
-            def remote(*args, **kwargs):
-                return bound.remote(run, *args, **kwargs)
 
-        return _Method
+class _BoundMethod:
+    def __init__(self, method, run: str):
+        self.method, self.run = method, run
+
+    def remote(self, *args, **kwargs):
+        return self.method.remote(self.run, *args, **kwargs)

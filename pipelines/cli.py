@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from edgeray import runs
 from edgeray.argparse_util import ArgumentParser
