@@ -94,7 +94,7 @@ class RuntimeConfig:
     warm_pool: str = param("auto", "keep the actors running between runs (detached, found again by the next run "
                            "of the same code): auto = when attaching to a running cluster", choices=WARM_POOL_MODES)
     warm_idle_exit_s: float = param(600.0, "a warm actor ends itself after this long without calls", gt=0)
-    actor_start_timeout_s: float = param(120.0, "wall-clock limit for the ClientActor pool to start", gt=0)
+    actor_start_timeout_s: float = param(120.0, "wall-clock limit for the run's actors to start", gt=0)
 
 
 RESOURCE_CLASS_KEYS = {"num_cpus": float, "num_gpus": float, "num_actors": int, "share": float}

@@ -79,6 +79,8 @@ def test_truncated_checkpoint_falls_back_to_previous(ray_session, tmp_path):
     (["run", "fedavg", "--config", "/nope.yaml"], "config file not found: /nope.yaml"),
     (["run", "fedavg", "--resume", "/tmp"], "cannot resume /tmp: it is not a run directory"),
     (["run", "fedavg", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "fedavg", "--config", DIGITS, "--address", "127.0.0.1:1"],
+     "cannot attach to the Ray cluster at 127.0.0.1:1: Connection refused; is a head running there"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):
     proc = subprocess.run(EDGERAY + args, capture_output=True, text=True, cwd=ROOT, timeout=120)
