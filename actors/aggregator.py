@@ -124,7 +124,8 @@ class AggregatorRun:
         by_edge = {e: clients for e, clients in
                    assign_edges([c for c in plan.kept if coverage[c]], coverage, len(self.edges)).items() if clients}
         calls = {e: self.edges[e].run_round.remote(
-                     self.run, self.refs, rnd, [global_ref], [(c, instructions[c], self.client_classes[c]) for c in clients],
+                     self.run, self.refs, rnd, [global_ref],
+                     [(c, instructions[c], self.client_classes[c]) for c in clients],
                      self.pool, self.round_timeout_s, self.inflight_per_actor)
                  for e, clients in by_edge.items()}
         results = self._collect_edges(rnd, calls, by_edge)

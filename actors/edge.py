@@ -28,8 +28,8 @@ from collections import deque
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from pipelines.registry import materialize
 from actors.warm import IdleExit
+from pipelines.registry import materialize
 
 log = logging.getLogger("edgeray.edge")
 

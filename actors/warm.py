@@ -9,8 +9,9 @@ them to its own data.
 What makes this safe:
 - Every actor is run-agnostic: a run is a key (the name of its ``ClientStateStore``) passed in
   every call with the refs of the run's data and binding (strategy, model spec, seed); an actor
-  (re)binds to that run lazily, on the first call it gets for it. A restarted actor therefore needs nothing but its next call, and two runs sharing the
-  pool at the same time stay correct (each call uses its own run's strategy, model and data).
+  (re)binds to that run lazily, on the first call it gets for it. A restarted actor therefore
+  needs nothing but its next call, and two runs sharing the pool at the same time stay correct
+  (each call uses its own run's strategy, model and data).
 - The fingerprint covers the source of ``actors/``, ``pipelines/``, ``edgeray/`` and the
   strategy's own module, the Python and torch versions: edit the code and the next run gets a
   fresh pool (the stale one exits when idle).
