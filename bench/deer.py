@@ -2,13 +2,15 @@
 
 Each (env, seed) trains all three replay methods with the same algorithm and hyper-parameters
 (DQN for discrete envs, SAC for ns-pendulum) through the same code path as `edgeray rl train`
-(rl.deer.run.train_run), one after another in this process on one local Ray. Runs are ordered
+(rl.cli.METHODS[method].train, i.e. rl.loop.train_run), one after another in this process on one
+Ray (edgeray.connect: RAY_ADDRESS if set, else a local Ray of 2 CPUs). Runs are ordered
 seed-major and the method order rotates, so a run cut short by `--budget-min` still leaves a
 balanced, clearly labelled partial result ("complete": false in the JSON).
 
-Writes under bench/results/deer[-quick]/: runs/<method>-<env>-s<seed>/ (config, metrics.jsonl with
-per-iteration wall time and load average), table.md, summary.json, returns_<env>.png (return over
-env steps, band = sd across seeds, red dashed lines = true shifts, triangles = DEER detections).
+Writes under bench/results/deer[-quick]/: runs/<method>-<env>-s<seed>-<stamp>/ (run.json, config,
+metrics.jsonl with per-iteration wall time and load average), table.md, summary.json,
+returns_<env>.png (return over env steps, band = sd across seeds, red dashed lines = true shifts,
+triangles = DEER detections).
 Last stdout line: JSON with gain_vs_per_pct, gain_vs_uniform_pct, time_ratio_vs_per, ...
 
     python bench/deer.py --quick          # < 2 min on an idle 2-core machine
@@ -28,8 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgeray import runs  # noqa: E402
 from edgeray.config import load_config  # noqa: E402
-from rl.deer.algorithms import ExperimentConfig  # noqa: E402
+from rl.deer.config import REPLAY_METHODS, ExperimentConfig  # noqa: E402
 
 ENVS = ("ns-cartpole", "ns-acrobot", "ns-mountaincar", "ns-pendulum")
 METHODS = ("uniform", "per", "deer")
@@ -62,13 +65,14 @@ def plan(envs, seeds):
 
 def summarize(out: Path, complete: bool, planned: int, load_start) -> dict:
     from rl.deer.analysis import markdown_table, plot_returns, summarize as summarize_runs
-    from rl.deer.run import load_run
+    from rl.loop import load_run
 
-    runs = [load_run(d) for d in sorted((out / "runs").iterdir()) if (d / "metrics.jsonl").is_file()]
-    summary = summarize_runs(runs)
-    summary["plots"] = plot_returns(runs, out)
+    finished = [load_run(d, ExperimentConfig, REPLAY_METHODS)
+                for d in sorted((out / "runs").iterdir()) if (d / "metrics.jsonl").is_file()]
+    summary = summarize_runs(finished)
+    summary["plots"] = plot_returns(finished, out)
     (out / "table.md").write_text(markdown_table(summary))
-    iter_walls = [r["iteration_wall_s"] for _, _, rows in runs for r in rows[1:]]
+    iter_walls = [r["iteration_wall_s"] for _, _, rows in finished for r in rows[1:]]
     line = {
         "gain_vs_per_pct": summary["gain_vs_per_pct"],
         "gain_vs_uniform_pct": summary["gain_vs_uniform_pct"],
@@ -77,7 +81,7 @@ def summarize(out: Path, complete: bool, planned: int, load_start) -> dict:
         "per_env": {env: {m: {k: v[k] for k in ("seeds", "mean_return", "mean_return_std", "recovery_steps",
                                                 "recovery_steps_std", "wall_s_per_iter", "wall_s_per_iter_median")}
                           for m, v in methods.items()} for env, methods in summary["per_env"].items()},
-        "runs_done": len(runs), "runs_planned": planned, "complete": complete and len(runs) == planned,
+        "runs_done": len(finished), "runs_planned": planned, "complete": complete and len(finished) == planned,
         "median_iter_wall_s": float(sorted(iter_walls)[len(iter_walls) // 2]) if iter_walls else None,
         "load_avg_start": load_start, "load_avg_end": list(os.getloadavg()),
     }
@@ -106,15 +110,14 @@ def main() -> int:
         print(json.dumps(summarize(out, True, len(jobs), load_start)))
         return 0
 
-    import ray
-
-    from rl.deer.run import train_run
+    from edgeray.connect import connect
+    from rl.cli import METHODS as RL_METHODS
 
     if (out / "runs").exists():
         shutil.rmtree(out / "runs")
     (out / "runs").mkdir(parents=True)
     t0 = time.time()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connection = connect(num_cpus=2, log_to_driver=False)
     done = 0
     try:
         for seed, env, method in jobs:
@@ -124,12 +127,13 @@ def main() -> int:
             overrides = [f"env.name={env}", f"train.seed={seed}", *(QUICK if args.quick else FULL),
                          *PER_ENV.get(env, [])]
             cfg = load_config(ExperimentConfig, None, overrides)
-            run_dir = out / "runs" / f"{method}-{env}-s{seed}"
-            run_dir.mkdir()
-            train_run(method, cfg, run_dir, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+            run_dir = runs.new_run_dir(out / "runs", f"{method}-{env}-s{seed}", kind="rl", method=method)
+            RL_METHODS[method].train(cfg, run_dir, log=lambda msg: print(msg, file=sys.stderr, flush=True))
             done += 1
     finally:
-        ray.shutdown()
+        if connection is not None:  # None: this process was connected already, by someone else
+            import ray
+            ray.shutdown()
     line = summarize(out, done == len(jobs), len(jobs), load_start)
     line["bench_wall_s"] = time.time() - t0
     print(json.dumps(line))

@@ -1,25 +1,26 @@
 """`edgeray rl ...`: train and evaluate the RLlib-hosted methods.
 
     edgeray rl train <method> --env ENV --config FILE [--set key=value ...] [--stop-iters N]
-                     [--runs-root DIR] [--resume RUN_DIR]
+                     [--runs-root DIR] [--resume RUN_DIR] [--address ADDR] [--num-cpus N]
     edgeray rl eval <method> --runs RUN_DIR [RUN_DIR ...] [--out DIR]
     edgeray rl list
 
-Methods are entries of `METHODS`: each names its config class and its train / eval functions,
-so RL-CRP and LEED plug in as new entries. "deer", "per" and "uniform" share one experiment
-(same algorithm and hyper-parameters, only the replay differs).
+Methods are entries of `METHODS`: each names its config class and its train / eval functions;
+train is a thin call into the shared loop (rl.loop), so RL-CRP and LEED plug in as new entries.
+"deer", "per" and "uniform" share one experiment (same algorithm and hyper-parameters, only the
+replay differs). Ray is joined through `edgeray.connect` (`--address`, else RAY_ADDRESS, else a
+local Ray of `--num-cpus`), after the config is checked, so bad input fails before Ray starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from edgeray.argparse_util import ArgumentParser
 from edgeray.errors import UserError
 
 
@@ -28,37 +29,20 @@ class RLMethod:
     summary: str
     config_cls: Callable[[], type]
     train: Callable[..., Path]
-    evaluate: Callable[..., dict]
+    evaluate: Callable[[list[Path], Path], dict]
 
 
 def _experiment_config_cls():
-    from rl.deer.algorithms import ExperimentConfig
+    from rl.deer.config import ExperimentConfig
     return ExperimentConfig
-
-
-def _train_replay(method: str, cfg, run_dir: Path, *, resume: bool, stop_iters: int | None) -> Path:
-    import ray
-
-    from rl.deer.run import train_run
-
-    started = not ray.is_initialized()
-    if started and os.environ.get("RAY_ADDRESS"):
-        ray.init()  # inside `ray job submit` or pointed at a cluster: join it
-    elif started:
-        # a bare ray.init() could join someone else's head on a shared machine
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        return train_run(method, cfg, run_dir, resume=resume, stop_iters=stop_iters)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _evaluate_replay(run_dirs: list[Path], out_dir: Path) -> dict:
     from rl.deer.analysis import markdown_table, plot_returns, summarize
-    from rl.deer.run import load_run
+    from rl.deer.config import REPLAY_METHODS, ExperimentConfig
+    from rl.loop import load_run
 
-    runs = [load_run(d) for d in run_dirs]
+    runs = [load_run(d, ExperimentConfig, REPLAY_METHODS) for d in run_dirs]
     empty = [str(d) for d, (_, _, rows) in zip(run_dirs, runs) if not rows]
     if len(empty) == len(runs):
         raise UserError(f"none of the runs has metrics yet: {', '.join(empty)}")
@@ -75,7 +59,9 @@ def _evaluate_replay(run_dirs: list[Path], out_dir: Path) -> dict:
 
 def _replay_entry(name: str, summary: str) -> RLMethod:
     def train(cfg, run_dir, **kw):
-        return _train_replay(name, cfg, run_dir, **kw)
+        from rl.deer.run import ReplayHooks
+        from rl.loop import train_run
+        return train_run(ReplayHooks(name), cfg, run_dir, **kw)
     return RLMethod(summary, _experiment_config_cls, train, _evaluate_replay)
 
 
@@ -86,14 +72,9 @@ METHODS: dict[str, RLMethod] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit; we raise the one error type
-        raise UserError(f"{self.prog}: {message}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="edgeray rl", description="train and evaluate RLlib methods")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="edgeray rl", description="train and evaluate RLlib methods")
+    sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one method on one environment")
     train.add_argument("method")
     train.add_argument("--env", help="environment name (overrides env.name of the config)")
@@ -102,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-iters", type=int, help="train until this many iterations in total")
     train.add_argument("--runs-root", default="runs", help="where new run directories go")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument("--address", help="Ray cluster to train on (default: RAY_ADDRESS, else a local Ray)")
+    train.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2; "
+                       "ignored when attaching to a cluster)")
     ev = sub.add_parser("eval", help="compare runs: table, summary.json and return-over-time plots")
     ev.add_argument("method")
     ev.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR")
@@ -116,42 +100,50 @@ def _method(name: str) -> RLMethod:
     return METHODS[name]
 
 
+def _train(args, argv: list[str]) -> Path:
+    from edgeray import runs
+    from edgeray.config import load_config
+    from edgeray.connect import connect
+
+    method = _method(args.method)
+    if args.stop_iters is not None and args.stop_iters < 1:
+        raise UserError(f"--stop-iters must be >= 1, got {args.stop_iters}")
+    if args.num_cpus < 1:
+        raise UserError(f"--num-cpus must be >= 1, got {args.num_cpus}")
+    if args.resume:
+        if args.config or args.set or args.env:
+            raise UserError("--resume takes the run's own config.yaml; drop --config/--set/--env")
+        run_dir = runs.open_run_dir(args.resume, kind="rl", method=args.method)
+        cfg = load_config(method.config_cls(), run_dir / "config.yaml")
+    else:
+        overrides = list(args.set) + ([f"env.name={args.env}"] if args.env else [])
+        cfg = load_config(method.config_cls(), args.config, overrides)
+    # after the config is checked (bad input fails before Ray starts) and before the run
+    # directory exists (an unreachable cluster leaves no empty run behind)
+    connection = connect(args.address, num_cpus=args.num_cpus, log_to_driver=False)
+    try:
+        if not args.resume:
+            run_dir = runs.new_run_dir(args.runs_root, f"{args.method}-{cfg.env.name}-s{cfg.train.seed}",
+                                       kind="rl", method=args.method, argv=["edgeray", "rl", *argv])
+            print(f"run directory: {run_dir}")
+        return method.train(cfg, run_dir, resume=bool(args.resume), stop_iters=args.stop_iters)
+    finally:
+        if connection is not None:  # None: this process was connected already, by someone else
+            import ray
+            ray.shutdown()
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list":
         for name, method in METHODS.items():
             print(f"{name:10s} {method.summary}")
         return 0
-    method = _method(args.method)
     if args.command == "eval":
-        run_dirs = [Path(d) for d in args.runs]
-        missing = [str(d) for d in run_dirs if not d.is_dir()]
-        if missing:
-            raise UserError(f"run directory not found: {', '.join(missing)}")
-        method.evaluate(run_dirs, Path(args.out or f"runs/eval-{args.method}"))
+        method = _method(args.method)
+        method.evaluate([Path(d) for d in args.runs], Path(args.out or f"runs/eval-{args.method}"))
         return 0
-    # train
-    from edgeray.config import load_config
-    from rl.deer.run import load_run, new_run_dir
-
-    if args.stop_iters is not None and args.stop_iters < 1:
-        raise UserError(f"--stop-iters must be >= 1, got {args.stop_iters}")
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not run_dir.is_dir():
-            raise UserError(f"run directory not found: {run_dir}")
-        run_method, cfg, _ = load_run(run_dir)
-        if run_method != args.method:
-            raise UserError(f"{run_dir} is a {run_method!r} run, not {args.method!r}")
-        if args.config or args.set or args.env:
-            raise UserError("--resume takes the run's own config.yaml; drop --config/--set/--env")
-        method.train(cfg, run_dir, resume=True, stop_iters=args.stop_iters)
-        return 0
-    overrides = list(args.set) + ([f"env.name={args.env}"] if args.env else [])
-    cfg = load_config(method.config_cls(), args.config, overrides)
-    run_dir = new_run_dir(args.runs_root, args.method, cfg)
-    print(f"run directory: {run_dir}")
-    method.train(cfg, run_dir, resume=False, stop_iters=args.stop_iters)
+    _train(args, argv)
     return 0
 
 

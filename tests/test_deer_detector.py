@@ -13,7 +13,7 @@ SETTINGS = DetectorSettings(window=100, subseq_len=8, check_every=50, epochs=30,
 
 @pytest.fixture(autouse=True, scope="module")
 def single_threaded_torch():
-    from rl.deer.run import torch_threads
+    from rl.loop import torch_threads
 
     with torch_threads(1):  # as train_run does (train.torch_threads); restored afterwards
         yield

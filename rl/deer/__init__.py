@@ -2,7 +2,8 @@
 
 Read in this order: `detector` (reward-window change detector), `priorities` (pre/post-change
 priority rules), `buffer` (RLlib PER subclass), `learners` (DQN/SAC learner subclasses: DoE and
-priorities), `callbacks` (driver loop: detect -> mark buffer -> snapshot Q), `algorithms`
-(config + RLlib builders for DEER and the PER / uniform baselines), `run` (run directories,
-checkpoints, resume), `analysis` (evaluation). Pure parts (detector, priorities, analysis) need no Ray.
+priorities), `callbacks` (driver loop: detect -> mark buffer -> snapshot Q), `config` (the one
+ExperimentConfig of DEER and the PER / uniform baselines), `algorithms` (their RLlib builders),
+`run` (their hooks into the shared train / checkpoint / resume loop, `rl.loop`), `analysis`
+(evaluation). Pure parts (detector, priorities, config, analysis) need no Ray.
 """
