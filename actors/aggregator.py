@@ -1,10 +1,16 @@
 """AggregatorActor: holds the global state and the strategy, runs rounds, writes checkpoints.
 
-One round: ask the virtual clock who is online, let the strategy select and instruct clients,
+One round: ask the virtual clock who is online, let the strategy select and instruct clients
+(it sees the read-only population view),
 let the clock decide who drops out or is too slow (they are not trained), ``ray.put`` the
 global weights once, hand each kept client to one of its covering edge servers, merge the
 edges' partial aggregates, let the strategy aggregate, evaluate on the pool (test set split
 across the ClientActors), advance the clock. The driver only receives the metrics row.
+
+The global state is the model's trainable tensors only (``pipelines.models``): the aggregator
+never builds the model; it asks one ClientActor, which builds it anyway, for the initial
+trainable tensors. Checkpoints hold those tensors, the strategy's server state, the clock and
+the client states.
 
 The actor is placed on the driver's node, so checkpoints land in the run directory the driver
 reads, also when the run is submitted to a cluster. It is run-agnostic (``actors.warm``): each
@@ -23,12 +29,13 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.clock import VirtualClock
+from actors.messages import ClientFailure, ClientJob, EdgeResult, RunSpec
 from actors.metering import payload_bytes
 from actors.metrics import RoundMetrics
 from actors.topology import assign_edges
 from actors.warm import IdleExit
-from pipelines.registry import materialize
 from edgeray.runs import load_latest_checkpoint
+from pipelines.registry import materialize
 
 log = logging.getLogger("edgeray.aggregator")
 
@@ -41,8 +48,8 @@ class AggregatorActor(IdleExit):
         self.runs: dict[str, AggregatorRun] = {}
         self.start_idle_exit(idle_exit_s)
 
-    def open_run(self, run: str, **kwargs) -> None:
-        self.runs[run] = AggregatorRun(run, **kwargs)
+    def open_run(self, spec: RunSpec) -> None:
+        self.runs[spec.run] = AggregatorRun(spec)
 
     def close_run(self, run: str) -> None:
         self.runs.pop(run, None)
@@ -76,80 +83,69 @@ class AggregatorActor(IdleExit):
 class AggregatorRun:
     """The server side of one run: global weights, server state, clock, rounds, checkpoints."""
 
-    def __init__(self, run: str, refs: dict, strategy, model_spec: dict, clock: VirtualClock, client_sizes: list[int],
-                 client_classes: list[str], coverage: list[list[int]], edges: list, pool: dict[str, list],
-                 store, *, clients_per_round: int, test_size: int, seed: int, round_timeout_s: float,
-                 inflight_per_actor: int, edge_uplink_mbps: float, pipeline: str, run_id: str):
-        from pipelines.models import build_model, get_params  # torch: in the actor's process only
-
-        self.run = run
-        self.refs = refs  # the run's data and binding as refs, passed on with every call
-        self.strategy = materialize(strategy)
-        self.global_params = get_params(build_model(**model_spec))
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.run = spec.run
+        self.settings = spec.settings
+        self.strategy = materialize(ray.get(spec.refs.binding).strategy)
+        first_actor = next(a for group in spec.pool.values() for a in group)
+        self.global_params = ray.get(first_actor.initial_params.remote(spec.run, spec.refs))
         self.server_state = self.strategy.init_state(self.global_params)
-        self.clock = clock
-        self.client_sizes = client_sizes
-        self.client_classes = client_classes
-        self.coverage = coverage
-        self.edges = edges
-        self.pool = pool
-        self.store = store
-        self.clients_per_round = clients_per_round
-        self.test_size = test_size
-        self.seed = seed
-        self.round_timeout_s = round_timeout_s
-        self.inflight_per_actor = inflight_per_actor
-        self.edge_uplink_mbps = edge_uplink_mbps
-        self.metrics = RoundMetrics(pipeline, run_id)
+        self.clock = VirtualClock(list(spec.population.profiles), self.settings.seed,
+                                  deadline_s=self.settings.deadline_s, over_selection=self.settings.over_selection,
+                                  dropout_prob=self.settings.dropout_prob)
+        self.metrics = RoundMetrics(spec.method, spec.run_id)
 
     # ------------------------------------------------------------------ one round
     def run_round(self, rnd: int) -> dict:
         started = time.perf_counter()
-        rng = np.random.default_rng([self.seed, rnd, 3])
+        spec, settings = self.spec, self.settings
+        rng = np.random.default_rng([settings.seed, rnd, 3])
         available = self.clock.available(rnd)
         invited = self.strategy.select_clients(rnd, self.server_state, available,
-                                               self.clock.invite_count(self.clients_per_round), rng)
-        instructions = self.strategy.configure_round(rnd, self.server_state, invited)
+                                               self.clock.invite_count(settings.clients_per_round), rng)
+        instructions = self.strategy.configure_round(rnd, self.server_state, invited, spec.population)
         key_bytes = {k: payload_bytes(v) for k, v in self.global_params.items()}
         down = {c: sum(key_bytes[k] for k in self.strategy.download_keys(instructions[c], self.global_params))
                 for c in invited}
-        work = {c: self.strategy.work(instructions[c], self.client_sizes[c]) for c in invited}
+        work = {c: self.strategy.work(instructions[c], spec.population.sizes[c]) for c in invited}
         # Upload size is only known after training; plan with the download size (a full update).
-        plan = self.clock.plan_round(rnd, invited, self.clients_per_round, work, down, down)
+        plan = self.clock.plan_round(rnd, invited, settings.clients_per_round, work, down, down)
 
         global_ref = ray.put(self.global_params)
         live = self._live_edges()
-        coverage = [[e for e in cov if e in live] for cov in self.coverage]
+        coverage = [[e for e in cov if e in live] for cov in spec.coverage]
         stranded = [c for c in plan.kept if not coverage[c]]
         by_edge = {e: clients for e, clients in
-                   assign_edges([c for c in plan.kept if coverage[c]], coverage, len(self.edges)).items() if clients}
-        calls = {e: self.edges[e].run_round.remote(
-                     self.run, self.refs, rnd, [global_ref],
-                     [(c, instructions[c], self.client_classes[c]) for c in clients],
-                     self.pool, self.round_timeout_s, self.inflight_per_actor)
+                   assign_edges([c for c in plan.kept if coverage[c]], coverage, len(spec.edges)).items() if clients}
+        calls = {e: spec.edges[e].run_round.remote(
+                     self.run, spec.refs, rnd, [global_ref],
+                     [ClientJob(c, instructions[c], spec.population.profiles[c].resource_class) for c in clients],
+                     spec.pool, settings.round_timeout_s, settings.inflight_per_actor)
                  for e, clients in by_edge.items()}
         results = self._collect_edges(rnd, calls, by_edge)
         if stranded:
-            results.append({"edge_id": None, "partial": self.strategy.init_partial(), "reports": [], "actor_calls": 0,
-                            "failures": [{"client_id": c, "error": "no live edge server covers it"} for c in stranded]})
+            results.append(EdgeResult(None, self.strategy.init_partial(),
+                                      failures=tuple(ClientFailure(c, "no live edge server covers it")
+                                                     for c in stranded)))
 
         agg_started = time.perf_counter()
-        partial = self.strategy.merge([r["partial"] for r in results])
+        partial = self.strategy.merge([r.partial for r in results])
         self.global_params, self.server_state, train_metrics = self.strategy.aggregate(
             rnd, self.global_params, self.server_state, partial)
         aggregate_s = time.perf_counter() - agg_started
 
-        reports = [rep for r in results for rep in r["reports"]]
-        failures = [f for r in results for f in r["failures"]]
-        completed = [self.clock.timing(rep["client_id"], work[rep["client_id"]], down[rep["client_id"]],
-                                       rep["upload_bytes"]) for rep in reports]
-        edge_upload_s = max((payload_bytes(r["partial"]) * 8 / (self.edge_uplink_mbps * 1e6)
-                             for r in results if r["reports"]), default=0.0)
-        sim_round_s = self.clock.round_time(completed, self.clients_per_round, edge_upload_s)
+        reports = [rep for r in results for rep in r.reports]
+        failures = [f for r in results for f in r.failures]
+        completed = [self.clock.timing(rep.client_id, work[rep.client_id], down[rep.client_id], rep.upload_bytes)
+                     for rep in reports]
+        edge_upload_s = max((payload_bytes(r.partial) * 8 / (settings.edge_uplink_mbps * 1e6)
+                             for r in results if r.reports), default=0.0)
+        sim_round_s = self.clock.round_time(completed, settings.clients_per_round, edge_upload_s)
         sim_now = self.clock.advance(sim_round_s)
         round_s = time.perf_counter() - started
         for f in failures:
-            log.warning("round %d: client %d failed (%s)", rnd, f["client_id"], f["error"])
+            log.warning("round %d: client %d failed (%s)", rnd, f.client_id, f.error)
         row = {
             "round": rnd,
             "clients_available": len(available),
@@ -159,14 +155,14 @@ class AggregatorRun:
             "clients_dropout": plan.count("dropout"),
             "clients_straggler": plan.count("straggler"),
             "bytes_down": int(sum(down[c] for c in plan.kept)),
-            "bytes_up": int(sum(rep["upload_bytes"] for rep in reports)),
+            "bytes_up": int(sum(rep.upload_bytes for rep in reports)),
             "sim_round_s": sim_round_s,
             "sim_time_s": sim_now,
             "round_wall_s": round_s,
             "aggregate_s": aggregate_s,
-            "client_train_s": float(sum(rep["train_s"] for rep in reports)),
-            "client_update_s": float(sum(rep["update_s"] for rep in reports)),
-            "actor_calls": 1 + len(calls) + sum(r["actor_calls"] for r in results),
+            "client_train_s": float(sum(rep.train_s for rep in reports)),
+            "client_update_s": float(sum(rep.update_s for rep in reports)),
+            "actor_calls": 1 + len(calls) + sum(r.actor_calls for r in results),
             **{f"train_{k}" if not k.startswith("train_") else k: v for k, v in train_metrics.items()},
         }
         self.metrics.record(row)
@@ -177,7 +173,7 @@ class AggregatorRun:
         so it is asked again until ``timeout_s``. Clients are assigned only to live edges, so with
         overlapping coverage a dead edge's clients move to another."""
         live, deadline = set(), time.monotonic() + timeout_s
-        for e, edge in enumerate(self.edges):
+        for e, edge in enumerate(self.spec.edges):
             while True:
                 try:
                     ray.get(edge.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
@@ -191,10 +187,10 @@ class AggregatorRun:
                     time.sleep(0.2)
         return live
 
-    def _collect_edges(self, rnd: int, calls: dict, by_edge: dict) -> list[dict]:
+    def _collect_edges(self, rnd: int, calls: dict, by_edge: dict) -> list[EdgeResult]:
         """Each edge's result; an edge that dies or overruns degrades the round instead of failing
         it: its clients count as failed and Ray restarts the edge server for the next round."""
-        results, deadline = [], time.monotonic() + self.round_timeout_s + 30
+        results, deadline = [], time.monotonic() + self.settings.round_timeout_s + 30
         for e, ref in calls.items():
             try:
                 results.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
@@ -203,27 +199,28 @@ class AggregatorRun:
                 log.warning("round %d: %s; its %d clients count as failed", rnd, reason, len(by_edge[e]))
                 if isinstance(exc, GetTimeoutError):
                     ray.cancel(ref, force=False)
-                results.append({"edge_id": e, "partial": self.strategy.init_partial(), "reports": [],
-                                "failures": [{"client_id": c, "error": reason} for c in by_edge[e]],
-                                "actor_calls": 0})
+                results.append(EdgeResult(e, self.strategy.init_partial(),
+                                          failures=tuple(ClientFailure(c, reason) for c in by_edge[e])))
         return results
 
     def evaluate(self) -> dict:
-        """Central evaluation: the test set is split across every ClientActor of the pool."""
-        actors = [a for group in self.pool.values() for a in group]
+        """Central evaluation with the task's evaluation: the test set is split across every
+        ClientActor of the pool; each returns sums over its slice, which are added and divided
+        by the total count."""
+        actors = [a for group in self.spec.pool.values() for a in group]
         global_ref = ray.put(self.global_params)
-        cuts = np.linspace(0, self.test_size, len(actors) + 1).astype(int)
-        parts = ray.get([a.evaluate.remote(self.run, self.refs, global_ref, int(lo), int(hi))
+        cuts = np.linspace(0, self.settings.test_size, len(actors) + 1).astype(int)
+        parts = ray.get([a.evaluate.remote(self.run, self.spec.refs, global_ref, int(lo), int(hi))
                          for a, lo, hi in zip(actors, cuts[:-1], cuts[1:]) if hi > lo])
-        correct, loss, n = (sum(p[i] for p in parts) for i in range(3))
-        return {"test_accuracy": correct / n, "test_loss": loss / n}
+        count = sum(p["count"] for p in parts)
+        return {key: sum(p[key] for p in parts) / count for key in parts[0] if key != "count"}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str, rnd: int, extra: dict) -> str:
         """Atomic: written to a temp file, then renamed over the final name."""
         import torch
         ckpt = {"round": rnd, "global_params": self.global_params, "server_state": self.server_state,
-                "sim_time_s": self.clock.now_s, "client_states": ray.get(self.store.snapshot.remote()),
+                "sim_time_s": self.clock.now_s, "client_states": ray.get(self.spec.store.snapshot.remote()),
                 "extra": extra}
         path = Path(path)
         tmp = path.with_suffix(".tmp")
@@ -238,8 +235,11 @@ class AggregatorRun:
         ckpt = load_latest_checkpoint(checkpoint_dir)
         if ckpt is None:
             return 0
+        if set(ckpt["global_params"]) != set(self.global_params):
+            raise RuntimeError(f"the checkpoint in {checkpoint_dir} holds other trainable tensors than the model "
+                               f"of this run (was model.* changed?); resume with the run's own model settings")
         self.global_params = ckpt["global_params"]
         self.server_state = ckpt["server_state"]
         self.clock.now_s = ckpt["sim_time_s"]
-        ray.get(self.store.restore.remote(ckpt["client_states"]))
+        ray.get(self.spec.store.restore.remote(ckpt["client_states"]))
         return ckpt["round"]

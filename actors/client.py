@@ -26,14 +26,17 @@ class ClientActor(IdleExit):
         self.worker = ClientWorker(threads)
         self.start_idle_exit(idle_exit_s)
 
-    def train(self, run: str, refs: dict, rnd: int, client_id: int, instruction: dict, global_params: dict,
-              edge=None):
-        """Run one virtual client of run ``run`` (``refs``: the run's data and binding, as refs);
-        returns (ClientUpdate, report)."""
+    def train(self, run: str, refs, rnd: int, job, global_params: dict, edge=None):
+        """Run one virtual client (``job``: an ``actors.messages.ClientJob``) of run ``run``
+        (``refs``: the run's ``RunRefs``); returns (ClientUpdate, ClientReport)."""
         with self.busy():
-            return self.worker.train(run, refs, rnd, client_id, instruction, global_params, edge)
+            return self.worker.train(run, refs, rnd, job, global_params, edge)
 
-    def evaluate(self, run: str, refs: dict, global_params: dict, lo: int, hi: int):
+    def initial_params(self, run: str, refs) -> dict:
+        with self.busy():
+            return self.worker.initial_params(run, refs)
+
+    def evaluate(self, run: str, refs, global_params: dict, lo: int, hi: int) -> dict:
         with self.busy():
             return self.worker.evaluate(run, refs, global_params, lo, hi)
 

@@ -28,6 +28,7 @@ from collections import deque
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.messages import ClientFailure, ClientJob, EdgeResult, RunRefs
 from actors.warm import IdleExit
 from pipelines.registry import materialize
 
@@ -43,12 +44,12 @@ class EdgeServerActor(IdleExit):
         self._self = ray.get_runtime_context().current_actor
         self.start_idle_exit(idle_exit_s)
 
-    def _bound(self, run: str, refs: dict | None = None) -> dict:
+    def _bound(self, run: str, refs: RunRefs | None = None) -> dict:
         with self._lock:
             if run not in self.runs:
                 if refs is None:
                     raise RuntimeError(f"edge server {self.edge_id} has no run {run} (it was restarted mid-round)")
-                self.runs[run] = {"strategy": materialize(ray.get(refs["binding"])["strategy"]), "edge_state": {}}
+                self.runs[run] = {"strategy": materialize(ray.get(refs.binding).strategy), "edge_state": {}}
             return self.runs[run]
 
     def release(self, run: str) -> None:
@@ -64,19 +65,20 @@ class EdgeServerActor(IdleExit):
             with self._lock:
                 return bound["strategy"].server_step(bound["edge_state"], client_id, payload)
 
-    def run_round(self, run: str, refs: dict, rnd: int, wrapped_global: list, jobs: list[tuple[int, dict, str]],
-                  pool: dict[str, list], timeout_s: float, inflight_per_actor: int) -> dict:
+    def run_round(self, run: str, refs: RunRefs, rnd: int, wrapped_global: list, jobs: list[ClientJob],
+                  pool: dict[str, list], timeout_s: float, inflight_per_actor: int) -> EdgeResult:
         with self.busy():
             return self._run_round(run, refs, self._bound(run, refs)["strategy"], rnd, wrapped_global[0], jobs,
                                    pool, timeout_s, inflight_per_actor)
 
-    def _run_round(self, run, refs, strategy, rnd, global_ref, jobs, pool, timeout_s, inflight_per_actor) -> dict:
+    def _run_round(self, run, refs, strategy, rnd, global_ref, jobs, pool, timeout_s, inflight_per_actor
+                   ) -> EdgeResult:
         queues = {cls: deque() for cls in pool}
-        for cid, instruction, cls in jobs:
-            queues[cls].append((cid, instruction))
+        for job in jobs:
+            queues[job.resource_class].append(job)
         inflight: dict[ray.ObjectRef, tuple[int, int, object]] = {}
         load = {id(a): 0 for actors in pool.values() for a in actors}
-        position = {cid: i for i, (cid, _, _) in enumerate(jobs)}
+        position = {job.client_id: i for i, job in enumerate(jobs)}
         calls = 0
 
         def submit():
@@ -84,9 +86,9 @@ class EdgeServerActor(IdleExit):
             for cls, queue in queues.items():
                 for actor in pool[cls]:
                     while queue and load[id(actor)] < inflight_per_actor:
-                        cid, instruction = queue.popleft()
-                        ref = actor.train.remote(run, refs, rnd, cid, instruction, global_ref, self._self)
-                        inflight[ref] = (cid, position[cid], actor)
+                        job = queue.popleft()
+                        ref = actor.train.remote(run, refs, rnd, job, global_ref, self._self)
+                        inflight[ref] = (job.client_id, position[job.client_id], actor)
                         load[id(actor)] += 1
                         calls += 1
 
@@ -110,7 +112,7 @@ class EdgeServerActor(IdleExit):
             if not ready:
                 for ref, (cid, _, _) in inflight.items():
                     ray.cancel(ref, force=False)
-                    failures.append({"client_id": cid, "error": f"timeout after {timeout_s:.0f}s"})
+                    failures.append(ClientFailure(cid, f"timeout after {timeout_s:.0f}s"))
                 log.warning("edge %d round %d: %d clients timed out", self.edge_id, rnd, len(inflight))
                 break
             ref = ready[0]
@@ -121,7 +123,7 @@ class EdgeServerActor(IdleExit):
                 update, report = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-                failures.append({"client_id": cid, "error": reason})
+                failures.append(ClientFailure(cid, reason))
                 log.warning("edge %d round %d: client %d failed: %s", self.edge_id, rnd, cid, reason)
             else:
                 arrived[pos] = update
@@ -132,6 +134,6 @@ class EdgeServerActor(IdleExit):
             partial = strategy.accumulate(partial, arrived.pop(pos))
         # Assignments never submitted (their actors were all dead) count as failed too.
         for queue in queues.values():
-            failures += [{"client_id": cid, "error": "no live actor"} for cid, _ in queue]
-        return {"edge_id": self.edge_id, "partial": partial, "reports": reports, "failures": failures,
-                "actor_calls": calls + sum(r["store_calls"] for r in reports)}
+            failures += [ClientFailure(job.client_id, "no live actor") for job in queue]
+        return EdgeResult(self.edge_id, partial, tuple(reports), tuple(failures),
+                          actor_calls=calls + sum(r.store_calls for r in reports))

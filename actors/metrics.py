@@ -1,7 +1,7 @@
 """Live run metrics for the Ray dashboard and its Prometheus endpoint (``ray.util.metrics``).
 
-Tagged by pipeline and run id only: never per client (label cardinality). Ray exports them with
-the ``ray_`` prefix, e.g. ``ray_edgeray_round_seconds_bucket{pipeline="fedavg",run_id="..."}``.
+Tagged by method and run id only: never per client (label cardinality). Ray exports them with
+the ``ray_`` prefix, e.g. ``ray_edgeray_round_seconds_bucket{method="fedavg",run_id="..."}``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from functools import cache
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-TAG_KEYS = ("pipeline", "run_id")
+TAG_KEYS = ("method", "run_id")
 SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 600]
 
 
@@ -33,8 +33,8 @@ class _Instruments:
 
 
 class RoundMetrics:
-    def __init__(self, pipeline: str, run_id: str):
-        self.tags = {"pipeline": pipeline, "run_id": run_id}
+    def __init__(self, method: str, run_id: str):
+        self.tags = {"method": method, "run_id": run_id}
 
     def record(self, row: dict) -> None:
         m = _instruments()

@@ -12,9 +12,11 @@ What makes this safe:
   (re)binds to that run lazily, on the first call it gets for it. A restarted actor therefore
   needs nothing but its next call, and two runs sharing the pool at the same time stay correct
   (each call uses its own run's strategy, model and data).
-- The fingerprint covers the source of ``actors/``, ``pipelines/``, ``edgeray/`` and the
-  strategy's own module, the Python and torch versions: edit the code and the next run gets a
-  fresh pool (the stale one exits when idle).
+- The fingerprint covers the source of ``actors/``, ``pipelines/``, ``edgeray/`` and ``rl/``, the
+  modules of the run's strategy, model and evaluation wherever they live, and the versions of
+  Python and of the libraries a run may import (torch, transformers, peft, hmmlearn, numpy,
+  ray): edit the code or upgrade a library and the next run gets a fresh pool (the stale one
+  exits when idle).
 - A warm actor ends itself after ``idle_exit_s`` without calls, so it does not hold CPUs on a
   shared cluster for longer than that; ``edgeray down`` ends them with the head.
 - Pools of another code version hold CPUs the new pool needs: every run starts by retiring the
@@ -36,19 +38,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 NAMESPACE = "edgeray"  # stores and warm actors live here, so actors of any job can find them
-PACKAGES = ("actors", "pipelines", "edgeray")
+PACKAGES = ("actors", "pipelines", "edgeray", "rl")
+LIBRARIES = ("torch", "transformers", "peft", "hmmlearn", "numpy", "ray")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def code_fingerprint(strategy) -> str:
-    """12 hex digits over the runtime's source, the strategy's module and the versions
-    (``strategy``: a built strategy or a ``pipelines.registry.StrategySpec``)."""
-    digest = hashlib.sha256(f"{sys.version}|{importlib.metadata.version('torch')}".encode())
+def library_versions() -> str:
+    versions = []
+    for name in LIBRARIES:
+        try:
+            versions.append(f"{name}={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name}=absent")
+    return "|".join(versions)
+
+
+def code_fingerprint(strategy, task) -> str:
+    """12 hex digits over the runtime's source, the modules of the strategy (a built strategy or a
+    ``pipelines.registry.StrategySpec``) and the task (a ``TaskSpec``), and the library versions."""
+    digest = hashlib.sha256(f"{sys.version}|{library_versions()}".encode())
     files = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
-    strategy_file = strategy.source_file() if hasattr(strategy, "source_file") else \
-        inspect.getsourcefile(type(strategy))
-    if strategy_file and Path(strategy_file).resolve() not in {f.resolve() for f in files}:
-        files.append(Path(strategy_file))
+    extra = strategy.source_files() if hasattr(strategy, "source_files") else [inspect.getsourcefile(type(strategy))]
+    known = {f.resolve() for f in files}
+    files += [Path(f) for f in sorted({*extra, *task.source_files()} - {None}) if Path(f).resolve() not in known]
     for path in files:
         digest.update(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path).encode())
         digest.update(path.read_bytes())

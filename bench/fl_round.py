@@ -28,8 +28,8 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def config(num_clients: int, rounds: int):
+    from actors.config import FLConfig
     from edgeray.config import load_config
-    from pipelines.fl import FLConfig
 
     return load_config(FLConfig, ROOT / "configs" / "fedavg_mnist.yaml", [
         f"rounds={rounds}", f"data.num_clients={num_clients}", "data.partition=iid",
@@ -42,34 +42,35 @@ def in_process(cfg, prepared, rounds: int, eval_every_round: bool) -> list[dict]
     import torch
 
     from actors.clock import VirtualClock
-    from pipelines.fl import build_strategy
-    from pipelines.models import build_model, evaluate, get_params, set_params
+    from pipelines.models import build_model, get_params, set_params
     from pipelines.strategy import ClientContext, ClientData
+    from pipelines.tasks.vision import classification_loss, evaluate_classification
 
     data, parts = prepared.data, prepared.parts
-    strategy = build_strategy("fedavg", cfg.strategy)
+    strategy = cfg.strategy.spec().build()
     clock = VirtualClock(prepared.profiles, cfg.seed)
-    model = build_model(cfg.model, tuple(data.x_train.shape[1:]), data.num_classes, cfg.seed)
+    model = build_model(prepared.task.model)
     global_params = get_params(model)
     rows = []
     for rnd in range(1, rounds + 1):
         started = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, rnd, 3])
         clients = strategy.select_clients(rnd, {}, clock.available(rnd), cfg.strategy.clients_per_round, rng)
-        instructions = strategy.configure_round(rnd, {}, clients)
+        instructions = strategy.configure_round(rnd, {}, clients, prepared.population)
         partial = strategy.init_partial()
         for cid in clients:
             set_params(model, global_params)
             torch.manual_seed(hash((cfg.seed, rnd, cid)) & 0xFFFFFFFF)
             ctx = ClientContext(cid, rnd, model, ClientData(data.x_train[parts[cid]], data.y_train[parts[cid]]),
-                                instructions[cid], {}, np.random.default_rng([cfg.seed, rnd, cid]))
+                                instructions[cid], {}, np.random.default_rng([cfg.seed, rnd, cid]),
+                                classification_loss)
             partial = strategy.accumulate(partial, strategy.client_update(ctx))
         global_params, _, _ = strategy.aggregate(rnd, global_params, {}, partial)
         row = {"round": rnd, "round_wall_s": time.perf_counter() - started}
         if eval_every_round or rnd == rounds:
             set_params(model, global_params)
-            correct, _, n = evaluate(model, data.x_test, data.y_test)
-            row["test_accuracy"] = correct / n
+            sums = evaluate_classification(model, data.x_test, data.y_test)
+            row["test_accuracy"] = sums["test_accuracy"] / sums["count"]
         rows.append(row)
     return rows
 
@@ -78,10 +79,10 @@ def on_edgeray(cfg, prepared, rounds: int, stop_at: float | None = None) -> tupl
     """edgeray's actors on the local Ray; round time is measured around the driver's call."""
     import ray
 
-    from pipelines.fl import FLRun, build_strategy
+    from actors.driver import FLRun
 
     started = time.perf_counter()
-    fl = FLRun(cfg, build_strategy("fedavg", cfg.strategy), prepared)
+    fl = FLRun(cfg, cfg.strategy.spec(), prepared)
     setup_s = time.perf_counter() - started
     rows = []
     try:
@@ -109,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from pipelines.fl import prepare
+    from actors.driver import prepare
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()

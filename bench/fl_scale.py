@@ -76,15 +76,16 @@ class SessionMemory:
 def run_setting(num_clients: int, per_round: int, rounds: int, memory: SessionMemory) -> dict:
     import ray
 
+    from actors.config import FLConfig
+    from actors.driver import FLRun, prepare
     from edgeray.config import load_config
-    from pipelines.fl import FLConfig, FLRun, build_strategy, prepare
 
     cfg = load_config(FLConfig, ROOT / "configs" / "fedavg_mnist.yaml", [
         f"data.num_clients={num_clients}", f"strategy.clients_per_round={per_round}",
         f"data.path={ROOT / 'data' / 'mnist.pkl.gz'}", f"rounds={rounds}"])
     prepared = prepare(cfg)
     memory.reset()
-    fl = FLRun(cfg, build_strategy("fedavg", cfg.strategy), prepared)
+    fl = FLRun(cfg, cfg.strategy.spec(), prepared)
     rows = []
     try:
         for rnd in range(1, rounds + 1):
@@ -109,9 +110,10 @@ def aggregation_bandwidth(num_updates: int = 100, repeats: int = 5) -> dict:
     import torch
 
     from pipelines.models import build_model, get_params
+    from pipelines.registry import ModelSpec
     from pipelines.strategy import ClientUpdate, WeightedSum
 
-    base = get_params(build_model("cnn", (1, 28, 28), 10))
+    base = get_params(build_model(ModelSpec("cnn", data_info={"input_shape": [1, 28, 28], "num_classes": 10})))
     rng = np.random.default_rng(0)
     updates = [ClientUpdate(i, int(rng.integers(50, 500)),
                             {k: (v + rng.normal(size=v.shape).astype(v.dtype)) for k, v in base.items()})

@@ -41,9 +41,12 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg  # noqa: E402
 
 from pipelines.data import load_mnist, partition  # noqa: E402
-from pipelines.fedavg import FedAvg  # noqa: E402
-from pipelines.models import build_model, evaluate  # noqa: E402
+from pipelines.fedavg.settings import FedAvgSettings  # noqa: E402
+from pipelines.fedavg.strategy import FedAvg  # noqa: E402
+from pipelines.models import build_model  # noqa: E402
+from pipelines.registry import ModelSpec  # noqa: E402
 from pipelines.strategy import ClientContext, ClientData  # noqa: E402
+from pipelines.tasks.vision import classification_loss, evaluate_classification  # noqa: E402
 
 client_app = ClientApp()
 server_app = ServerApp()
@@ -62,7 +65,7 @@ def task_data(data_path: str, train_rows: int, num_clients: int, seed: int):
         if train_rows:
             data.x_train, data.y_train = data.x_train[:train_rows], data.y_train[:train_rows]
         _cache.update(key=key, data=data, parts=partition(data.y_train, num_clients, "iid", seed=seed),
-                      model=build_model("cnn", tuple(data.x_train.shape[1:]), data.num_classes, seed))
+                      model=build_model(ModelSpec("cnn", seed=seed, data_info=data.info)))
     return _cache["data"], _cache["parts"], _cache["model"]
 
 
@@ -86,13 +89,14 @@ def train(msg: Message, context: Context) -> Message:
     data, parts, model = _task(config, context)
     cid, rnd, seed = int(context.node_config["partition-id"]), int(config["server-round"]), int(config["seed"])
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    strategy = FedAvg(local_epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
-                      lr=float(config["lr"]), momentum=float(config["momentum"]))
+    strategy = FedAvg(FedAvgSettings(local_epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
+                                     lr=float(config["lr"]), momentum=float(config["momentum"])))
     torch.manual_seed(hash((seed, rnd, cid)) & 0xFFFFFFFF)  # as edgeray's ClientActor.train
     idx = parts[cid]
     update = strategy.client_update(ClientContext(
         cid, rnd, model, ClientData(data.x_train[idx], data.y_train[idx]),
-        strategy.configure_round(rnd, {}, [cid])[cid], {}, np.random.default_rng([seed, rnd, cid])))
+        strategy.configure_round(rnd, {}, [cid], None)[cid], {}, np.random.default_rng([seed, rnd, cid]),
+        classification_loss))
     metrics = MetricRecord({"num-examples": update.num_examples, "train_loss": update.metrics["train_loss"],
                             "train_s": time.perf_counter() - started, "torch_threads": torch.get_num_threads()})
     return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=model.state_dict()), "metrics": metrics}),
@@ -157,9 +161,11 @@ def server_main(grid: Grid, context: Context) -> None:
             return None
         started = time.time()
         model.load_state_dict(arrays.to_torch_state_dict())
-        correct, loss, n = evaluate(model, data.x_test, data.y_test)
-        evaluations[rnd] = {"test_accuracy": correct / n, "test_loss": loss / n, "eval_s": time.time() - started}
-        return MetricRecord({"test_accuracy": correct / n})
+        sums = evaluate_classification(model, data.x_test, data.y_test)
+        accuracy = sums["test_accuracy"] / sums["count"]
+        evaluations[rnd] = {"test_accuracy": accuracy, "test_loss": sums["test_loss"] / sums["count"],
+                            "eval_s": time.time() - started}
+        return MetricRecord({"test_accuracy": accuracy})
 
     strategy = ScheduledFedAvg(run["schedule"], node_of, fraction_evaluate=0.0, min_available_nodes=num_clients)
     train_config = ConfigRecord({**task, "local-epochs": run["local_epochs"], "batch-size": run["batch_size"],

@@ -11,7 +11,7 @@ the same local training code and per-(round, client) seeds, on 2 single-CPU acto
   the anchor's best setting), in a subprocess of bench/.flwr-venv (Flower pins another Ray);
   the ServerApp/ClientApp are in bench/flower_app.py.
 - edgeray, 100 clients: ``edgeray run fedavg`` in a subprocess, as a user runs it (2 single-CPU
-  ClientActors); 10 clients: the same runtime (pipelines.fl.FLRun, its AggregatorActor's run_round
+  ClientActors); 10 clients: the same runtime (actors.driver.FLRun, its AggregatorActor's run_round
   / evaluate) on a local Ray in this process, because --quick trains that setting on a subset of
   the data, which the CLI cannot express.
 
@@ -101,8 +101,8 @@ class Setting:
 def prepare_setting(setting: Setting):
     """(config, prepared data, client schedule) with edgeray's own data, partition and selection code."""
     from actors.clock import VirtualClock
+    from actors.driver import prepare
     from pipelines.data import partition
-    from pipelines.fl import build_strategy, prepare
 
     cfg = config(setting.num_clients, setting.rounds)
     prepared = prepare(cfg)
@@ -113,7 +113,7 @@ def prepare_setting(setting: Setting):
             data.y_train, cfg.data.num_clients, cfg.data.partition, seed=cfg.seed))
     # What AggregatorActor.run_round draws (no deadline, dropouts or over-selection in this task,
     # so every invited client is kept).
-    strategy = build_strategy("fedavg", cfg.strategy)
+    strategy = cfg.strategy.spec().build()
     clock = VirtualClock(prepared.profiles, cfg.seed)
     schedule = [strategy.select_clients(rnd, {}, clock.available(rnd),
                                         clock.invite_count(cfg.strategy.clients_per_round),
@@ -131,7 +131,7 @@ def on_flower(cfg, setting: Setting, schedule: list[list[int]], evaluate_rounds:
            "--num-clients", str(setting.num_clients), "--schedule", json.dumps(schedule),
            "--data-path", str(DATA_PATH), "--train-rows", str(setting.train_rows), "--seed", str(cfg.seed),
            "--local-epochs", str(s.local_epochs), "--batch-size", str(s.batch_size), "--lr", str(s.lr),
-           "--momentum", str(s.momentum), "--evaluate-rounds", evaluate_rounds, "--num-cpus", "1"]
+           "--momentum", str(s.params["momentum"]), "--evaluate-rounds", evaluate_rounds, "--num-cpus", "1"]
     launched = time.time()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     exited = time.time()
@@ -204,13 +204,13 @@ def on_edgeray(cfg, prepared, rounds: int, evaluate_rounds: str) -> tuple[list[d
     how long Ray's start and the actors' start took (parts of edgeray's start-up)."""
     import ray
 
-    from pipelines.fl import FLRun, build_strategy
+    from actors.driver import FLRun
 
     started = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     setup = {"ray_init_s": time.perf_counter() - started}
     started = time.perf_counter()
-    fl = FLRun(cfg, build_strategy("fedavg", cfg.strategy), prepared)
+    fl = FLRun(cfg, cfg.strategy.spec(), prepared)
     setup["actors_start_s"] = time.perf_counter() - started
     rows = []
     try:

@@ -2,7 +2,7 @@
 
     edgeray main [--config FILE] [--set key=value ...]   (local head + Ray Jobs + dashboard)
     edgeray down                                          (stop the head `main` started)
-    edgeray run <pipeline> --config FILE [--set key=value ...] [--resume RUN_DIR] [--address ADDR]
+    edgeray run <strategy> --config FILE [--set key=value ...] [--resume RUN_DIR] [--address ADDR]
     edgeray rl <train|eval> <method> ...          (see `edgeray rl --help`)
     edgeray serve <app> ...                        (see `edgeray serve --help`)
 
@@ -20,7 +20,7 @@ USAGE = """usage: edgeray <command> ...
 commands:
   main             start a local Ray head, submit the FL job through Ray Jobs, follow it (edgeray main --help)
   down             stop the Ray head that `edgeray main` started
-  run <pipeline>   run a federated / split learning pipeline in this process (edgeray run --help)
+  run <strategy>   run a federated / split learning method in this process (edgeray run --help)
   rl ...           train and evaluate RLlib methods (edgeray rl --help)
   serve ...        start the Ray Serve HTTP apps (edgeray serve --help)
 """
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             from edgeray.launch import main as launch_main, stop_head
             return launch_main(rest) if command == "main" else stop_head()
         if command == "run":
-            from pipelines.cli import main as run_main
+            from actors.cli import main as run_main
             return run_main(rest)
         if command == "rl":
             from rl.cli import main as rl_main

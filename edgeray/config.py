@@ -75,8 +75,27 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[s
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
-        raw = _deep_merge(raw, _nest(key.strip().split("."), value))
-    return _build(cls, raw, prefix="")
+        raw = _deep_merge(raw, _nest(key.strip().split("."), _Typed(text, value)))
+    return build_section(cls, raw, prefix="")
+
+
+class _Typed:
+    """A ``--set`` value: its text and what YAML reads in it. A text field takes the text
+    (``--set runtime.warm_pool=off`` is "off", not YAML's False); any other field the YAML value."""
+
+    def __init__(self, text: str, value: Any):
+        self.text, self.value = text, value
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every ``--set`` wrapper inside it replaced by its YAML value."""
+    if isinstance(value, _Typed):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def to_dict(cfg: Any) -> dict:
@@ -135,8 +154,10 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _build(cls: type, raw: Any, prefix: str):
+def build_section(cls: type, raw: Any, prefix: str = ""):
+    """``cls`` from plain data, every field checked; errors name the field as ``prefix + name``."""
     where = prefix.rstrip(".") or "config"
+    raw = raw.value if isinstance(raw, _Typed) else raw
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be a mapping of keys, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -153,7 +174,7 @@ def _build(cls: type, raw: Any, prefix: str):
             continue
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, raw[name], prefix + name + ".")
+            kwargs[name] = build_section(kind, raw[name], prefix + name + ".")
         else:
             kwargs[name] = _check(prefix + name, _coerce(prefix + name, raw[name], kind), f.metadata)
     obj = cls(**kwargs)
@@ -166,8 +187,15 @@ def _build(cls: type, raw: Any, prefix: str):
 def _coerce(name: str, value: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None and type(None) in args:
+    union = origin is typing.Union or origin is types.UnionType
+    if isinstance(value, _Typed) and not union:
+        try:
+            return _coerce(name, value.text if kind is str else value.value, kind)
+        except UserError as exc:  # show what was typed ("got 'off'"), not what YAML made of it ("got False")
+            message, got, _ = str(exc).rpartition(" got ")
+            raise UserError(f"{message} got {value.text!r}" if got else str(exc)) from None
+    if union:
+        if _plain(value) is None and type(None) in args:
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
@@ -184,9 +212,9 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{name} must be a mapping, got {value!r}")
-        return dict(value)
+        return _plain(value)
     if kind is Any:
-        return value
+        return _plain(value)
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -115,22 +115,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to wait for the job")
     args = parser.parse_args(argv)
 
+    from actors.config import FLConfig
     from edgeray.config import load_config
-    from pipelines.fl import FLConfig
 
     config = (ROOT / args.config) if not Path(args.config).is_absolute() else Path(args.config)
     cfg = load_config(FLConfig, config, args.overrides)          # bad input fails here, before Ray
-    data_path = Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else ROOT / cfg.data.path
-    if cfg.data.dataset == "mnist" and not data_path.is_file():
-        raise UserError(f"MNIST file not found: {data_path}; run scripts/setup.sh to fetch it")
+    data_path = None if cfg.data.path is None else \
+        Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else ROOT / cfg.data.path
+    if data_path is not None and not data_path.exists():
+        raise UserError(f"data file not found: {data_path} (data.path); run scripts/setup.sh to fetch MNIST")
     output_dir = Path(cfg.output_dir) if Path(cfg.output_dir).is_absolute() else ROOT / cfg.output_dir
 
     address = args.address or start_head(args.dashboard_port)
     client = _job_client(address)
     # data/, runs/ and .venv are git-ignored, so Ray leaves them out of the working-dir upload;
     # absolute paths point the job at the data and the run directory on this machine.
-    entrypoint = " ".join([sys.executable, "-m", "edgeray.cli", "run", "fedavg", "--config", str(config),
-                           *[f"--set {o}" for o in args.overrides], f"--set data.path={data_path}",
+    entrypoint = " ".join([sys.executable, "-m", "edgeray.cli", "run", cfg.strategy.name, "--config", str(config),
+                           *[f"--set {o}" for o in args.overrides],
+                           *([f"--set data.path={data_path}"] if data_path else []),
                            f"--set output_dir={output_dir}", "--no-progress"])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)},
                                metadata={"edgeray": "main"})

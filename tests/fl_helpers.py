@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from pipelines.fedavg import FedAvg
+from pipelines.fedavg.strategy import FedAvg
 from pipelines.strategy import ClientUpdate
 
 

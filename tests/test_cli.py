@@ -69,7 +69,7 @@ def test_truncated_checkpoint_falls_back_to_previous(ray_session, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "fedavgg"], "unknown pipeline 'fedavgg'; choose one of: fedavg, fedprox"),
+    (["run", "fedavgg"], "unknown strategy 'fedavgg' (did you mean fedavg?); choose one of: fedavg, fedprox, fedavgm"),
     (["frobnicate"], "unknown command 'frobnicate'; choose one of: main, down, run, rl, serve"),
     (["run", "fedavg", "--config", DIGITS, "--set", "data.alpah=1"], "unknown config key data.alpah (did you mean data.alpha?)"),
     (["run", "fedavg", "--config", DIGITS, "--set", "data.alpha=0"], "data.alpha=0.0 is out of range; it must be > 0"),
@@ -77,7 +77,20 @@ def test_truncated_checkpoint_falls_back_to_previous(ray_session, tmp_path):
     (["run", "fedavg", "--config", DIGITS, "--set", "data.dataset=mnist", "--set", "data.path=/nope/mnist.pkl.gz"],
      "MNIST file not found: /nope/mnist.pkl.gz; run scripts/setup.sh"),
     (["run", "fedavg", "--config", "/nope.yaml"], "config file not found: /nope.yaml"),
-    (["run", "fedavg", "--resume", "/tmp"], "cannot resume /tmp: it is not a run directory"),
+    (["run", "fedavg", "--resume", "/tmp"], "/tmp is not a run directory (it needs config.yaml and run.json)"),
+    (["run", "fedprox", "--config", DIGITS, "--set", "strategy.params.muu=1"],
+     "strategy 'fedprox' has no setting strategy.params.muu (did you mean strategy.params.mu?); its settings: "
+     "momentum, weight_decay, keep_optimizer_state, mu"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "strategy.params.mu=0.1"],
+     "strategy 'fedavg' has no setting strategy.params.mu; its settings: momentum, weight_decay, keep_optimizer_state"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "runtime.warm_pool=of"],
+     "runtime.warm_pool='of' is not allowed; choose one of: auto, on, off"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "model.name=transformer"],
+     "model.name='transformer' is not allowed; choose one of: cnn, mlp, causal-lm"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "data.partition=groups"],
+     "partition=groups needs a data set with a natural key per row"),
+    (["run", "fedavg", "--config", DIGITS, "--set", "data.args.seq_len=8"],
+     "dataset 'digits' takes data.args (none); got seq_len"),
     (["run", "fedavg", "--bogus"], "unrecognized arguments: --bogus"),
     (["run", "fedavg", "--config", DIGITS, "--address", "127.0.0.1:1"],
      "cannot attach to the Ray cluster at 127.0.0.1:1: Connection refused; is a head running there"),

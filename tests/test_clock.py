@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from actors.clock import ClientProfile, VirtualClock, load_trace, sample_profiles, save_trace
+from actors.clock import VirtualClock
+from pipelines.population import ClientProfile, load_trace, sample_profiles, save_trace
 from actors.topology import assign_edges, edge_coverage, plan_pool
 from edgeray.errors import UserError
 

@@ -90,3 +90,23 @@ def test_optional_fields_are_checked():
         load_config(Outer, None, ["deadline=soon"])
     with pytest.raises(UserError, match="deadline=-1.0 is out of range"):
         load_config(Outer, None, ["deadline=-1"])
+
+
+def test_set_keeps_the_text_of_a_text_field():
+    """YAML reads `off` as False; a text field takes the text as written (docs write --set x=off)."""
+    from actors.config import FLConfig
+
+    cfg = load_config(FLConfig, None, ["runtime.warm_pool=off", "name=yes", "strategy.params.momentum=0.5"])
+    assert cfg.runtime.warm_pool == "off" and cfg.name == "yes" and cfg.strategy.params["momentum"] == 0.5
+    assert load_config(FLConfig, None, ["clock.trace=null"]).clock.trace is None
+    with pytest.raises(UserError, match="rounds must be an integer, got 'off'"):
+        load_config(FLConfig, None, ["rounds=off"])
+
+
+def test_strategy_params_are_resolved_with_their_defaults():
+    from actors.config import FLConfig
+
+    cfg = load_config(FLConfig, None, ["strategy.name=fedprox", "strategy.params.mu=0.5", "strategy.lr=0.2"])
+    assert cfg.strategy.params == {"momentum": 0.9, "weight_decay": 0.0, "keep_optimizer_state": False, "mu": 0.5}
+    spec = cfg.strategy.spec()
+    assert spec.name == "fedprox" and spec.settings["lr"] == 0.2 and spec.settings["mu"] == 0.5

@@ -80,7 +80,7 @@ def test_histogram_text_and_plot(labels, tmp_path):
 def test_digits_shapes():
     d = load_dataset("digits")
     assert d.x_train.shape[1:] == (1, 8, 8) and d.x_train.dtype == np.float32
-    assert len(d.y_train) + len(d.y_test) == 1797 and d.num_classes == 10
+    assert len(d.y_train) + len(d.y_test) == 1797 and d.info["num_classes"] == 10
 
 
 def test_mnist_missing_and_tampered(tmp_path):
@@ -102,4 +102,27 @@ def test_mnist_real_file_if_fetched():
         pytest.skip("data/mnist.pkl.gz not fetched (scripts/setup.sh fetches it)")
     d = load_mnist(path)
     assert d.x_train.shape == (50000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
-    assert d.num_classes == 10 and 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
+    assert d.info["num_classes"] == 10 and 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
+
+
+def test_text_bytes_are_sequences_with_one_group_per_file(tmp_path):
+    for i, text in enumerate(["alpha " * 40, "beta gamma " * 30, "delta " * 50]):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    d = load_dataset("text-bytes", str(tmp_path), 0, {"seq_len": 16, "pattern": "*.txt"})
+    assert d.x_train.dtype == np.int64 and d.x_train.shape[1] == 16 and d.info == {"vocab_size": 256, "seq_len": 16}
+    assert sorted(np.unique(d.groups)) == [0, 1, 2] and len(d.groups) == len(d.x_train)
+    assert bytes(d.x_train[d.groups == 1][0].astype(np.uint8)).decode() in ("beta gamma " * 30)
+    parts = partition(d.y_train, 3, "groups", seed=0, groups=d.groups)
+    assert sorted(len(np.unique(d.groups[p])) for p in parts) == [1, 1, 1]   # each client: one whole file
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(d.x_train)))
+    with pytest.raises(UserError, match="4 clients but only 3 groups"):
+        partition(d.y_train, 4, "groups", seed=0, groups=d.groups)
+    with pytest.raises(UserError, match="splits by class label"):
+        partition(d.y_train, 2, "dirichlet", seed=0)
+    with pytest.raises(UserError, match="takes data.args seq_len, test_fraction, pattern; got sequence_length"):
+        load_dataset("text-bytes", str(tmp_path), 0, {"sequence_length": 16})
+
+
+def test_default_text_corpus_ships_with_scikit_learn():
+    d = load_dataset("text-bytes")
+    assert len(np.unique(d.groups)) >= 10 and len(d.x_test) > 0

@@ -67,7 +67,7 @@ def test_job_submit_runs_fedavg_and_exports_metrics(head, tmp_path):
     for name in ("edgeray_round_seconds", "edgeray_aggregate_seconds", "edgeray_clients_completed",
                  "edgeray_bytes_up_total", "edgeray_bytes_down_total"):
         assert f"ray_{name}" in seen_metrics, name
-    assert f'run_id="{run_dir.name}"' in seen_metrics and 'pipeline="fedavg"' in seen_metrics
+    assert f'run_id="{run_dir.name}"' in seen_metrics and 'method="fedavg"' in seen_metrics
     assert "client_id" not in seen_metrics  # no per-client tags
 
 

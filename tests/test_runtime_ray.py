@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from edgeray.config import load_config
-from pipelines.fl import FLConfig, FLRun, build_strategy, prepare
+from actors.config import FLConfig
+from actors.driver import FLRun, prepare
 
 pytestmark = pytest.mark.ray
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "fedavg_digits.yaml"
@@ -15,12 +16,12 @@ DIGITS = Path(__file__).resolve().parents[1] / "configs" / "fedavg_digits.yaml"
 
 def make_run(overrides=(), strategy=None):
     cfg = load_config(FLConfig, DIGITS, list(overrides))
-    return FLRun(cfg, strategy or build_strategy("fedavg", cfg.strategy), prepare(cfg)), cfg
+    return FLRun(cfg, strategy or cfg.strategy.spec(), prepare(cfg)), cfg
 
 
 def test_virtual_clients_multiplexed_and_state_survives_actor_restart(ray_session):
     ray = ray_session
-    fl, cfg = make_run(["data.num_clients=12", "data.min_size=20", "strategy.clients_per_round=12", "strategy.keep_optimizer_state=true",
+    fl, cfg = make_run(["data.num_clients=12", "data.min_size=20", "strategy.clients_per_round=12", "strategy.params.keep_optimizer_state=true",
                         "runtime.num_edge_servers=1", "runtime.edge_overlap=0"])
     try:
         actors = fl.pool["default"]
@@ -65,10 +66,11 @@ def test_hierarchical_aggregation_equals_flat(ray_session):
 
 def test_per_batch_exchange_with_edge_server(ray_session):
     from fl_helpers import LabelSumExchange
+    from pipelines.fedavg.settings import FedAvgSettings
 
     ray = ray_session
     fl, cfg = make_run(["data.num_clients=6", "strategy.clients_per_round=6", "runtime.num_edge_servers=2"],
-                       strategy=LabelSumExchange(batch_size=16))
+                       strategy=LabelSumExchange(FedAvgSettings(batch_size=16)))
     try:
         row = ray.get(fl.aggregator.run_round.remote(1))
         data = prepare(cfg)

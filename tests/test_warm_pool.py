@@ -9,17 +9,18 @@ import pytest
 
 from edgeray.config import load_config
 from edgeray.errors import UserError
-from pipelines.fl import FLConfig, FLRun, build_strategy, prepare
+from actors.config import FLConfig
+from actors.driver import FLRun, prepare
 
 pytestmark = pytest.mark.ray
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "fedavg_digits.yaml"
 STATEFUL = ["data.num_clients=12", "data.min_size=20", "strategy.clients_per_round=6",
-            "strategy.keep_optimizer_state=true", "runtime.num_edge_servers=2", "runtime.edge_overlap=1"]
+            "strategy.params.keep_optimizer_state=true", "runtime.num_edge_servers=2", "runtime.edge_overlap=1"]
 
 
 def make_run(overrides=(), warm=True):
     cfg = load_config(FLConfig, DIGITS, list(overrides))
-    return FLRun(cfg, build_strategy("fedavg", cfg.strategy), prepare(cfg), warm=warm)
+    return FLRun(cfg, cfg.strategy.spec(), prepare(cfg), warm=warm)
 
 
 @pytest.fixture

@@ -1,0 +1,156 @@
+"""The configuration of an FL run (``edgeray run``): typed sections, checked when loaded.
+
+Imports neither Ray nor torch: a bad config fails in a fraction of a second, before Ray starts.
+The model, data set, evaluation and strategy are names from ``pipelines.registry``; a strategy's
+own settings (``strategy.params``) are checked against its registered settings dataclass here,
+and the resolved values (defaults filled in) are what ``config.yaml`` of the run records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from edgeray.config import param, section
+from edgeray.errors import UserError
+from pipelines.data import PARTITIONS
+from pipelines.registry import DATASETS, EVALUATIONS, MODELS, STRATEGIES, StrategySpec, strategy_settings
+from pipelines.settings import StrategySettings
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """The model: a registered builder, its arguments, and where a checkpoint is."""
+
+    name: str = param("cnn", "registered model (docs/reference.md lists them)", choices=MODELS)
+    args: dict = param({}, "the builder's own arguments (e.g. causal-lm: arch, config, lora, trainable)")
+    path: str | None = param(None, "local checkpoint folder to load instead of a random init")
+    dtype: str = param("float32", "dtype of the frozen tensors; trainable tensors stay float32", choices=DTYPES)
+
+
+@dataclass
+class DataConfig:
+    """Data set, its evaluation, and how it is split among clients."""
+
+    dataset: str = param("mnist", "registered data set", choices=DATASETS)
+    path: str | None = param(None, "local file or folder of the data set (unset: the data set's default)")
+    args: dict = param({}, "the data set's own arguments (e.g. text-bytes: seq_len, test_fraction, pattern)")
+    evaluation: str | None = param(None, "registered evaluation (unset: the data set's own)")
+    num_clients: int = param(100, "number of virtual clients", ge=1)
+    partition: str = param("iid", "how samples are split among clients", choices=PARTITIONS)
+    alpha: float = param(0.5, "Dirichlet concentration over labels (partition=dirichlet)", gt=0)
+    min_size: int = param(10, "minimum samples per client (partition=dirichlet)", ge=1)
+    shards_per_client: int = param(2, "label-sorted shards per client (partition=shards)", ge=1)
+
+    @property
+    def evaluation_name(self) -> str:
+        return self.evaluation or DATASETS[self.dataset].evaluation
+
+
+@dataclass
+class StrategyConfig(StrategySettings):
+    """The FL method: its name, the fields every strategy has, and its own settings."""
+
+    name: str = param("fedavg", "registered strategy (`edgeray run <name>` sets it)", choices=STRATEGIES)
+    params: dict = param({}, "the strategy's own settings; docs/reference.md lists them per strategy")
+
+    def common(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(StrategySettings)}
+
+    def spec(self) -> StrategySpec:
+        """The strategy with its resolved settings, to be built where it runs."""
+        return StrategySpec(self.name, dataclasses.asdict(strategy_settings(self.name, self.common(), self.params)))
+
+
+@dataclass
+class ClockConfig:
+    """Virtual clock: device profiles, deadline, over-selection, dropouts (simulated, never slept)."""
+
+    trace: str | None = param(None, "CSV/JSON client trace; when unset, profiles are sampled")
+    speed_median: float = param(500.0, "median compute speed, examples per simulated second", gt=0)
+    speed_sigma: float = param(0.5, "log-normal sigma of compute speed", ge=0)
+    uplink_median_mbps: float = param(5.0, "median uplink bandwidth", gt=0)
+    downlink_median_mbps: float = param(20.0, "median downlink bandwidth", gt=0)
+    bandwidth_sigma: float = param(0.7, "log-normal sigma of bandwidths", ge=0)
+    min_availability: float = param(1.0, "availability ~ U(min_availability, 1) per client", ge=0, le=1)
+    deadline_s: float | None = param(None, "per-round deadline in simulated seconds (unset: none)", gt=0)
+    over_selection: float = param(1.0, "invite ceil(clients_per_round * this) clients", ge=1)
+    dropout_prob: float = param(0.0, "probability an invited client drops out mid-round", ge=0, lt=1)
+
+
+WARM_POOL_MODES = ("auto", "on", "off")
+RESOURCE_CLASS_KEYS = {"num_cpus": float, "num_gpus": float, "num_actors": int, "share": float}
+RESOURCE_CLASS_DEFAULTS = {"num_cpus": 1, "num_gpus": 0, "num_actors": 0, "share": 1.0}
+
+
+@dataclass
+class RuntimeConfig:
+    """Ray placement: the actor pool, edge servers and timeouts."""
+
+    address: str | None = param(None, "Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
+    num_cpus: float | None = param(None, "CPUs of the local Ray when not attaching (unset: all cores)", gt=0)
+    resource_classes: dict = param(
+        {"default": dict(RESOURCE_CLASS_DEFAULTS)},
+        "ClientActor classes: name -> {num_cpus, num_gpus per actor, num_actors (0 = as many as fit), "
+        "share (fraction of clients in this class)}; an actor with num_gpus > 0 builds its model on its GPU")
+    num_edge_servers: int = param(1, "edge servers (1 = flat FL)", ge=1)
+    edge_overlap: int = param(0, "extra edge servers covering each client", ge=0)
+    edge_uplink_mbps: float = param(100.0, "edge server to aggregator bandwidth (simulated)", gt=0)
+    inflight_per_actor: int = param(2, "assignments queued per ClientActor (prefetches the next client)", ge=1)
+    round_timeout_s: float = param(600.0, "wall-clock limit of one round; later clients count as failed", gt=0)
+    warm_pool: str = param("auto", "keep the actors running between runs (detached, found again by the next run "
+                           "of the same code): auto = when attaching to a running cluster", choices=WARM_POOL_MODES)
+    warm_idle_exit_s: float = param(600.0, "a warm actor ends itself after this long without calls", gt=0)
+    actor_start_timeout_s: float = param(120.0, "wall-clock limit for the run's actors to start", gt=0)
+
+
+@dataclass
+class FLConfig:
+    name: str = param("fedavg", "run name (prefix of the run id)")
+    rounds: int = param(10, "number of rounds", ge=1)
+    seed: int = param(0, "seed of every random draw (init, partition, profiles, selection, shuffles)")
+    output_dir: str = param("runs", "where run directories are created")
+    eval_every: int = param(1, "evaluate the global model every N rounds", ge=1)
+    target_accuracy: float | None = param(None, "test accuracy whose first round the summary reports "
+                                          "(rounds_to_target)", gt=0, le=1)
+    checkpoint_every: int = param(1, "checkpoint every N rounds", ge=1)
+    keep_checkpoints: int = param(2, "checkpoints kept (older ones are deleted)", ge=1)
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    strategy: StrategyConfig = section(StrategyConfig)
+    clock: ClockConfig = section(ClockConfig)
+    runtime: RuntimeConfig = section(RuntimeConfig)
+
+    def validate(self) -> None:
+        if self.strategy.clients_per_round > self.data.num_clients:
+            raise UserError(f"strategy.clients_per_round={self.strategy.clients_per_round} exceeds "
+                            f"data.num_clients={self.data.num_clients}")
+        if self.data.evaluation is not None and self.data.evaluation not in EVALUATIONS:
+            raise UserError(f"data.evaluation={self.data.evaluation!r} is not allowed; choose one of: "
+                            f"{', '.join(EVALUATIONS)}")
+        # the strategy's own settings: checked, and recorded with their defaults filled in
+        settings = dataclasses.asdict(strategy_settings(self.strategy.name, self.strategy.common(),
+                                                        self.strategy.params))
+        self.strategy.params = {k: v for k, v in settings.items() if k not in self.strategy.common()}
+        _check_resource_classes(self.runtime.resource_classes)
+
+
+def _check_resource_classes(classes: dict) -> None:
+    if not classes:
+        raise UserError("runtime.resource_classes must name at least one class")
+    for name, spec in classes.items():
+        if not isinstance(spec, dict):
+            raise UserError(f"runtime.resource_classes.{name} must be a mapping of {', '.join(RESOURCE_CLASS_KEYS)}")
+        unknown = set(spec) - set(RESOURCE_CLASS_KEYS)
+        if unknown:
+            raise UserError(f"unknown key runtime.resource_classes.{name}.{sorted(unknown)[0]}; "
+                            f"allowed: {', '.join(RESOURCE_CLASS_KEYS)}")
+        for key, kind in RESOURCE_CLASS_KEYS.items():
+            value = spec.get(key, RESOURCE_CLASS_DEFAULTS[key])
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UserError(f"runtime.resource_classes.{name}.{key}={value!r} must be a number >= 0")
+            spec[key] = kind(value)
+        if spec["num_cpus"] == 0 and spec["num_gpus"] == 0:
+            raise UserError(f"runtime.resource_classes.{name} needs num_cpus or num_gpus > 0")
