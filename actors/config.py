@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from edgeray.config import param, section
+from edgeray.config import param, plain_value, section
 from edgeray.errors import UserError
 from pipelines.data import PARTITIONS
-from pipelines.registry import DATASETS, EVALUATIONS, MODELS, STRATEGIES, StrategySpec, strategy_settings
+from pipelines.registry import DATASETS, EVALUATIONS, MODELS, STRATEGIES, StrategySpec, settings_class, strategy_settings
 from pipelines.settings import StrategySettings
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -56,6 +56,14 @@ class StrategyConfig(StrategySettings):
     name: str = param("fedavg", "registered strategy (`edgeray run <name>` sets it)", choices=STRATEGIES)
     params: dict = param({}, "the strategy's own settings; docs/reference.md lists them per strategy")
 
+    @staticmethod
+    def misplaced_key_hint(raw: dict, key: str) -> str | None:
+        """``strategy.mu``: a setting of the strategy, which belongs under ``strategy.params``."""
+        name = plain_value(raw.get("name", "fedavg"))
+        if name in STRATEGIES and key in {f.name for f in dataclasses.fields(settings_class(name))}:
+            return f" (it is a setting of strategy {name!r}: set strategy.params.{key})"
+        return None
+
     def common(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(StrategySettings)}
 
@@ -90,7 +98,7 @@ class RuntimeConfig:
     """Ray placement: the actor pool, edge servers and timeouts."""
 
     address: str | None = param(None, "Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
-    num_cpus: float | None = param(None, "CPUs of the local Ray when not attaching (unset: all cores)", gt=0)
+    num_cpus: int | None = param(None, "CPUs of the local Ray when not attaching (unset: all cores)", ge=1)
     resource_classes: dict = param(
         {"default": dict(RESOURCE_CLASS_DEFAULTS)},
         "ClientActor classes: name -> {num_cpus, num_gpus per actor, num_actors (0 = as many as fit), "

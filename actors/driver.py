@@ -91,7 +91,7 @@ class FLRun:
 
     def __init__(self, cfg: FLConfig, strategy, prepared: Prepared, run_id: str = "", warm: bool = False):
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from actors.aggregator import AggregatorActor
@@ -151,7 +151,7 @@ class FLRun:
                     raise
         coverage = edge_coverage(cfg.data.num_clients, cfg.runtime.num_edge_servers, cfg.runtime.edge_overlap,
                                  cfg.seed)
-        ray.get(self.aggregator_actor.open_run.remote(RunSpec(
+        opened = self.aggregator_actor.open_run.remote(RunSpec(
             run=self.run, run_id=run_id or self.run, method=strategy.name, refs=self.refs,
             population=prepared.population, coverage=tuple(map(tuple, coverage)), edges=tuple(self.edges),
             pool=self.pool, store=self.store,
@@ -159,7 +159,15 @@ class FLRun:
                 clients_per_round=cfg.strategy.clients_per_round, deadline_s=cfg.clock.deadline_s,
                 over_selection=cfg.clock.over_selection, dropout_prob=cfg.clock.dropout_prob,
                 test_size=len(data.x_test), seed=cfg.seed, round_timeout_s=cfg.runtime.round_timeout_s,
-                inflight_per_actor=cfg.runtime.inflight_per_actor, edge_uplink_mbps=cfg.runtime.edge_uplink_mbps))))
+                inflight_per_actor=cfg.runtime.inflight_per_actor, edge_uplink_mbps=cfg.runtime.edge_uplink_mbps)))
+        try:
+            ray.get(opened)  # the first ClientActor builds the model here: a bad model.* fails now
+        except RayTaskError as exc:
+            self.shutdown()
+            cause = exc
+            while isinstance(cause, RayTaskError):   # the actor's own error, unwrapped from Ray's nesting
+                cause = cause.cause
+            raise (UserError(str(cause)) if isinstance(cause, UserError) else exc) from None
         self.aggregator = RunHandle(self.aggregator_actor, self.run)
         self.pool_sizes = counts
 

@@ -87,14 +87,14 @@ class _Typed:
         self.text, self.value = text, value
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """``value`` with every ``--set`` wrapper inside it replaced by its YAML value."""
     if isinstance(value, _Typed):
-        return _plain(value.value)
+        return plain_value(value.value)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_value(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     return value
 
 
@@ -165,6 +165,8 @@ def build_section(cls: type, raw: Any, prefix: str = ""):
         if key not in fields:
             hint = difflib.get_close_matches(str(key), fields, n=1)
             suggestion = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            if hasattr(cls, "misplaced_key_hint"):  # a section may know where the key belongs
+                suggestion = cls.misplaced_key_hint(raw, str(key)) or suggestion
             raise UserError(f"unknown config key {prefix}{key}{suggestion}; "
                             f"allowed in {where}: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
@@ -195,7 +197,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             message, got, _ = str(exc).rpartition(" got ")
             raise UserError(f"{message} got {value.text!r}" if got else str(exc)) from None
     if union:
-        if _plain(value) is None and type(None) in args:
+        if plain_value(value) is None and type(None) in args:
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
@@ -212,9 +214,9 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{name} must be a mapping, got {value!r}")
-        return _plain(value)
+        return plain_value(value)
     if kind is Any:
-        return _plain(value)
+        return plain_value(value)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -233,7 +235,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"{name} must be a string, got {value!r}")
-    return value
+    return plain_value(value)
 
 
 def _check(name: str, value: Any, meta: typing.Mapping) -> Any:

@@ -21,7 +21,7 @@ import socket
 from edgeray.errors import UserError
 
 
-def connect(address: str | None = None, *, num_cpus: float | None = None, dashboard: bool = False,
+def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
             log_to_driver: bool = True) -> str | None:
     """Attach to ``address`` / RAY_ADDRESS ("attached"), or start a local Ray ("local");
     None when this process is already connected (the caller then must not shut Ray down)."""
@@ -34,9 +34,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, dashbo
     if ray.is_initialized():
         return None
     if not address:
-        kwargs = {"num_cpus": int(num_cpus) if num_cpus else None}
         ray.init(address="local", include_dashboard=dashboard, logging_level=logging.WARNING,
-                 log_to_driver=log_to_driver, **{k: v for k, v in kwargs.items() if v is not None})
+                 log_to_driver=log_to_driver, **({"num_cpus": num_cpus} if num_cpus else {}))
         return "local"
     if num_cpus:
         logging.getLogger("edgeray").info("num_cpus=%s ignored: the cluster at %s has its own", num_cpus, address)

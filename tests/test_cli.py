@@ -16,9 +16,10 @@ DIGITS = str(ROOT / "configs" / "fedavg_digits.yaml")
 EDGERAY = [sys.executable, "-m", "edgeray.cli"]
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, *extra, strategy="fedavg", config=DIGITS):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     before = set(tmp_path.glob("*"))
-    code = cli.main(["run", "fedavg", "--config", DIGITS, "--set", f"output_dir={tmp_path}", "--no-progress",
+    code = cli.main(["run", strategy, "--config", config, "--set", f"output_dir={tmp_path}", "--no-progress",
                      *extra])
     assert code == 0
     (run_dir,) = set(tmp_path.glob("*")) - before
@@ -60,6 +61,39 @@ def test_resume_ends_where_an_uninterrupted_run_ends(ray_session, tmp_path):
 
 
 @pytest.mark.ray
+def test_strategy_server_state_survives_resume(ray_session, tmp_path):
+    """FedAvgM's server momentum is cross-round state: it lives in the checkpointed ``state``, so
+    2 rounds + --resume to 3 end bit-for-bit where 3 uninterrupted rounds end."""
+    momentum = ["--set", "strategy.params.server_momentum=0.7"]
+    full = _run(tmp_path / "full", "--set", "rounds=3", *momentum, strategy="fedavgm")
+    part = _run(tmp_path / "part", "--set", "rounds=2", *momentum, strategy="fedavgm")
+    assert cli.main(["run", "fedavgm", "--resume", str(part), "--set", "rounds=3", "--no-progress"]) == 0
+    a = torch.load(full / "checkpoints" / "round_00003.pt", weights_only=False)
+    b = torch.load(part / "checkpoints" / "round_00003.pt", weights_only=False)
+    assert set(a["server_state"]["momentum"]) == set(a["global_params"])
+    for key in a["global_params"]:
+        np.testing.assert_array_equal(b["global_params"][key], a["global_params"][key])
+        np.testing.assert_array_equal(b["server_state"]["momentum"][key], a["server_state"]["momentum"][key])
+    info = json.loads((part / "run.json").read_text())
+    assert info["kind"] == "fl" and info["method"] == "fedavgm" and info["run_id"] == part.name
+    assert cli.main(["run", "fedavg", "--resume", str(part), "--no-progress"]) == 2   # a run of another method
+
+
+@pytest.mark.ray
+def test_tiny_causal_lm_runs_fedavg_over_lora_end_to_end(ray_session, tmp_path):
+    run_dir = _run(tmp_path, config=str(ROOT / "configs" / "fedavg_tiny_lm.yaml"))
+    rows = _rows(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and summary["method"] == "fedavg"
+    assert rows[-1]["test_loss"] < rows[0]["test_loss"] and rows[-1]["test_accuracy"] > rows[0]["test_accuracy"]
+    ckpt = torch.load(run_dir / "checkpoints" / "round_00003.pt", weights_only=False)["global_params"]
+    assert all("lora_" in k or "mlp.gate" in k for k in ckpt)           # the base is never checkpointed
+    lora_bytes = sum(v.nbytes for v in ckpt.values())
+    assert all(4 * lora_bytes <= r["bytes_down"] < 4 * lora_bytes + 4 * 8192 for r in rows[1:])
+    assert not (run_dir / "plots" / "label_histogram.png").exists()     # token targets: no label histogram
+
+
+@pytest.mark.ray
 def test_truncated_checkpoint_falls_back_to_previous(ray_session, tmp_path):
     run_dir = _run(tmp_path, "--set", "rounds=2")
     last = run_dir / "checkpoints" / "round_00002.pt"
@@ -89,6 +123,8 @@ def test_truncated_checkpoint_falls_back_to_previous(ray_session, tmp_path):
      "model.name='transformer' is not allowed; choose one of: cnn, mlp, causal-lm"),
     (["run", "fedavg", "--config", DIGITS, "--set", "data.partition=groups"],
      "partition=groups needs a data set with a natural key per row"),
+    (["run", "fedprox", "--config", DIGITS, "--set", "strategy.mu=0.1"],
+     "unknown config key strategy.mu (it is a setting of strategy 'fedprox': set strategy.params.mu)"),
     (["run", "fedavg", "--config", DIGITS, "--set", "data.args.seq_len=8"],
      "dataset 'digits' takes data.args (none); got seq_len"),
     (["run", "fedavg", "--bogus"], "unrecognized arguments: --bogus"),
@@ -101,6 +137,18 @@ def test_bad_input_is_one_line_exit_2(args, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"edgeray: error: {lines[0].removeprefix('edgeray: error: ')}"]
     assert message in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.ray
+def test_a_bad_model_found_by_the_actor_is_one_line_exit_2(tmp_path):
+    """model.args are checked where the model is built (an actor): the driver still ends with one
+    line naming the problem, no traceback."""
+    proc = subprocess.run(EDGERAY + ["run", "fedavg", "--config", str(ROOT / "configs" / "fedavg_tiny_lm.yaml"),
+                                     "--set", "model.args.lora.rank=4", "--set", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("edgeray: error: model.args.lora has no key 'rank'; allowed: "
+                                                    "r, alpha, dropout, target_modules, target_parameters")
 
 
 @pytest.mark.ray

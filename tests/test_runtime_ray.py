@@ -114,3 +114,47 @@ def test_deadline_and_dropouts_skip_training(ray_session):
     finally:
         fl.shutdown()
 
+
+
+def test_clients_in_a_row_on_one_actor_do_not_leak_into_each_other(ray_session):
+    from fl_helpers import LeakProbe
+    from pipelines.fedavg.settings import FedAvgSettings
+
+    ray = ray_session
+    fl, _ = make_run(["data.num_clients=6", "strategy.clients_per_round=6", "runtime.num_edge_servers=1",
+                      "runtime.edge_overlap=0", "runtime.resource_classes.default.num_actors=1",
+                      "runtime.inflight_per_actor=1"], strategy=LeakProbe(FedAvgSettings(batch_size=64)))
+    try:
+        assert fl.pool_sizes == {"default": 1}
+        for rnd in (1, 2):                                  # 12 clients in a row on one actor
+            row = ray.get(fl.aggregator.run_round.remote(rnd))
+            assert row["clients_completed"] == 6 and row["train_probed"] == 6
+            assert row["train_leaked_frozen"] == row["train_leaked_hooks"] == row["train_leaked_grads"] == 0
+    finally:
+        fl.shutdown()
+
+
+def test_only_trainable_tensors_are_global_state(ray_session):
+    """A bf16 LM base with LoRA: what is downloaded, uploaded and checkpointed is the LoRA + router
+    tensors, metered exactly, never the base."""
+    from actors.metering import payload_bytes
+
+    ray = ray_session
+    cfg = load_config(FLConfig, DIGITS.parent / "fedavg_tiny_lm.yaml", ["data.num_clients=4",
+                                                                         "strategy.clients_per_round=4"])
+    fl = FLRun(cfg, cfg.strategy.spec(), prepare(cfg))
+    try:
+        before = ray.get(fl.aggregator.global_weights.remote())
+        assert before and all("lora_" in k or "mlp.gate" in k for k in before)
+        assert {v.dtype for v in before.values()} == {np.dtype(np.float32)}
+        row = ray.get(fl.aggregator.run_round.remote(1))
+        per_client = sum(payload_bytes(v) for v in before.values())   # each tensor metered as it is sent
+        assert per_client < sum(v.nbytes for v in before.values()) + 256 * len(before)   # plus a pickle header each
+        assert row["bytes_down"] == 4 * per_client
+        after = ray.get(fl.aggregator.global_weights.remote())
+        assert row["bytes_up"] >= 4 * sum(v.nbytes for v in after.values())
+        assert set(after) == set(before) and any(not np.array_equal(after[k], before[k]) for k in before)
+        metrics = ray.get(fl.aggregator.evaluate.remote())
+        assert set(metrics) == {"test_accuracy", "test_loss"} and 0 <= metrics["test_accuracy"] <= 1
+    finally:
+        fl.shutdown()

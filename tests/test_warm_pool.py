@@ -96,9 +96,9 @@ def test_pools_of_other_code_are_retired_unless_in_use(ray_without_pools, monkey
 
     ray = ray_without_pools
     whole_cpus = ["runtime.resource_classes.default.num_cpus=1"]  # 2 actors hold both CPUs
-    monkeypatch.setattr(actors.warm, "code_fingerprint", lambda strategy: "a" * 12)
+    monkeypatch.setattr(actors.warm, "code_fingerprint", lambda strategy, task: "a" * 12)
     old = make_run(whole_cpus)
-    monkeypatch.setattr(actors.warm, "code_fingerprint", lambda strategy: "b" * 12)
+    monkeypatch.setattr(actors.warm, "code_fingerprint", lambda strategy, task: "b" * 12)
     # The old run is live, so its pool stays and holds both CPUs: the new pool cannot start.
     with pytest.raises(UserError, match="actors did not start within runtime.actor_start_timeout_s=3"):
         make_run([*whole_cpus, "runtime.actor_start_timeout_s=3"])

@@ -37,6 +37,9 @@ def build_causal_lm(spec: ModelSpec) -> nn.Module:
     if unknown:
         raise UserError(f"model causal-lm has no model.args.{unknown[0]}; allowed: {', '.join(BUILD_ARGS)}")
     if spec.path:
+        if "arch" in args or "config" in args:
+            raise UserError("model.args.arch / model.args.config describe a model built from scratch; with "
+                            "model.path set the checkpoint's own config.json is used: remove one of them")
         path = Path(spec.path)
         if not (path / "config.json").is_file():
             raise UserError(f"model.path={spec.path} is not a transformers checkpoint folder (no config.json); "
