@@ -6,9 +6,10 @@
     edgeray rl list
 
 Methods are entries of `METHODS`: each names its config class and its train / eval functions;
-train is a thin call into the shared loop (rl.loop), so RL-CRP and LEED plug in as new entries.
+train is a thin call into the shared loop (rl.loop), so RL-CRP plugs in as a new entry.
 "deer", "per" and "uniform" share one experiment (same algorithm and hyper-parameters, only the
-replay differs). Ray is joined through `edgeray.connect` (`--address`, else RAY_ADDRESS, else a
+replay differs); so do "leed", "ippo" and "bc-ppo" (same env and PPO, only the use of
+demonstrations differs). Ray is joined through `edgeray.connect` (`--address`, else RAY_ADDRESS, else a
 local Ray of `--num-cpus`), after the config is checked, so bad input fails before Ray starts.
 """
 
@@ -30,6 +31,9 @@ class RLMethod:
     config_cls: Callable[[], type]
     train: Callable[..., Path]
     evaluate: Callable[[list[Path], Path], dict]
+    # checks what a config points at (a network file, an LLM endpoint) before Ray starts and
+    # before a run directory exists; may settle a setting (LEED: the LLM fallback actually used)
+    preflight: Callable[[object], None] | None = None
 
 
 def _experiment_config_cls():
@@ -65,10 +69,49 @@ def _replay_entry(name: str, summary: str) -> RLMethod:
     return RLMethod(summary, _experiment_config_cls, train, _evaluate_replay)
 
 
+def _leed_config_cls():
+    from rl.leed.config import LEEDConfig
+    return LEEDConfig
+
+
+def _evaluate_leed(run_dirs: list[Path], out_dir: Path) -> dict:
+    from rl.leed.analysis import markdown_table, plot_returns, summarize
+    from rl.leed.config import LEED_METHODS, LEEDConfig
+    from rl.loop import load_run
+
+    runs = [load_run(d, LEEDConfig, LEED_METHODS) for d in run_dirs]
+    empty = [str(d) for d, (_, _, rows) in zip(run_dirs, runs) if not rows]
+    if len(empty) == len(runs):
+        raise UserError(f"none of the runs has metrics yet: {', '.join(empty)}")
+    summary = summarize(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot_returns(runs, out_dir)
+    table = markdown_table(summary)
+    (out_dir / "table.md").write_text(table)
+    (out_dir / "summary.json").write_text(json.dumps({"settings": summary, "plots": plots}, indent=2))
+    print(table, end="")
+    print(f"wrote {out_dir}/table.md, summary.json and {len(plots)} plot(s)")
+    return summary
+
+
+def _leed_entry(name: str, summary: str) -> RLMethod:
+    def train(cfg, run_dir, **kw):
+        from rl.leed.run import LEEDHooks
+        from rl.loop import train_run
+        return train_run(LEEDHooks(name, run_dir), cfg, run_dir, **kw)
+    def preflight(cfg):
+        from rl.leed.demonstrations import preflight as leed_preflight
+        leed_preflight(cfg, uses_demonstrations=name != "ippo")
+    return RLMethod(summary, _leed_config_cls, train, _evaluate_leed, preflight)
+
+
 METHODS: dict[str, RLMethod] = {
     "deer": _replay_entry("deer", "DEER: replay prioritized by discrepancy of environment dynamics"),
     "per": _replay_entry("per", "baseline: RLlib's stock prioritized replay (|TD| priorities)"),
     "uniform": _replay_entry("uniform", "baseline: RLlib's uniform episode replay"),
+    "leed": _leed_entry("leed", "LEED: PPO per agent + expert NLL on LLM-generated demonstrations (routing)"),
+    "ippo": _leed_entry("ippo", "baseline: independent PPO on the routing env, no demonstrations"),
+    "bc-ppo": _leed_entry("bc-ppo", "baseline: behaviour cloning on LEED's demonstrations, then PPO"),
 }
 
 
@@ -118,6 +161,8 @@ def _train(args, argv: list[str]) -> Path:
     else:
         overrides = list(args.set) + ([f"env.name={args.env}"] if args.env else [])
         cfg = load_config(method.config_cls(), args.config, overrides)
+        if method.preflight is not None:
+            method.preflight(cfg)
     # after the config is checked (bad input fails before Ray starts) and before the run
     # directory exists (an unreachable cluster leaves no empty run behind)
     connection = connect(args.address, num_cpus=args.num_cpus, log_to_driver=False)
