@@ -20,6 +20,7 @@ run opens an ``AggregatorRun`` on it, and every call names its run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -35,7 +36,10 @@ from actors.metrics import RoundMetrics
 from actors.topology import assign_edges
 from actors.warm import IdleExit
 from edgeray.runs import load_latest_checkpoint
-from pipelines.registry import materialize
+from pipelines.population import LinkModel
+from pipelines.registry import SELECTORS, load, materialize
+from pipelines.selection import (ClientOutcome, RoundObservation, SelectionRequest, edge_observations,
+                                 resolve_conflicts)
 
 log = logging.getLogger("edgeray.aggregator")
 
@@ -91,38 +95,58 @@ class AggregatorRun:
         first_actor = next(a for group in spec.pool.values() for a in group)
         self.global_params = ray.get(first_actor.initial_params.remote(spec.run, spec.refs))
         self.server_state = self.strategy.init_state(self.global_params)
-        self.clock = VirtualClock(list(spec.population.profiles), self.settings.seed,
-                                  deadline_s=self.settings.deadline_s, over_selection=self.settings.over_selection,
-                                  dropout_prob=self.settings.dropout_prob)
+        profiles = list(spec.population.profiles)
+        links = LinkModel(profiles, self.settings.seed, self.settings.link_model, self.settings.link_min_gain,
+                          self.settings.link_trace)
+        self.clock = VirtualClock(profiles, self.settings.seed, deadline_s=self.settings.deadline_s,
+                                  over_selection=self.settings.over_selection, dropout_prob=self.settings.dropout_prob,
+                                  links=links)
+        method = self.settings.selection_method
+        self.selector = None if method == "default" else \
+            load(SELECTORS[method].target)(spec.population, self.settings.seed, **(self.settings.selection_settings or {}))
+        self.histories: dict[int, list[RoundObservation]] = {}   # each edge's own observations (checkpointed)
         self.metrics = RoundMetrics(spec.method, spec.run_id)
 
     # ------------------------------------------------------------------ one round
     def run_round(self, rnd: int) -> dict:
         started = time.perf_counter()
         spec, settings = self.spec, self.settings
-        rng = np.random.default_rng([settings.seed, rnd, 3])
         available = self.clock.available(rnd)
-        invited = self.strategy.select_clients(rnd, self.server_state, available,
-                                               self.clock.invite_count(settings.clients_per_round), rng)
+        live = self._live_edges()
+        coverage = [[e for e in cov if e in live] for cov in spec.coverage]  # home edge first while it lives
+        invited, picks, resolution = self._select(rnd, available, coverage)
+        share = resolution.share if resolution else {}
         instructions = self.strategy.configure_round(rnd, self.server_state, invited, spec.population)
         key_bytes = {k: payload_bytes(v) for k, v in self.global_params.items()}
-        down = {c: sum(key_bytes[k] for k in self.strategy.download_keys(instructions[c], self.global_params))
-                for c in invited}
+        model_down = {c: sum(key_bytes[k] for k in self.strategy.download_keys(instructions[c], self.global_params))
+                      for c in invited}
+        down = {c: model_down[c] + payload_bytes(instructions[c]) for c in invited}
         work = {c: self.strategy.work(instructions[c], spec.population.sizes[c]) for c in invited}
-        # Upload size is only known after training; plan with the download size (a full update).
-        plan = self.clock.plan_round(rnd, invited, settings.clients_per_round, work, down, down)
+        traffic = {c: self.strategy.estimate_traffic(instructions[c], spec.population.sizes[c]) for c in invited}
+        # The upload is only known after training: plan with an update the size of the download,
+        # plus the exchange traffic the strategy expects.
+        plan = self.clock.plan_round(rnd, invited, settings.clients_per_round, work,
+                                     {c: down[c] + traffic[c][0] for c in invited},
+                                     {c: model_down[c] + traffic[c][1] for c in invited}, share)
 
         global_ref = ray.put(self.global_params)
-        live = self._live_edges()
-        coverage = [[e for e in cov if e in live] for cov in spec.coverage]
-        stranded = [c for c in plan.kept if not coverage[c]]
-        by_edge = {e: clients for e, clients in
-                   assign_edges([c for c in plan.kept if coverage[c]], coverage, len(spec.edges)).items() if clients}
+        if resolution is not None:
+            by_edge = {}
+            for c in plan.kept:
+                by_edge.setdefault(resolution.aggregate_at[c], []).append(c)
+            stranded = []
+        else:
+            stranded = [c for c in plan.kept if not coverage[c]]
+            by_edge = {e: clients for e, clients in assign_edges([c for c in plan.kept if coverage[c]], coverage,
+                                                                 len(spec.edges), settings.sticky_edges).items()
+                       if clients}
+        budget_s = settings.round_timeout_s - (time.perf_counter() - started)
         calls = {e: spec.edges[e].run_round.remote(
                      self.run, spec.refs, rnd, [global_ref],
-                     [ClientJob(c, instructions[c], spec.population.profiles[c].resource_class) for c in clients],
-                     spec.pool, settings.round_timeout_s, settings.inflight_per_actor)
-                 for e, clients in by_edge.items()}
+                     [ClientJob(c, instructions[c], spec.population.profiles[c].resource_class,
+                                self.clock.link(rnd, c), budget_s) for c in clients],
+                     spec.pool, budget_s, settings.inflight_per_actor)
+                 for e, clients in sorted(by_edge.items())}
         results = self._collect_edges(rnd, calls, by_edge)
         if stranded:
             results.append(EdgeResult(None, self.strategy.init_partial(),
@@ -137,12 +161,18 @@ class AggregatorRun:
 
         reports = [rep for r in results for rep in r.reports]
         failures = [f for r in results for f in r.failures]
-        completed = [self.clock.timing(rep.client_id, work[rep.client_id], down[rep.client_id], rep.upload_bytes)
-                     for rep in reports]
+        completed = {rep.client_id: self.clock.timing(rnd, rep.client_id, work[rep.client_id],
+                                                      down[rep.client_id] + rep.exchange_down_bytes,
+                                                      rep.upload_bytes + rep.exchange_up_bytes,
+                                                      share.get(rep.client_id, 1.0)) for rep in reports}
+        served_by = resolution.served_by if resolution else {c: (e,) for e, cs in by_edge.items() for c in cs}
+        edge_round_s = {e: max((completed[c].total_s for c in completed if e in served_by.get(c, ())), default=0.0)
+                        for e in range(len(spec.edges))}
         edge_upload_s = max((payload_bytes(r.partial) * 8 / (settings.edge_uplink_mbps * 1e6)
                              for r in results if r.reports), default=0.0)
-        sim_round_s = self.clock.round_time(completed, settings.clients_per_round, edge_upload_s)
+        sim_round_s = self.clock.round_time(list(completed.values()), settings.clients_per_round, edge_upload_s)
         sim_now = self.clock.advance(sim_round_s)
+        self._observe(rnd, invited, plan, completed, failures, picks, resolution, edge_round_s, sim_round_s)
         round_s = time.perf_counter() - started
         for f in failures:
             log.warning("round %d: client %d failed (%s)", rnd, f.client_id, f.error)
@@ -154,19 +184,54 @@ class AggregatorRun:
             "clients_failed": len(failures),
             "clients_dropout": plan.count("dropout"),
             "clients_straggler": plan.count("straggler"),
-            "bytes_down": int(sum(down[c] for c in plan.kept)),
-            "bytes_up": int(sum(rep.upload_bytes for rep in reports)),
+            "conflicts": resolution.conflicts if resolution else 0,
+            "bytes_down": int(sum(down[c] for c in plan.kept) + sum(rep.exchange_down_bytes for rep in reports)),
+            "bytes_up": int(sum(rep.upload_bytes + rep.exchange_up_bytes for rep in reports)),
+            "exchange_calls": int(sum(rep.exchange_calls for rep in reports)),
             "sim_round_s": sim_round_s,
             "sim_time_s": sim_now,
+            "edge_round_s": [edge_round_s[e] for e in range(len(spec.edges))],
             "round_wall_s": round_s,
             "aggregate_s": aggregate_s,
             "client_train_s": float(sum(rep.train_s for rep in reports)),
             "client_update_s": float(sum(rep.update_s for rep in reports)),
+            "exchange_wall_s": float(sum(rep.exchange_wall_s for rep in reports)),
             "actor_calls": 1 + len(calls) + sum(r.actor_calls for r in results),
             **{f"train_{k}" if not k.startswith("train_") else k: v for k, v in train_metrics.items()},
         }
         self.metrics.record(row)
         return row
+
+    def _select(self, rnd: int, available: list[int], coverage: list[list[int]]):
+        """(invited clients, per-edge picks, conflict resolution): the strategy's one global call, or
+        each live edge's selector among the available clients it covers (picks and resolution None
+        for the former)."""
+        settings = self.settings
+        invite = self.clock.invite_count(settings.clients_per_round)
+        if self.selector is None:
+            rng = np.random.default_rng([settings.seed, rnd, 3])
+            return self.strategy.select_clients(rnd, self.server_state, available, invite, rng), None, None
+        edges = sorted({e for cov in coverage for e in cov})
+        per_edge = math.ceil(invite / max(len(edges), 1))
+        requests = [SelectionRequest(e, tuple(c for c in available if e in coverage[c]), per_edge,
+                                     tuple(self.histories.get(e, ()))) for e in edges]
+        picks = self.selector.select_all(requests, rnd)
+        resolution = resolve_conflicts(picks, settings.conflict_rule, np.random.default_rng([settings.seed, rnd, 5]))
+        return sorted(resolution.aggregate_at), picks, resolution
+
+    def _observe(self, rnd, invited, plan, completed, failures, picks, resolution, edge_round_s, sim_round_s):
+        """Tell the strategy (and each edge's selector history) how the round went."""
+        failed = {f.client_id for f in failures}
+        outcomes = {}
+        for c in invited:
+            status = "ok" if c in completed else "failed" if c in failed else plan.timings[c].status
+            outcomes[c] = ClientOutcome(c, resolution.aggregate_at[c] if resolution else None, status,
+                                        completed[c].total_s if c in completed else 0.0)
+        whole = RoundObservation(rnd, None, tuple(outcomes[c] for c in invited), sim_round_s)
+        self.server_state = self.strategy.observe_round(rnd, self.server_state, whole)
+        if picks is not None:
+            for e, observation in edge_observations(rnd, picks, outcomes, edge_round_s, resolution).items():
+                self.histories.setdefault(e, []).append(observation)
 
     def _live_edges(self, timeout_s: float = 60.0) -> set[int]:
         """Edge servers that answer a ping; one that Ray is restarting refuses calls for a moment,
@@ -195,7 +260,7 @@ class AggregatorRun:
             try:
                 results.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
-                reason = f"edge server {e} failed: {type(exc).__name__}"
+                reason = f"edge server {e} failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
                 log.warning("round %d: %s; its %d clients count as failed", rnd, reason, len(by_edge[e]))
                 if isinstance(exc, GetTimeoutError):
                     ray.cancel(ref, force=False)
@@ -220,6 +285,7 @@ class AggregatorRun:
         """Atomic: written to a temp file, then renamed over the final name."""
         import torch
         ckpt = {"round": rnd, "global_params": self.global_params, "server_state": self.server_state,
+                "selection_history": self.histories,
                 "sim_time_s": self.clock.now_s, "client_states": ray.get(self.spec.store.snapshot.remote()),
                 "extra": extra}
         path = Path(path)
@@ -240,6 +306,7 @@ class AggregatorRun:
                                f"of this run (was model.* changed?); resume with the run's own model settings")
         self.global_params = ckpt["global_params"]
         self.server_state = ckpt["server_state"]
+        self.histories = ckpt.get("selection_history", {})
         self.clock.now_s = ckpt["sim_time_s"]
         ray.get(self.spec.store.restore.remote(ckpt["client_states"]))
         return ckpt["round"]

@@ -35,6 +35,29 @@ def actor_device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
+class MeteredExchange:
+    """``ctx.exchange``: one per-batch round trip to the client's edge server (``server_step``),
+    metered on the exact objects sent (request up, reply down) and bounded by the round's
+    remaining wall-clock budget: a reply that does not come in time fails the client."""
+
+    def __init__(self, edge, run: str, client_id: int, deadline: float):
+        self.edge, self.run, self.client_id, self.deadline = edge, run, client_id, deadline
+        self.calls = self.up_bytes = self.down_bytes = 0
+        self.wall_s = 0.0
+
+    def __call__(self, payload):
+        started = time.perf_counter()
+        self.up_bytes += payload_bytes(payload)
+        remaining = self.deadline - started
+        if remaining <= 0:
+            raise TimeoutError(f"client {self.client_id}: no round time left for an exchange")
+        reply = ray.get(self.edge.exchange.remote(self.run, self.client_id, payload), timeout=remaining)
+        self.down_bytes += payload_bytes(reply)
+        self.calls += 1
+        self.wall_s += time.perf_counter() - started
+        return reply
+
+
 class ClientWorker:
     def __init__(self, threads: int = 1):
         torch.set_num_threads(max(1, threads))
@@ -90,19 +113,20 @@ class ClientWorker:
         had_state = bool(state)
         store_calls = int(stateful)
         torch.manual_seed(hash((self.seed, rnd, cid)) & 0xFFFFFFFF)
+        exchange = None if edge is None else MeteredExchange(edge, run, cid, started + job.budget_s)
         ctx = ClientContext(
             client_id=cid, round=rnd, model=self.model, data=ClientData(self.train_x[idx], self.train_y[idx]),
             instruction=job.instruction, state=state, rng=np.random.default_rng([self.seed, rnd, cid]),
-            loss=self.loss_fn, device=self.device,
-            exchange=None if edge is None else (lambda payload: ray.get(edge.exchange.remote(run, cid, payload))))
+            loss=self.loss_fn, device=self.device, link=job.link, exchange=exchange)
         update_started = time.perf_counter()
         update = self.strategy.client_update(ctx)
         update_s = time.perf_counter() - update_started
         if stateful and (ctx.state or had_state):
             save_state(self.store, cid, ctx.state)
             store_calls += 1
+        meter = exchange or MeteredExchange(None, run, cid, 0.0)
         report = ClientReport(cid, payload_bytes(update), time.perf_counter() - started, update_s, os.getpid(),
-                              store_calls)
+                              store_calls, meter.calls, meter.up_bytes, meter.down_bytes, meter.wall_s)
         return update, report
 
     def evaluate(self, run: str, refs: RunRefs, global_params: dict, lo: int, hi: int) -> dict:

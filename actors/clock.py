@@ -24,20 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.population import ClientProfile
-
-
-@dataclass
-class ClientTiming:
-    client_id: int
-    download_s: float
-    compute_s: float
-    upload_s: float
-    status: str = "ok"        # ok | dropout | straggler | surplus
-
-    @property
-    def total_s(self) -> float:
-        return self.download_s + self.compute_s + self.upload_s
+from pipelines.population import ClientProfile, ClientTiming, Link, LinkModel, timing
 
 
 @dataclass
@@ -52,8 +39,9 @@ class RoundPlan:
 
 class VirtualClock:
     def __init__(self, profiles: list[ClientProfile], seed: int, *, deadline_s: float | None = None,
-                 over_selection: float = 1.0, dropout_prob: float = 0.0):
+                 over_selection: float = 1.0, dropout_prob: float = 0.0, links: LinkModel | None = None):
         self.profiles = profiles
+        self.links = links or LinkModel(profiles, seed)
         self.seed = seed
         self.deadline_s = deadline_s
         self.over_selection = over_selection
@@ -70,16 +58,21 @@ class VirtualClock:
     def invite_count(self, target: int) -> int:
         return math.ceil(target * self.over_selection)
 
-    def timing(self, cid: int, work_examples: float, down_bytes: float, up_bytes: float) -> ClientTiming:
-        p = self.profiles[cid]
-        return ClientTiming(cid, down_bytes * 8 / (p.downlink_mbps * 1e6), work_examples / p.compute_speed,
-                            up_bytes * 8 / (p.uplink_mbps * 1e6))
+    def link(self, rnd: int, cid: int) -> Link:
+        return self.links.link(rnd, cid)
+
+    def timing(self, rnd: int, cid: int, work_examples: float, down_bytes: float, up_bytes: float,
+               share: float = 1.0) -> ClientTiming:
+        """``pipelines.population.timing`` on client ``cid``'s link of round ``rnd``."""
+        return timing(self.profiles[cid], work_examples, down_bytes, up_bytes, self.link(rnd, cid), share)
 
     def plan_round(self, rnd: int, invited: list[int], target: int, work: dict[int, float],
-                   down_bytes: dict[int, float], up_bytes: dict[int, float]) -> RoundPlan:
+                   down_bytes: dict[int, float], up_bytes: dict[int, float],
+                   share: dict[int, float] | None = None) -> RoundPlan:
         """Who drops out, who is too slow, and which ``target`` clients the server keeps."""
         drops = self._rng(rnd, 2).random(len(self.profiles))
-        timings = {c: self.timing(c, work[c], down_bytes[c], up_bytes[c]) for c in invited}
+        share = share or {}
+        timings = {c: self.timing(rnd, c, work[c], down_bytes[c], up_bytes[c], share.get(c, 1.0)) for c in invited}
         finishers = []
         for c in invited:
             if drops[c] < self.dropout_prob:

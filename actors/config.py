@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from edgeray.config import param, plain_value, section
 from edgeray.errors import UserError
 from pipelines.data import PARTITIONS
-from pipelines.registry import DATASETS, EVALUATIONS, MODELS, STRATEGIES, StrategySpec, settings_class, strategy_settings
+from pipelines.population import COVERAGES, LINK_MODELS
+from pipelines.registry import (DATASETS, EVALUATIONS, MODELS, SELECTORS, STRATEGIES, StrategySpec, load, settings_class,
+                                strategy_settings)
+from pipelines.selection import CONFLICT_RULES
 from pipelines.settings import StrategySettings
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,6 +89,26 @@ class ClockConfig:
     deadline_s: float | None = param(None, "per-round deadline in simulated seconds (unset: none)", gt=0)
     over_selection: float = param(1.0, "invite ceil(clients_per_round * this) clients", ge=1)
     dropout_prob: float = param(0.0, "probability an invited client drops out mid-round", ge=0, lt=1)
+    link_model: str = param("static", "client rates per round: the profile's (static), Rayleigh block fading "
+                            "(rayleigh), or per-round rates from clock.link_trace (trace)", choices=LINK_MODELS)
+    link_min_gain: float = param(0.05, "floor of the Rayleigh power gain (rate fraction in a deep fade)", gt=0, le=1)
+    link_trace: str | None = param(None, "CSV with round, client_id, uplink_mbps, downlink_mbps (link_model=trace)")
+
+
+SELECTION_METHODS = ("default", *SELECTORS)
+
+
+@dataclass
+class SelectionConfig:
+    """Who picks the clients: the strategy's one global call (default), or each edge server for
+    itself among the available clients it covers (a registered selector), and what happens to a
+    client that several edges picked."""
+
+    method: str = param("default", "default = the strategy's select_clients; otherwise a registered per-edge "
+                        "selector", choices=SELECTION_METHODS)
+    conflict_rule: str = param("share", "a client picked by k edges: its bandwidth split among them (share) or it "
+                               "serves one and the others get nothing (fail)", choices=CONFLICT_RULES)
+    settings: dict = param({}, "the selector's own settings (e.g. greedy-latency: local_epochs, model_bytes)")
 
 
 WARM_POOL_MODES = ("auto", "on", "off")
@@ -104,7 +127,14 @@ class RuntimeConfig:
         "ClientActor classes: name -> {num_cpus, num_gpus per actor, num_actors (0 = as many as fit), "
         "share (fraction of clients in this class)}; an actor with num_gpus > 0 builds its model on its GPU")
     num_edge_servers: int = param(1, "edge servers (1 = flat FL)", ge=1)
-    edge_overlap: int = param(0, "extra edge servers covering each client", ge=0)
+    coverage: str = param("modulo", "which edges cover a client: its home edge (id mod S) plus edge_overlap "
+                          "others (modulo), or the edges within coverage_radius in the unit square (disc)",
+                          choices=COVERAGES)
+    edge_overlap: int = param(0, "extra edge servers covering each client (coverage=modulo)", ge=0)
+    coverage_radius: float = param(0.5, "edge coverage radius in the unit square (coverage=disc)", gt=0)
+    sticky_edges: bool = param(False, "a client always goes to its home edge while that edge lives")
+    edge_resources: dict = param({"num_cpus": 0, "num_gpus": 0, "threads": 1},
+                                 "per EdgeServerActor: CPUs and GPUs reserved, torch threads of its server steps")
     edge_uplink_mbps: float = param(100.0, "edge server to aggregator bandwidth (simulated)", gt=0)
     inflight_per_actor: int = param(2, "assignments queued per ClientActor (prefetches the next client)", ge=1)
     round_timeout_s: float = param(600.0, "wall-clock limit of one round; later clients count as failed", gt=0)
@@ -129,6 +159,7 @@ class FLConfig:
     data: DataConfig = section(DataConfig)
     strategy: StrategyConfig = section(StrategyConfig)
     clock: ClockConfig = section(ClockConfig)
+    selection: SelectionConfig = section(SelectionConfig)
     runtime: RuntimeConfig = section(RuntimeConfig)
 
     def validate(self) -> None:
@@ -143,6 +174,15 @@ class FLConfig:
                                                         self.strategy.params))
         self.strategy.params = {k: v for k, v in settings.items() if k not in self.strategy.common()}
         _check_resource_classes(self.runtime.resource_classes)
+        self.runtime.edge_resources = _check_edge_resources(self.runtime.edge_resources)
+        if self.selection.method != "default":
+            allowed = load(SELECTORS[self.selection.method].target).defaults
+            unknown = sorted(set(self.selection.settings) - set(allowed))
+            if unknown:
+                raise UserError(f"selector {self.selection.method!r} has no setting selection.settings.{unknown[0]}; "
+                                f"its settings: {', '.join(allowed) or 'none'}")
+        if self.clock.link_model == "trace" and not self.clock.link_trace:
+            raise UserError("clock.link_model=trace needs clock.link_trace (a CSV of per-round rates)")
 
 
 def _check_resource_classes(classes: dict) -> None:
@@ -162,3 +202,21 @@ def _check_resource_classes(classes: dict) -> None:
             spec[key] = kind(value)
         if spec["num_cpus"] == 0 and spec["num_gpus"] == 0:
             raise UserError(f"runtime.resource_classes.{name} needs num_cpus or num_gpus > 0")
+
+
+EDGE_RESOURCE_KEYS = {"num_cpus": float, "num_gpus": float, "threads": int}
+
+
+def _check_edge_resources(spec: dict) -> dict:
+    unknown = set(spec) - set(EDGE_RESOURCE_KEYS)
+    if unknown:
+        raise UserError(f"unknown key runtime.edge_resources.{sorted(unknown)[0]}; "
+                        f"allowed: {', '.join(EDGE_RESOURCE_KEYS)}")
+    out = {"num_cpus": 0.0, "num_gpus": 0.0, "threads": 1}
+    for key, kind in EDGE_RESOURCE_KEYS.items():
+        value = spec.get(key, out[key])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < (1 if key == "threads" else 0):
+            raise UserError(f"runtime.edge_resources.{key}={value!r} must be a number >= "
+                            f"{1 if key == 'threads' else 0}")
+        out[key] = kind(value)
+    return out

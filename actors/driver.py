@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from actors.config import FLConfig
-from actors.topology import edge_coverage, plan_pool
+from actors.topology import plan_pool
 from edgeray import runs
 from edgeray.connect import connect
 from edgeray.errors import UserError
 from pipelines.data import Dataset, format_histogram, label_histogram, load_dataset, partition, plot_histogram
-from pipelines.population import ClientProfile, PopulationView, load_trace, sample_profiles, save_trace
+from pipelines.population import (ClientProfile, PopulationView, disc_coverage, load_link_trace, load_trace,
+                                  modulo_coverage, sample_profiles, save_trace)
 from pipelines.registry import ModelSpec, TaskSpec
 
 log = logging.getLogger("edgeray.fl")
@@ -39,6 +40,8 @@ class Prepared:
     parts: list[np.ndarray]
     profiles: list[ClientProfile]
     task: TaskSpec
+    coverage: list[list[int]]        # the edges covering each client, its home edge first
+    link_trace: dict | None          # per-round rates (clock.link_model=trace)
 
     @property
     def population(self) -> PopulationView:
@@ -69,6 +72,11 @@ def prepare(cfg: FLConfig, run_dir: Path | None = None) -> Prepared:
                                    downlink_median=c.downlink_median_mbps, bandwidth_sigma=c.bandwidth_sigma,
                                    min_availability=c.min_availability,
                                    resource_classes={n: s["share"] for n, s in classes.items()})
+    rt = cfg.runtime
+    coverage = modulo_coverage(cfg.data.num_clients, rt.num_edge_servers, rt.edge_overlap, cfg.seed) \
+        if rt.coverage == "modulo" else disc_coverage(cfg.data.num_clients, rt.num_edge_servers, rt.coverage_radius,
+                                                       cfg.seed)
+    link_trace = load_link_trace(cfg.clock.link_trace) if cfg.clock.link_model == "trace" else None
     if run_dir is not None:
         if "num_classes" in data.info:
             hist = label_histogram(data.y_train, parts, data.info["num_classes"])
@@ -76,7 +84,7 @@ def prepare(cfg: FLConfig, run_dir: Path | None = None) -> Prepared:
                   + format_histogram(hist), flush=True)
             np.save(run_dir / "label_histogram.npy", hist)  # plotted with the curves at the end (matplotlib: ~1 s)
         save_trace(profiles, run_dir / "client_profiles.json")
-    return Prepared(data, parts, profiles, task)
+    return Prepared(data, parts, profiles, task, coverage, link_trace)
 
 
 class FLRun:
@@ -125,7 +133,11 @@ class FLRun:
                        .remote(threads=max(1, int(spec["num_cpus"])), idle_exit_s=idle_exit_s)
                        for i in range(counts[name])]
                 for name, spec in classes.items()}
-            self.edges = [EdgeServerActor.options(**named(f"edge-{e}")).remote(e, idle_exit_s=idle_exit_s)
+            edge = cfg.runtime.edge_resources
+            self.edges = [EdgeServerActor.options(
+                              num_cpus=edge["num_cpus"], num_gpus=edge["num_gpus"],
+                              **named(f"edge-{e}-c{edge['num_cpus']:g}-g{edge['num_gpus']:g}-t{edge['threads']}"))
+                          .remote(e, idle_exit_s=idle_exit_s, threads=edge["threads"])
                           for e in range(cfg.runtime.num_edge_servers)]
             node = ray.get_runtime_context().get_node_id()
             self.aggregator_actor = AggregatorActor.options(
@@ -149,17 +161,19 @@ class FLRun:
             except RayActorError:  # a warm actor ended itself (idle) between lookup and use: look again
                 if not warm or attempt == 2:
                     raise
-        coverage = edge_coverage(cfg.data.num_clients, cfg.runtime.num_edge_servers, cfg.runtime.edge_overlap,
-                                 cfg.seed)
         opened = self.aggregator_actor.open_run.remote(RunSpec(
             run=self.run, run_id=run_id or self.run, method=strategy.name, refs=self.refs,
-            population=prepared.population, coverage=tuple(map(tuple, coverage)), edges=tuple(self.edges),
+            population=prepared.population, coverage=tuple(map(tuple, prepared.coverage)), edges=tuple(self.edges),
             pool=self.pool, store=self.store,
             settings=RoundSettings(
                 clients_per_round=cfg.strategy.clients_per_round, deadline_s=cfg.clock.deadline_s,
                 over_selection=cfg.clock.over_selection, dropout_prob=cfg.clock.dropout_prob,
                 test_size=len(data.x_test), seed=cfg.seed, round_timeout_s=cfg.runtime.round_timeout_s,
-                inflight_per_actor=cfg.runtime.inflight_per_actor, edge_uplink_mbps=cfg.runtime.edge_uplink_mbps)))
+                inflight_per_actor=cfg.runtime.inflight_per_actor, edge_uplink_mbps=cfg.runtime.edge_uplink_mbps,
+                link_model=cfg.clock.link_model, link_min_gain=cfg.clock.link_min_gain,
+                link_trace=prepared.link_trace, sticky_edges=cfg.runtime.sticky_edges,
+                selection_method=cfg.selection.method, conflict_rule=cfg.selection.conflict_rule,
+                selection_settings=cfg.selection.settings)))
         try:
             ray.get(opened)  # the first ClientActor builds the model here: a bad model.* fails now
         except RayTaskError as exc:

@@ -13,43 +13,74 @@ the round completes with the surviving updates, and Ray restarts the actor for t
 Every wait has a timeout: what is still running at ``timeout_s`` is cancelled and counted failed.
 
 The actor is threaded (``max_concurrency``) so that it can answer per-batch ``exchange`` calls
-from its clients (split learning) while ``run_round`` waits; ``server_step`` calls are
-serialized by a lock because they share the edge's state (e.g. one top model). Like every
-actor of the runtime it is run-agnostic: the run key comes with each call (``actors.warm``).
+from its clients (split learning) while ``run_round`` waits. ``server_step`` calls of one edge
+run one at a time when the strategy shares edge state between clients (one top model:
+``server_step_concurrency = "edge"``), or one at a time per client (``"client"``). It reserves
+``runtime.edge_resources`` (CPUs, GPUs) and runs its server steps on that many torch threads.
+
+The edge's own state (``edge_state``: a top model, per-client compressor state) lives in the run's
+state store under ``("edge", edge_id)``: loaded when the edge binds to the run, saved at the end
+of each of its rounds. So it is checkpointed with the run, restored by ``--resume``, and a
+restarted edge server recovers it. Like every actor of the runtime it is run-agnostic: the run
+key comes with each call (``actors.warm``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.messages import ClientFailure, ClientJob, EdgeResult, RunRefs
+from actors.store import find_store, load_state, save_state
 from actors.warm import IdleExit
 from pipelines.registry import materialize
 
 log = logging.getLogger("edgeray.edge")
 
 
+@dataclass
+class EdgeRun:
+    """One run bound on an edge server: its strategy and the edge's persistent state."""
+
+    strategy: object
+    edge_state: dict
+    store: object
+    had_state: bool
+    step_lock: threading.Lock = field(default_factory=threading.Lock)
+    client_locks: dict = field(default_factory=lambda: defaultdict(threading.Lock))
+
+    def lock_for(self, client_id: int) -> threading.Lock:
+        return self.client_locks[client_id] if self.strategy.server_step_concurrency == "client" else self.step_lock
+
+
 @ray.remote(num_cpus=0, max_concurrency=32, max_restarts=-1, max_task_retries=0)
 class EdgeServerActor(IdleExit):
-    def __init__(self, edge_id: int, idle_exit_s: float | None = None):
+    def __init__(self, edge_id: int, idle_exit_s: float | None = None, threads: int = 1):
         self.edge_id = edge_id
-        self.runs: dict[str, dict] = {}  # run -> {"strategy", "edge_state"}; bound lazily (actors.warm)
+        self.state_key = ("edge", edge_id)   # its key in the run's state store
+        self.runs: dict[str, EdgeRun] = {}   # bound lazily (actors.warm)
         self._lock = threading.Lock()
         self._self = ray.get_runtime_context().current_actor
+        if threads > 1:  # server steps (a top model) run torch; by default the edge reserves no CPU
+            import torch
+            torch.set_num_threads(threads)
         self.start_idle_exit(idle_exit_s)
 
-    def _bound(self, run: str, refs: RunRefs | None = None) -> dict:
+    def _bound(self, run: str, refs: RunRefs | None = None) -> EdgeRun:
         with self._lock:
             if run not in self.runs:
                 if refs is None:
                     raise RuntimeError(f"edge server {self.edge_id} has no run {run} (it was restarted mid-round)")
-                self.runs[run] = {"strategy": materialize(ray.get(refs.binding).strategy), "edge_state": {}}
+                store = find_store(run)
+                state = load_state(store, self.state_key)
+                self.runs[run] = EdgeRun(materialize(ray.get(refs.binding).strategy), state, store, bool(state))
             return self.runs[run]
 
     def release(self, run: str) -> None:
@@ -62,14 +93,24 @@ class EdgeServerActor(IdleExit):
     def exchange(self, run: str, client_id: int, payload):
         with self.busy():
             bound = self._bound(run)
-            with self._lock:
-                return bound["strategy"].server_step(bound["edge_state"], client_id, payload)
+            with bound.lock_for(client_id):
+                return bound.strategy.server_step(bound.edge_state, client_id, payload)
 
     def run_round(self, run: str, refs: RunRefs, rnd: int, wrapped_global: list, jobs: list[ClientJob],
                   pool: dict[str, list], timeout_s: float, inflight_per_actor: int) -> EdgeResult:
         with self.busy():
-            return self._run_round(run, refs, self._bound(run, refs)["strategy"], rnd, wrapped_global[0], jobs,
-                                   pool, timeout_s, inflight_per_actor)
+            bound = self._bound(run, refs)
+            with bound.step_lock:
+                bound.strategy.begin_edge_round(rnd, bound.edge_state, [job.client_id for job in jobs],
+                                                ray.get(wrapped_global[0]))
+            result = self._run_round(run, refs, bound.strategy, rnd, wrapped_global[0], jobs, pool, timeout_s,
+                                     inflight_per_actor)
+            with bound.step_lock:
+                partial = bound.strategy.end_edge_round(rnd, bound.edge_state, result.partial)
+                if bound.edge_state or bound.had_state:   # stateless strategies cost no store call
+                    save_state(bound.store, self.state_key, bound.edge_state)
+                    bound.had_state = True
+            return dataclasses.replace(result, partial=partial)
 
     def _run_round(self, run, refs, strategy, rnd, global_ref, jobs, pool, timeout_s, inflight_per_actor
                    ) -> EdgeResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.population import PopulationView
+from pipelines.population import Link, PopulationView
 from pipelines.registry import TaskSpec
 
 
@@ -47,6 +47,13 @@ class RoundSettings:
     round_timeout_s: float
     inflight_per_actor: int
     edge_uplink_mbps: float
+    link_model: str = "static"
+    link_min_gain: float = 0.05
+    link_trace: dict | None = None           # (round, client) -> Link, for link_model "trace"
+    sticky_edges: bool = False
+    selection_method: str = "default"         # "default" or a registered per-edge selector
+    conflict_rule: str = "share"
+    selection_settings: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class ClientJob:
     client_id: int
     instruction: dict
     resource_class: str
+    link: Link                # the client's rates this round (ctx.link)
+    budget_s: float           # wall-clock seconds left in the round when dispatched: the bound of every exchange
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,10 @@ class ClientReport:
     update_s: float          # inside the strategy's client_update
     pid: int
     store_calls: int
+    exchange_calls: int = 0          # per-batch round trips to the edge server (split learning)
+    exchange_up_bytes: int = 0       # their requests, metered on the exact objects sent
+    exchange_down_bytes: int = 0     # their replies
+    exchange_wall_s: float = 0.0     # wall time waiting for them
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Per-client persistent state (optimizer buffers, residuals, scores) that outlives actors.
+"""Per-client persistent state (optimizer buffers, residuals, scores) that outlives actors, and
+each edge server's state under the key ``("edge", edge_id)``.
 
 The store actor keeps one ObjectRef per client id and puts every state itself, so the object is
 owned by the store, not by the (possibly short-lived) ClientActor that produced it: when a
@@ -22,12 +23,12 @@ class ClientStateStore:
     def __init__(self):
         self._refs: dict[int, ray.ObjectRef] = {}
 
-    def get(self, client_id: int):
+    def get(self, client_id):
         """[ref] or None (a ref nested in a list is passed on, not resolved)."""
         ref = self._refs.get(client_id)
         return None if ref is None else [ref]
 
-    def put(self, client_id: int, state: dict) -> None:
+    def put(self, client_id, state: dict) -> None:
         self._refs[client_id] = ray.put(state)
 
     def snapshot(self) -> dict:
@@ -36,7 +37,7 @@ class ClientStateStore:
         return dict(zip(ids, ray.get([self._refs[c] for c in ids])))
 
     def restore(self, states: dict) -> None:
-        self._refs = {int(c): ray.put(s) for c, s in states.items()}
+        self._refs = {key: ray.put(s) for key, s in states.items()}
 
     def size(self) -> int:
         return len(self._refs)
@@ -47,10 +48,10 @@ def find_store(run: str):
     return ray.get_actor(run, namespace=NAMESPACE)
 
 
-def load_state(store, client_id: int) -> dict:
+def load_state(store, client_id) -> dict:
     wrapped = ray.get(store.get.remote(client_id))
     return {} if wrapped is None else ray.get(wrapped[0])
 
 
-def save_state(store, client_id: int, state: dict) -> None:
+def save_state(store, client_id, state: dict) -> None:
     ray.get(store.put.remote(client_id, state))

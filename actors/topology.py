@@ -2,10 +2,10 @@
 
 - ``plan_pool``: how many ClientActors of each resource class to start, from the cluster's
   resources and the per-class request (``num_actors: 0`` means "as many as fit").
-- ``edge_coverage``: each client is covered by its home edge server (client id mod S) plus
-  ``overlap`` extra servers drawn with a seed, so coverage sets may overlap.
 - ``assign_edges``: per round, each kept client goes to the covering server with the fewest
-  clients so far (balanced; ties to the lower id).
+  clients so far (balanced; ties to the lower id); with ``sticky`` to its home edge (the first
+  of its coverage) while that edge lives.
+Coverage geometry itself is the population's (``pipelines.population``).
 """
 
 from __future__ import annotations
@@ -39,22 +39,11 @@ def plan_pool(classes: dict[str, dict], total_cpus: float, total_gpus: float) ->
     return counts
 
 
-def edge_coverage(num_clients: int, num_edges: int, overlap: int, seed: int) -> list[list[int]]:
-    if overlap >= num_edges and num_edges > 1:
-        raise UserError(f"runtime.edge_overlap={overlap} must be < runtime.num_edge_servers={num_edges}")
-    rng = np.random.default_rng([seed, 104729])
-    coverage = []
-    for cid in range(num_clients):
-        home = cid % num_edges
-        others = [e for e in range(num_edges) if e != home]
-        extra = rng.choice(others, size=overlap, replace=False).tolist() if overlap and others else []
-        coverage.append(sorted([home, *extra]))
-    return coverage
-
-
-def assign_edges(clients: list[int], coverage: list[list[int]], num_edges: int) -> dict[int, list[int]]:
+def assign_edges(clients: list[int], coverage: list[list[int]], num_edges: int, sticky: bool = False
+                 ) -> dict[int, list[int]]:
+    """``coverage``: the live edges covering each client, its home edge first when it lives."""
     load = {e: [] for e in range(num_edges)}
     for cid in sorted(clients, key=lambda c: (len(coverage[c]), c)):
-        edge = min(coverage[cid], key=lambda e: (len(load[e]), e))
+        edge = coverage[cid][0] if sticky else min(coverage[cid], key=lambda e: (len(load[e]), e))
         load[edge].append(cid)
     return load

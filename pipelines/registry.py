@@ -1,7 +1,8 @@
 """Everything the FL runtime can run, by name, and where its code lives, without importing it.
 
 Four tables: strategies (each with its settings dataclass), models, data sets and evaluations
-(each with the training loss of its task, so a strategy like FedAvg trains any task).
+(each with the training loss of its task, so a strategy like FedAvg trains any task); and the
+per-edge client selectors.
 Each entry is a dotted path ``"module:attr"``. The driver checks names and a strategy's
 settings from these tables alone; a model's or strategy's module (torch, transformers) is
 imported only in the processes that run it, so ``edgeray run`` is ready in a fraction of a second
@@ -69,6 +70,15 @@ EVALUATIONS = {
     "next-token": Entry("pipelines.tasks.lm:evaluate_next_token",
                         "next-token accuracy and mean cross-entropy per token of a causal LM",
                         loss="pipelines.tasks.lm:next_token_loss"),
+}
+
+SELECTORS = {
+    "random": Entry("pipelines.selection:RandomSelector", "each edge picks uniformly among the available clients it covers"),
+    "greedy-latency": Entry("pipelines.selection:GreedyLatencySelector",
+                            "each edge picks the covered clients with the lowest estimated round time"),
+    "oracle": Entry("pipelines.selection:ConflictFreeOracle",
+                    "a central planner that gives every client to at most one edge (no conflicts); a bound, "
+                    "not a deployable method"),
 }
 
 

@@ -11,6 +11,11 @@ every round::
                                                                         client's edge server)
     edge        partial = init_partial(); accumulate(partial, update)  (as updates arrive)
     aggregator  aggregate(round, global, state, merge(partials))       (new global + server state)
+    aggregator  observe_round(round, state, observation)               (how the round went)
+
+and on each edge server, around its clients: ``begin_edge_round`` ... ``end_edge_round``, with
+the edge's own state, which the runtime saves with the run (checkpointed, restored on resume and
+after an edge restart).
 
 What this design carries beyond FedAvg:
 - per-client instructions: ``configure_round`` returns a dict per client (a compute budget, a
@@ -40,7 +45,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pipelines.population import PopulationView
+from pipelines.population import Link, PopulationView
 from pipelines.settings import StrategySettings
 
 Params = dict[str, np.ndarray]
@@ -76,8 +81,9 @@ class ClientContext:
     state: dict                      # this client's persistent state (mutate it in place)
     rng: np.random.Generator         # seeded by (run seed, round, client id)
     loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # the task's training loss
-    exchange: Callable[[Any], Any] | None = None
+    exchange: Callable[[Any], Any] | None = None   # metered round trip to the edge server's server_step
     device: str = "cpu"              # where the model is: move batches here
+    link: Link | None = None         # this round's up/down rates (a bandwidth-adaptive compressor reads them)
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,9 @@ class Strategy:
 
     name = "base"
     uses_client_state = True   # False skips the state store round trip for every client
+    # "edge": server_step calls of one edge run one at a time (they share e.g. one top model);
+    # "client": calls of different clients run concurrently (state kept per client)
+    server_step_concurrency = "edge"
 
     def __init__(self, settings: StrategySettings | None = None):
         self.settings = settings if settings is not None else StrategySettings()
@@ -269,6 +278,12 @@ class Strategy:
         """Examples the client will process under this instruction (drives simulated compute time)."""
         return float(num_examples) * instruction.get("local_epochs", self.settings.local_epochs)
 
+    def estimate_traffic(self, instruction: dict, num_examples: int) -> tuple[float, float]:
+        """(down, up) bytes of per-batch exchanges the client is expected to cause, beside the
+        download and the update: the round planner adds them to its time estimate (deadlines,
+        stragglers). The metered traffic is what counts in the round's bytes and time."""
+        return 0.0, 0.0
+
     def download_keys(self, instruction: dict, global_params: Params) -> list[str]:
         """Named tensors the client downloads (all by default)."""
         return list(global_params)
@@ -276,6 +291,11 @@ class Strategy:
     def aggregate(self, rnd: int, global_params: Params, state: dict, partial: Any) -> tuple[Params, dict, dict]:
         """(new global params, new server state, metrics) from the merged partial."""
         return partial.average(global_params), state, partial.mean_metrics()
+
+    def observe_round(self, rnd: int, state: dict, observation: Any) -> dict:
+        """What happened in round ``rnd`` (a ``pipelines.selection.RoundObservation``: every invited
+        client's outcome, edge and simulated time); returns the new server state."""
+        return state
 
     # ---- client side (ClientActor)
     def client_update(self, ctx: ClientContext) -> ClientUpdate:
@@ -293,6 +313,15 @@ class Strategy:
         for p in partials:
             out = out.merge(p)
         return out
+
+    def begin_edge_round(self, rnd: int, edge_state: dict, client_ids: list[int], global_params: Params) -> None:
+        """An edge server starts its part of round ``rnd`` (``edge_state``: its own, persistent;
+        ``global_params``: the round's global tensors, read-only, e.g. to copy a top model)."""
+
+    def end_edge_round(self, rnd: int, edge_state: dict, partial: Any) -> Any:
+        """An edge server ends its part of round ``rnd``; returns the partial it sends up (e.g. with
+        its per-client top models averaged in). ``edge_state`` is then saved with the run."""
+        return partial
 
     def server_step(self, edge_state: dict, client_id: int, payload: Any) -> Any:
         """Answer one per-batch payload from a client (split learning); edge_state persists on

@@ -1,6 +1,7 @@
 """Test-only strategies, importable by Ray workers (conftest puts tests/ on their PYTHONPATH)."""
 
 from pipelines.fedavg.strategy import FedAvg
+from pipelines.models import get_params
 from pipelines.strategy import ClientUpdate
 
 
@@ -51,3 +52,43 @@ class LeakProbe(FedAvg):
         return new, state, {**metrics, "leaked_frozen": sum(len(f["frozen"]) for f in found),
                             "leaked_hooks": sum(f["hooks"] for f in found),
                             "leaked_grads": sum(f["grads"] for f in found), "probed": len(found)}
+
+
+class SplitFedProbe(FedAvg):
+    """SplitFed-v1 in miniature, to test edge state: the model's last layer is the "top" model,
+    kept on the edge servers. Each edge copies the global top for every client it serves
+    (``begin_edge_round``); per batch a client sends a number, which the edge adds to that client's
+    top copy; at the end of its round the edge averages its clients' top copies into the partial
+    (one weight each). Clients upload only the bottom layers. The edge also counts, in its own
+    persistent state, the rounds it served and every number it received: that state must survive
+    checkpoints, resume and an edge restart."""
+
+    name = "splitfed-probe"
+    TOP = "3.weight"   # the mlp's last Linear
+
+    def client_update(self, ctx):
+        for _, yb in ctx.data.batches(self.settings.batch_size, ctx.rng):
+            ctx.exchange({"delta": 0.001 * (ctx.client_id + 1), "labels": yb.numpy()})
+        bottom = {k: v for k, v in get_params(ctx.model).items() if k != self.TOP}
+        return ClientUpdate(ctx.client_id, len(ctx.data), bottom)
+
+    def begin_edge_round(self, rnd, edge_state, client_ids, global_params):
+        edge_state["tops"] = {c: global_params[self.TOP].copy() for c in client_ids}
+        edge_state["rounds"] = edge_state.get("rounds", 0) + 1
+
+    def server_step(self, edge_state, client_id, payload):
+        edge_state["tops"][client_id] += payload["delta"]
+        edge_state["received"] = edge_state.get("received", 0.0) + payload["delta"]
+        return {"ok": True}
+
+    def end_edge_round(self, rnd, edge_state, partial):
+        for c, top in sorted(edge_state.pop("tops").items()):
+            partial.add(ClientUpdate(c, 0, {self.TOP: top}), weight=1.0)
+        partial.stats.append((-1, 0, {"edge_rounds": edge_state["rounds"], "received": edge_state["received"]}))
+        return partial
+
+    def aggregate(self, rnd, global_params, state, partial):
+        new, state, metrics = super().aggregate(rnd, global_params, state, partial)
+        edges = [s for c, _, s in partial.stats if c == -1]
+        return new, state, {**metrics, "edge_rounds": sum(s["edge_rounds"] for s in edges),
+                            "edge_received": sum(s["received"] for s in edges)}

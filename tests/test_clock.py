@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from actors.clock import VirtualClock
-from pipelines.population import ClientProfile, load_trace, sample_profiles, save_trace
-from actors.topology import assign_edges, edge_coverage, plan_pool
+from pipelines.population import ClientProfile, load_trace, modulo_coverage, sample_profiles, save_trace
+from actors.topology import assign_edges, plan_pool
 from edgeray.errors import UserError
 
 
@@ -17,7 +17,7 @@ def _profiles(speeds, up=8.0, down=8.0, avail=1.0):
 
 def test_client_time_is_download_compute_upload():
     clock = VirtualClock(_profiles([100.0]), seed=0)
-    t = clock.timing(0, work_examples=500, down_bytes=1e6, up_bytes=2e6)
+    t = clock.timing(1, 0, work_examples=500, down_bytes=1e6, up_bytes=2e6)
     assert t.download_s == pytest.approx(1.0) and t.compute_s == pytest.approx(5.0)
     assert t.upload_s == pytest.approx(2.0) and t.total_s == pytest.approx(8.0)
 
@@ -98,13 +98,13 @@ def test_plan_pool_from_resources():
 
 
 def test_edge_coverage_overlap_and_balanced_assignment():
-    coverage = edge_coverage(30, 3, overlap=1, seed=0)
+    coverage = modulo_coverage(30, 3, overlap=1, seed=0)
     assert all(len(c) == 2 and c[0] != c[1] for c in coverage)
     assert all(cid % 3 in c for cid, c in enumerate(coverage))
     load = assign_edges(list(range(30)), coverage, 3)
     assert sorted(c for cs in load.values() for c in cs) == list(range(30))
     assert all(cid in edge_clients and e in coverage[cid] for e, edge_clients in load.items() for cid in edge_clients)
     assert max(map(len, load.values())) - min(map(len, load.values())) <= 1
-    assert edge_coverage(10, 1, overlap=0, seed=0) == [[0]] * 10
+    assert modulo_coverage(10, 1, overlap=0, seed=0) == [[0]] * 10
     with pytest.raises(UserError, match="edge_overlap=3 must be <"):
-        edge_coverage(10, 3, overlap=3, seed=0)
+        modulo_coverage(10, 3, overlap=3, seed=0)

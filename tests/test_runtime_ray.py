@@ -150,7 +150,7 @@ def test_only_trainable_tensors_are_global_state(ray_session):
         row = ray.get(fl.aggregator.run_round.remote(1))
         per_client = sum(payload_bytes(v) for v in before.values())   # each tensor metered as it is sent
         assert per_client < sum(v.nbytes for v in before.values()) + 256 * len(before)   # plus a pickle header each
-        assert row["bytes_down"] == 4 * per_client
+        assert 4 * per_client < row["bytes_down"] <= 4 * (per_client + 256)   # + each client's instruction
         after = ray.get(fl.aggregator.global_weights.remote())
         assert row["bytes_up"] >= 4 * sum(v.nbytes for v in after.values())
         assert set(after) == set(before) and any(not np.array_equal(after[k], before[k]) for k in before)
