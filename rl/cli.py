@@ -41,24 +41,32 @@ def _experiment_config_cls():
     return ExperimentConfig
 
 
-def _evaluate_replay(run_dirs: list[Path], out_dir: Path) -> dict:
-    from rl.deer.analysis import markdown_table, plot_returns, summarize
-    from rl.deer.config import REPLAY_METHODS, ExperimentConfig
+def _compare_runs(analysis_module: str, config_cls: type, methods, run_dirs: list[Path], out_dir: Path) -> dict:
+    """`edgeray rl eval`: an experiment's analysis module (summarize, markdown_table,
+    plot_returns) over its runs; writes table.md, summary.json and the plots."""
+    import importlib
+
     from rl.loop import load_run
 
-    runs = [load_run(d, ExperimentConfig, REPLAY_METHODS) for d in run_dirs]
+    analysis = importlib.import_module(analysis_module)
+    runs = [load_run(d, config_cls, methods) for d in run_dirs]
     empty = [str(d) for d, (_, _, rows) in zip(run_dirs, runs) if not rows]
     if len(empty) == len(runs):
         raise UserError(f"none of the runs has metrics yet: {', '.join(empty)}")
-    summary = summarize(runs)
+    summary = analysis.summarize(runs)
+    table = analysis.markdown_table(summary)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary["plots"] = plot_returns(runs, out_dir)
-    table = markdown_table(summary)
+    summary["plots"] = analysis.plot_returns(runs, out_dir)
     (out_dir / "table.md").write_text(table)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table, end="")
     print(f"wrote {out_dir}/table.md, summary.json and {len(summary['plots'])} plot(s)")
     return summary
+
+
+def _evaluate_replay(run_dirs: list[Path], out_dir: Path) -> dict:
+    from rl.deer.config import REPLAY_METHODS, ExperimentConfig
+    return _compare_runs("rl.deer.analysis", ExperimentConfig, REPLAY_METHODS, run_dirs, out_dir)
 
 
 def _replay_entry(name: str, summary: str) -> RLMethod:
@@ -75,23 +83,8 @@ def _leed_config_cls():
 
 
 def _evaluate_leed(run_dirs: list[Path], out_dir: Path) -> dict:
-    from rl.leed.analysis import markdown_table, plot_returns, summarize
     from rl.leed.config import LEED_METHODS, LEEDConfig
-    from rl.loop import load_run
-
-    runs = [load_run(d, LEEDConfig, LEED_METHODS) for d in run_dirs]
-    empty = [str(d) for d, (_, _, rows) in zip(run_dirs, runs) if not rows]
-    if len(empty) == len(runs):
-        raise UserError(f"none of the runs has metrics yet: {', '.join(empty)}")
-    summary = summarize(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_returns(runs, out_dir)
-    table = markdown_table(summary)
-    (out_dir / "table.md").write_text(table)
-    (out_dir / "summary.json").write_text(json.dumps({"settings": summary, "plots": plots}, indent=2))
-    print(table, end="")
-    print(f"wrote {out_dir}/table.md, summary.json and {len(plots)} plot(s)")
-    return summary
+    return _compare_runs("rl.leed.analysis", LEEDConfig, LEED_METHODS, run_dirs, out_dir)
 
 
 def _leed_entry(name: str, summary: str) -> RLMethod:

@@ -121,23 +121,21 @@ def place_trips(graph: RoadGraph, cfg: RoutingEnvSection) -> list[Trip]:
     return trips
 
 
-class RoutingParallelEnv(ParallelEnv):
-    """The light graph simulator (see the module docstring)."""
+class RoutingEnvBase(ParallelEnv):
+    """What both simulators share: agents, trips, spaces, the observation layout, the episode
+    bookkeeping and the interface the expert executor uses. A simulator says which road each
+    action slot of an agent's intersection leads to (`slot_roads`) and how many vehicles a road
+    holds now (`road_vehicles`)."""
 
-    metadata = {"name": "edgeray_routing_v0", "render_modes": []}
-
-    def __init__(self, cfg: RoutingEnvSection | dict | None = None, graph: RoadGraph | None = None):
-        self.cfg = _section(cfg)
-        self.graph = graph or build_graph(self.cfg)
-        self.trips = place_trips(self.graph, self.cfg)
-        self.possible_agents = agent_ids(self.cfg.num_agents)
+    def __init__(self, cfg: RoutingEnvSection, graph: RoadGraph):
+        self.cfg, self.graph = cfg, graph
+        self.trips = place_trips(graph, cfg)
+        self.possible_agents = agent_ids(cfg.num_agents)
         self.agents: list[str] = []
-        g = self.graph
-        self.num_slots = g.max_out_degree
+        self.num_slots = graph.max_out_degree
         self.wait_action = self.num_slots
-        self.free_time_s = g.lengths / self.cfg.speed_mps
-        self.capacity = self.cfg.capacity_per_lane * g.lanes
-        obs_dim = 2 * g.num_nodes + 2 * self.num_slots + 4
+        self.capacity = cfg.capacity_per_lane * graph.lanes
+        obs_dim = 2 * graph.num_nodes + 2 * self.num_slots + 4
         # one space object per agent, built once: PettingZoo requires the same object on every call
         self.observation_spaces = {a: spaces.Box(0.0, 1.0, (obs_dim,), np.float32) for a in self.possible_agents}
         self.action_spaces = {a: spaces.Discrete(self.num_slots + 1) for a in self.possible_agents}
@@ -148,26 +146,113 @@ class RoutingParallelEnv(ParallelEnv):
     def action_space(self, agent):
         return self.action_spaces[agent]
 
-    # ------------------------------------------------------------------ episode
-    def reset(self, seed=None, options=None):
+    def slot_roads(self, i: int) -> list[int | None]:
+        """Per action slot at agent i's intersection, the road it takes (None: not from here)."""
+        raise NotImplementedError
+
+    def road_vehicles(self, e: int) -> float:
+        raise NotImplementedError
+
+    def _reset_agents(self) -> None:
         n = len(self.possible_agents)
         self.t = 0
         self.status = np.full(n, WAITING)
         self.node = np.array([trip.start for trip in self.trips])   # intersection, or road end while driving
         self.road = np.full(n, -1)
-        self.remaining_s = np.zeros(n)
         self.travel_s = np.zeros(n)
-        self.load = np.zeros(len(self.graph.edges), dtype=int)
         self.peak_load = np.zeros(len(self.graph.edges), dtype=int)
         self.agents = list(self.possible_agents)
         self._depart_due()
-        return ({a: self._obs(i) for i, a in self._live()}, {a: self._info(i) for i, a in self._live()})
+
+    def _first_observations(self):
+        return {a: self._obs(i) for i, a in self._live()}, {a: self._info(i) for i, a in self._live()}
+
+    def _finish_step(self, live, decided, rewards, terminated):
+        """Advance the clock, let due vehicles depart, truncate at max_steps, drop finished agents."""
+        self.t += 1
+        self._depart_due()
+        truncated = {a: self.t >= self.cfg.max_steps and not terminated[a] for _, a in live}
+        obs = {a: self._obs(i) for i, a in live}
+        infos = {a: self._info(i, decision=i in decided) for i, a in live}
+        self.agents = [a for _, a in live if not (terminated[a] or truncated[a])]
+        return obs, rewards, terminated, truncated, infos
+
+    def _live(self):
+        index = {a: i for i, a in enumerate(self.possible_agents)}
+        return [(index[a], a) for a in self.agents]
+
+    def _depart_due(self):
+        for i, trip in enumerate(self.trips):
+            if self.status[i] == WAITING and self.t >= trip.depart:
+                self.status[i] = AT_NODE
+
+    def _obs(self, i: int) -> np.ndarray:
+        n, d = self.graph.num_nodes, self.num_slots
+        obs = np.zeros(self.observation_spaces[self.possible_agents[i]].shape, np.float32)
+        obs[self.node[i]] = 1.0
+        obs[n + self.trips[i].goal] = 1.0
+        for k, e in enumerate(self.slot_roads(i)):
+            if e is not None:
+                obs[2 * n + k] = min(1.0, self.road_vehicles(e) / self.capacity[e])
+                obs[2 * n + d + k] = 1.0
+        obs[2 * n + 2 * d + (AT_NODE if self.status[i] == ARRIVED else int(self.status[i]))] = 1.0
+        obs[-1] = min(1.0, self.t / self.cfg.max_steps)
+        return obs
+
+    def _info(self, i: int, decision: bool = False) -> dict:
+        return {"node": self.graph.names[self.node[i]], "status": int(self.status[i]), "decision": decision,
+                "arrived": bool(self.status[i] == ARRIVED), "travel_s": float(self.travel_s[i])}
+
+    # ------------------------------------------------------------------ what the expert needs
+    def at_decision(self, agent: str) -> bool:
+        """True when `agent`'s next action moves it (it has departed and stands at an intersection)."""
+        return self.status[self.possible_agents.index(agent)] == AT_NODE
+
+    def position(self, agent: str) -> int:
+        return int(self.node[self.possible_agents.index(agent)])
+
+    def action_toward(self, agent: str, next_node: int) -> int:
+        """The action slot of the road from `agent`'s intersection to `next_node` (wait if none)."""
+        for k, e in enumerate(self.slot_roads(self.possible_agents.index(agent))):
+            if e is not None and self.graph.edges[e][1] == next_node:
+                return k
+        return self.wait_action
+
+    def congested_roads(self) -> list[tuple[int, int, float]]:
+        """(edge index, peak vehicles, peak load / capacity) of the roads that reached capacity this
+        episode, most congested first."""
+        over = np.flatnonzero(self.peak_load >= self.capacity)
+        return sorted(((int(e), int(self.peak_load[e]), float(self.peak_load[e] / self.capacity[e])) for e in over),
+                      key=lambda r: -r[2])
+
+
+class RoutingParallelEnv(RoutingEnvBase):
+    """The light graph simulator (see the module docstring)."""
+
+    metadata = {"name": "edgeray_routing_v0", "render_modes": []}
+
+    def __init__(self, cfg: RoutingEnvSection | dict | None = None, graph: RoadGraph | None = None):
+        cfg = _section(cfg)
+        super().__init__(cfg, graph or build_graph(cfg))
+        self.free_time_s = self.graph.lengths / cfg.speed_mps
+
+    def slot_roads(self, i: int) -> list[int | None]:
+        return list(self.graph.out_edges[self.node[i]])
+
+    def road_vehicles(self, e: int) -> float:
+        return self.load[e]
+
+    def reset(self, seed=None, options=None):
+        self.remaining_s = np.zeros(len(self.possible_agents))
+        self.load = np.zeros(len(self.graph.edges), dtype=int)
+        self._reset_agents()
+        return self._first_observations()
 
     def step(self, actions):
         if not self.agents:
             raise RuntimeError("step() after the episode ended; call reset()")
-        cfg, g = self.cfg, self.graph
-        live = list(self._live())
+        cfg = self.cfg
+        live = self._live()
         decided = {i for i, _ in live if self.status[i] == AT_NODE}
         for i, agent in live:  # agent order decides who enters a road first in a step
             if i in decided:
@@ -189,22 +274,7 @@ class RoutingParallelEnv(ParallelEnv):
                         self.status[i] = ARRIVED
                         rewards[agent] += cfg.arrival_bonus
                         terminated[agent] = True
-        self.t += 1
-        self._depart_due()
-        truncated = {a: self.t >= cfg.max_steps and not terminated[a] for _, a in live}
-        obs = {a: self._obs(i) for i, a in live}
-        infos = {a: self._info(i, decision=i in decided) for i, a in live}
-        self.agents = [a for _, a in live if not (terminated[a] or truncated[a])]
-        return obs, rewards, terminated, truncated, infos
-
-    def _live(self):
-        index = {a: i for i, a in enumerate(self.possible_agents)}
-        return [(index[a], a) for a in self.agents]
-
-    def _depart_due(self):
-        for i, trip in enumerate(self.trips):
-            if self.status[i] == WAITING and self.t >= trip.depart:
-                self.status[i] = AT_NODE
+        return self._finish_step(live, decided, rewards, terminated)
 
     def _enter(self, i: int, action: int) -> None:
         roads = self.graph.out_edges[self.node[i]]
@@ -218,44 +288,6 @@ class RoutingParallelEnv(ParallelEnv):
         self.road[i] = e
         self.node[i] = self.graph.edges[e][1]
         self.status[i] = ON_ROAD
-
-    def _obs(self, i: int) -> np.ndarray:
-        g, n, d = self.graph, self.graph.num_nodes, self.num_slots
-        obs = np.zeros(self.observation_spaces[self.possible_agents[i]].shape, np.float32)
-        obs[self.node[i]] = 1.0
-        obs[n + self.trips[i].goal] = 1.0
-        for k, e in enumerate(g.out_edges[self.node[i]]):
-            obs[2 * n + k] = min(1.0, self.load[e] / self.capacity[e])
-            obs[2 * n + d + k] = 1.0
-        obs[2 * n + 2 * d + (AT_NODE if self.status[i] == ARRIVED else int(self.status[i]))] = 1.0
-        obs[-1] = min(1.0, self.t / self.cfg.max_steps)
-        return obs
-
-    def _info(self, i: int, decision: bool = False) -> dict:
-        return {"node": self.graph.names[self.node[i]], "status": int(self.status[i]), "decision": decision,
-                "arrived": bool(self.status[i] == ARRIVED), "travel_s": float(self.travel_s[i])}
-
-    # ------------------------------------------------------------------ what the expert needs
-    def at_decision(self, agent: str) -> bool:
-        """True when `agent`'s next action moves it (it has departed and stands at an intersection)."""
-        return self.status[self.possible_agents.index(agent)] == AT_NODE
-
-    def position(self, agent: str) -> int:
-        return int(self.node[self.possible_agents.index(agent)])
-
-    def action_toward(self, agent: str, next_node: int) -> int:
-        """The action slot of the road from `agent`'s intersection to `next_node` (wait if none)."""
-        for k, e in enumerate(self.graph.out_edges[self.position(agent)]):
-            if self.graph.edges[e][1] == next_node:
-                return k
-        return self.wait_action
-
-    def congested_roads(self) -> list[tuple[int, int, float]]:
-        """(edge index, peak vehicles, peak load / capacity) of the roads that reached capacity this
-        episode, most congested first."""
-        over = np.flatnonzero(self.peak_load >= self.capacity)
-        return sorted(((int(e), int(self.peak_load[e]), float(self.peak_load[e] / self.capacity[e])) for e in over),
-                      key=lambda r: -r[2])
 
 
 def _section(cfg) -> RoutingEnvSection:

@@ -30,14 +30,9 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
-from gymnasium import spaces
-from pettingzoo import ParallelEnv
-
 from edgeray.errors import UserError
 from rl.envs.road_graph import load_network
-from rl.envs.routing import (ARRIVED, AT_NODE, ON_ROAD, WAITING, RoutingEnvSection, _section, agent_ids,
-                             place_trips)
+from rl.envs.routing import ARRIVED, AT_NODE, ON_ROAD, WAITING, RoutingEnvBase, RoutingEnvSection, _section
 
 _ACTIVE_OWNER: list = []  # the env that holds this process's libsumo simulation
 
@@ -81,35 +76,31 @@ def _connections(net_file: Path) -> set[tuple[str, str]]:
     return {(c.get("from"), c.get("to")) for c in root.iter("connection") if not c.get("from", ":").startswith(":")}
 
 
-class SumoRoutingParallelEnv(ParallelEnv):
+class SumoRoutingParallelEnv(RoutingEnvBase):
     """See the module docstring."""
 
     metadata = {"name": "edgeray_routing_sumo_v0", "render_modes": []}
 
     def __init__(self, cfg: RoutingEnvSection | dict | None = None):
-        self.cfg = _section(cfg)
+        cfg = _section(cfg)
         self.libsumo = import_libsumo()
-        self.net_file = sumo_network(self.cfg)
-        self.graph = load_network(self.net_file)
+        self.net_file = sumo_network(cfg)
+        super().__init__(cfg, load_network(self.net_file))
         self.connected = _connections(self.net_file)
-        self.trips = place_trips(self.graph, self.cfg)
-        self.possible_agents = agent_ids(self.cfg.num_agents)
-        self.agents: list[str] = []
-        g = self.graph
-        self.num_slots = g.max_out_degree
-        self.wait_action = self.num_slots
-        self.capacity = self.cfg.capacity_per_lane * g.lanes
-        self.edge_index = {name: e for e, name in enumerate(g.edge_names)}
-        obs_dim = 2 * g.num_nodes + 2 * self.num_slots + 4
-        self.observation_spaces = {a: spaces.Box(0.0, 1.0, (obs_dim,), np.float32) for a in self.possible_agents}
-        self.action_spaces = {a: spaces.Discrete(self.num_slots + 1) for a in self.possible_agents}
+        self.edge_index = {name: e for e, name in enumerate(self.graph.edge_names)}
         self._started = False
 
-    def observation_space(self, agent):
-        return self.observation_spaces[agent]
+    def slot_roads(self, i: int) -> list[int | None]:
+        """A slot whose road SUMO does not connect to the vehicle's road (a U-turn on a
+        no-turnaround network) is None: choosing it waits."""
+        roads = self.graph.out_edges[self.node[i]]
+        if self.road[i] < 0:
+            return list(roads)
+        here = self.graph.edge_names[self.road[i]]
+        return [e if (here, self.graph.edge_names[e]) in self.connected else None for e in roads]
 
-    def action_space(self, agent):
-        return self.action_spaces[agent]
+    def road_vehicles(self, e: int) -> float:
+        return self.libsumo.edge.getLastStepVehicleNumber(self.graph.edge_names[e]) if self._started else 0
 
     # ------------------------------------------------------------------ simulation
     def _sumo_args(self) -> list[str]:
@@ -126,16 +117,8 @@ class SumoRoutingParallelEnv(ParallelEnv):
             self.libsumo.start(["sumo", *self._sumo_args()])
             self._started = True
             _ACTIVE_OWNER[:] = [self]
-        n = len(self.possible_agents)
-        self.t = 0
-        self.status = np.full(n, WAITING)
-        self.node = np.array([trip.start for trip in self.trips])
-        self.road = np.full(n, -1)        # the road the vehicle is on (-1 before it enters)
-        self.travel_s = np.zeros(n)
-        self.peak_load = np.zeros(len(self.graph.edges), dtype=int)
-        self.agents = list(self.possible_agents)
-        self._depart_due()
-        return {a: self._obs(i) for i, a in self._live()}, {a: self._info(i) for i, a in self._live()}
+        self._reset_agents()
+        return self._first_observations()
 
     def step(self, actions):
         if not self.agents:
@@ -166,34 +149,10 @@ class SumoRoutingParallelEnv(ParallelEnv):
                 terminated[agent] = True
             elif agent in present:
                 self._track(i, agent)
-        self.t += 1
-        self._depart_due()
-        truncated = {a: self.t >= cfg.max_steps and not terminated[a] for _, a in live}
-        obs = {a: self._obs(i) for i, a in live}
-        infos = {a: self._info(i, decision=i in decided) for i, a in live}
-        self.agents = [a for _, a in live if not (terminated[a] or truncated[a])]
-        return obs, rewards, terminated, truncated, infos
-
-    def _live(self):
-        index = {a: i for i, a in enumerate(self.possible_agents)}
-        return [(index[a], a) for a in self.agents]
-
-    def _depart_due(self):
-        for i, trip in enumerate(self.trips):
-            if self.status[i] == WAITING and self.t >= trip.depart:
-                self.status[i] = AT_NODE
-
-    def _allowed(self, i: int) -> list[int | None]:
-        """Per slot of the current intersection, the road index, or None where SUMO has no
-        connection from the vehicle's road (a U-turn on a no-turnaround network)."""
-        roads = self.graph.out_edges[self.node[i]]
-        if self.road[i] < 0:
-            return list(roads)
-        here = self.graph.edge_names[self.road[i]]
-        return [e if (here, self.graph.edge_names[e]) in self.connected else None for e in roads]
+        return self._finish_step(live, decided, rewards, terminated)
 
     def _decide(self, i: int, action: int) -> None:
-        allowed = self._allowed(i)
+        allowed = self.slot_roads(i)
         if not 0 <= action < len(allowed) or allowed[action] is None:
             return  # wait, or a road this intersection does not offer from here
         ls, agent, e = self.libsumo, self.possible_agents[i], allowed[action]
@@ -226,46 +185,8 @@ class SumoRoutingParallelEnv(ParallelEnv):
         ls.vehicle.setStop(agent, self.graph.edge_names[road], pos=length - 0.1, laneIndex=lane, duration=1e6)
         self.status[i] = AT_NODE
 
-    def _obs(self, i: int) -> np.ndarray:
-        g, n, d = self.graph, self.graph.num_nodes, self.num_slots
-        obs = np.zeros(self.observation_spaces[self.possible_agents[i]].shape, np.float32)
-        obs[self.node[i]] = 1.0
-        obs[n + self.trips[i].goal] = 1.0
-        if self._started:
-            for k, e in enumerate(self._allowed(i)):
-                if e is not None:
-                    vehicles = self.libsumo.edge.getLastStepVehicleNumber(g.edge_names[e])
-                    obs[2 * n + k] = min(1.0, vehicles / self.capacity[e])
-                    obs[2 * n + d + k] = 1.0
-        obs[2 * n + 2 * d + (AT_NODE if self.status[i] == ARRIVED else int(self.status[i]))] = 1.0
-        obs[-1] = min(1.0, self.t / self.cfg.max_steps)
-        return obs
-
-    def _info(self, i: int, decision: bool = False) -> dict:
-        return {"node": self.graph.names[self.node[i]], "status": int(self.status[i]), "decision": decision,
-                "arrived": bool(self.status[i] == ARRIVED), "travel_s": float(self.travel_s[i])}
-
     def close(self):
         if self._started:
             self.libsumo.close()
             self._started = False
             _ACTIVE_OWNER.clear()
-
-    # ------------------------------------------------------------------ what the expert needs
-    def at_decision(self, agent: str) -> bool:
-        return self.status[self.possible_agents.index(agent)] == AT_NODE
-
-    def position(self, agent: str) -> int:
-        return int(self.node[self.possible_agents.index(agent)])
-
-    def action_toward(self, agent: str, next_node: int) -> int:
-        i = self.possible_agents.index(agent)
-        for k, e in enumerate(self._allowed(i)):
-            if e is not None and self.graph.edges[e][1] == next_node:
-                return k
-        return self.wait_action
-
-    def congested_roads(self) -> list[tuple[int, int, float]]:
-        over = np.flatnonzero(self.peak_load >= self.capacity)
-        return sorted(((int(e), int(self.peak_load[e]), float(self.peak_load[e] / self.capacity[e])) for e in over),
-                      key=lambda r: -r[2])
