@@ -45,9 +45,12 @@ SMOLLM2 = "data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 # intersection); 64 agents share one policy (64 separate networks would be 64 optimizers per
 # minibatch on 2 cores). Env steps per iteration stay fixed, so agent steps grow with the agents.
 SETTINGS = {
-    4: {"env": {"grid_rows": 4, "grid_cols": 4, "num_agents": 4, "max_steps": 50}, "policy": {"sharing": "per_agent"}},
-    16: {"env": {"grid_rows": 6, "grid_cols": 6, "num_agents": 16, "max_steps": 60}, "policy": {"sharing": "per_agent"}},
-    64: {"env": {"grid_rows": 8, "grid_cols": 8, "num_agents": 64, "max_steps": 70}, "policy": {"sharing": "shared"}},
+    4: {"env": {"grid_rows": 4, "grid_cols": 4, "num_agents": 4, "max_steps": 50},
+        "policy": {"sharing": "per_agent"}},
+    16: {"env": {"grid_rows": 6, "grid_cols": 6, "num_agents": 16, "max_steps": 60},
+         "policy": {"sharing": "per_agent"}},
+    64: {"env": {"grid_rows": 8, "grid_cols": 8, "num_agents": 64, "max_steps": 70},
+         "policy": {"sharing": "shared"}},
 }
 COMMON = {"llm": {"backend": "planner"},
           "expert": {"lambda0": 1.0, "decay": 0.9, "refine_every": 5, "bc_pretrain_steps": 200},
@@ -177,8 +180,9 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
         line[f"final_return_bc_ppo_{n}"] = method_value(n, "bc-ppo", "final_return")
         line[f"steps_to_ippo_final_leed_{n}"] = method_value(n, "leed", "steps_to_target")
         line[f"steps_to_ippo_final_ippo_{n}"] = method_value(n, "ippo", "steps_to_target")
-    line["llm_valid_instruction_share"] = (sum(r["valid"] for r in llm_rows) / max(1, sum(r["parsed"] + r["malformed"] for r in llm_rows))
-                                           if llm_rows else None)
+    llm_items = sum(r["parsed"] + r["malformed"] for r in llm_rows)
+    line["llm_valid_instruction_share"] = sum(r["valid"] for r in llm_rows) / llm_items if llm_items else (
+        0.0 if llm_rows else None)
     line["llm_backend"] = "transformers: SmolLM2-135M-Instruct (per_agent prompts)" if llm_rows else None
     line["demo_quality"] = {k: {f: v for f, v in r.items() if f != "answer_example"} for k, r in quality.items()}
     line["leed_training_demo_backend"] = "planner (shortest paths, not an LLM)"
@@ -206,7 +210,8 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
 
 def plan_cuts(plan: dict, quick: bool) -> list[str]:
     cuts = ["1 seed per setting (no spread across seeds)",
-            "LEED trains on planner demonstrations, not on an LLM's (GPT-3.5 unreachable; SmolLM2 measured for quality only)",
+            "LEED trains on planner demonstrations, not on an LLM's "
+            "(GPT-3.5 unreachable; SmolLM2 measured for demonstration quality only)",
             "the SUMO backend is not benchmarked (the light graph simulator is)"]
     if 64 not in plan["agents"]:
         cuts.append("no 64-agent setting (its keys are null)")
@@ -214,7 +219,8 @@ def plan_cuts(plan: dict, quick: bool) -> list[str]:
         cuts.append("no bc-ppo at 64 agents")
     missing_llm = [n for n in plan["agents"] if n not in plan["llm_agents"]]
     if missing_llm:
-        cuts.append(f"no SmolLM2 demonstrations at {missing_llm} agents (64 per-agent prompts of an 8x8 grid take minutes on 2 cores)")
+        cuts.append(f"no SmolLM2 demonstrations at {missing_llm} agents "
+                    f"(per-agent prompts of the larger grids take minutes on 2 cores)")
     if quick:
         cuts.append(f"quick: {plan['train']['env_steps_per_iter']} env steps per iteration, iterations {plan['iters']}")
     return cuts

@@ -127,7 +127,8 @@ def test_prompt_holds_adjacency_tasks_objectives_and_feedback():
     text = prompt.messages[1]["content"]
     assert "Intersection_0: Intersection_1 (200 m), Intersection_4 (200 m)" in text
     trip = env.trips[2]
-    assert f"Agent_2: start Intersection_{trip.start}, goal Intersection_{trip.goal}, departs at step {trip.depart}" in text
+    assert (f"Agent_2: start Intersection_{trip.start}, goal Intersection_{trip.goal}, "
+            f"departs at step {trip.depart}") in text
     assert "travel time" in text and "MoveTo" in prompt.messages[0]["content"]
     assert len(build_prompts(scenario, "per_agent")) == 4
     refined = build_prompts(scenario, "joint", Feedback(0, {"Agent_0": -0.5}, {"Agent_0": 0.7}, [(0, 3, 1.5)]))[0]
@@ -166,7 +167,7 @@ def test_validator_repairs_and_counts_every_problem():
         ["Stop", "", "Agent_0"],
     ]) + ' ["MoveTo", "Inter'
     plans, report = validate(parse_instructions(text), scenario)
-    assert (report.unknown_command, report.hallucinated_node, report.unknown_agent, report.bad_parameter) == (1, 1, 1, 1)
+    assert report.unknown_command == report.hallucinated_node == report.unknown_agent == report.bad_parameter == 1
     assert report.valid == 4 and report.parsed == 8 and report.malformed == 0
     assert report.expanded_moves == (0 if graph.edge_between(neighbour, goal) is not None else 1)
     assert report.agents_without_instructions == 3 and report.agents_completed_by_shortest_path == 3
@@ -315,7 +316,8 @@ def test_analysis_measures_steps_to_ippos_final_return():
     from rl.leed.analysis import markdown_table, summarize
 
     cfg = _cfg()
-    ippo = [{"env_steps": 100 * i, "episode_return_mean": r, "iteration_wall_s": 1.0} for i, r in enumerate([0, 1, 2, 3, 3, 3], 1)]
+    ippo = [{"env_steps": 100 * i, "episode_return_mean": r, "iteration_wall_s": 1.0}
+            for i, r in enumerate([0, 1, 2, 3, 3, 3], 1)]
     leed = [{"env_steps": 100 * i, "episode_return_mean": r, "iteration_wall_s": 2.0,
              "leed": {"valid_share": 0.5, "expert_episode_return": 3.4, "backend": "planner"}}
             for i, r in enumerate([2, 3, 3.2, 3.3, 3.3, 3.3], 1)]

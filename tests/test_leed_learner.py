@@ -20,9 +20,8 @@ def _setup(method, **expert):
     from rl.envs.routing import make_routing_env
     from rl.envs.routing_rllib import RoutingMultiAgentEnv
 
-    cfg = load_config(LEEDConfig, data={"env": {"num_agents": 3},
-                                        "train": {"env_steps_per_iter": STEPS, "minibatch_size": STEPS, "num_epochs": 1},
-                                        "expert": {"decay": 0.9, **expert}})
+    train = {"env_steps_per_iter": STEPS, "minibatch_size": STEPS, "num_epochs": 1}
+    cfg = load_config(LEEDConfig, data={"env": {"num_agents": 3}, "train": train, "expert": {"decay": 0.9, **expert}})
     config = build_algo_config(method, cfg)
     learner = config.build_learner(env=RoutingMultiAgentEnv(make_routing_env(cfg.env)))
     runner = MultiAgentEnvRunner(config=config)
@@ -33,7 +32,8 @@ def _setup(method, **expert):
 
 def _nll(learner, demos):
     with torch.no_grad():
-        return sum(float(expert_nll(learner.module[m], torch.as_tensor(o), torch.as_tensor(a))) for m, (o, a) in demos.items())
+        return sum(float(expert_nll(learner.module[m], torch.as_tensor(o), torch.as_tensor(a)))
+                   for m, (o, a) in demos.items())
 
 
 def _updates(learner, episodes, n):

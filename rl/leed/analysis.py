@@ -89,7 +89,8 @@ def markdown_table(summary: dict) -> str:
              "demo valid share | demo return |", "|---|---|---|---|---|---|---|---|---|"]
     for key, entry in summary.items():
         for method, m in sorted(entry["methods"].items()):
-            lines.append(f"| {key} | {method} | {m['seeds']} | {_fmt(m['final_return'])} | {_fmt(m['steps_to_target'], 0)} "
+            lines.append(f"| {key} | {method} | {m['seeds']} | {_fmt(m['final_return'])} "
+                         f"| {_fmt(m['steps_to_target'], 0)} "
                          f"| {_fmt(m['steps_ratio_vs_ippo'])} | {_fmt(m['iter_seconds'])} "
                          f"| {_fmt(m['valid_instruction_share'])} | {_fmt(m['demo_episode_return'])} |")
     return "\n".join(lines) + "\n"

@@ -24,7 +24,8 @@ SCHEDULES = ("exponential", "linear", "constant")
 class LLMSection:
     """Where the instructions come from (rl.leed.llm)."""
     backend: str = param("planner", "planner = the NON-LLM shortest-path fallback; http = any OpenAI-compatible "
-                         "chat endpoint (e.g. `edgeray serve svd`); transformers = a local causal LM", choices=LLM_BACKENDS)
+                         "chat endpoint (e.g. `edgeray serve svd`); transformers = a local causal LM",
+                         choices=LLM_BACKENDS)
     url: str = param("http://127.0.0.1:8000/v1", "http: base URL of the endpoint; /chat/completions is appended")
     model: str = param("smollm2-135m", "http: the `model` field sent with each request")
     api_key_env: str = param("", "http: name of an environment variable holding a bearer token (empty: none)")

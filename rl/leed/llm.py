@@ -92,13 +92,15 @@ class OpenAIChatClient:
                 payload = json.loads(response.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:200]
-            raise UserError(f"LLM endpoint {self.endpoint} answered HTTP {exc.code}: {' '.join(detail.split())}") from None
+            raise UserError(f"LLM endpoint {self.endpoint} answered HTTP {exc.code} {exc.reason}: "
+                            f"{' '.join(detail.split())}") from None
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             raise UserError(f"LLM endpoint {self.endpoint} is unreachable ({reason}; timeout {self.timeout_s:g} s); "
                             f"start it (e.g. `edgeray serve svd`), fix llm.url, or set llm.backend=planner") from None
         except json.JSONDecodeError:
-            raise UserError(f"LLM endpoint {self.endpoint} did not answer JSON; is it an OpenAI-compatible API?") from None
+            raise UserError(f"LLM endpoint {self.endpoint} did not answer JSON; "
+                            f"is it an OpenAI-compatible API?") from None
         try:
             return payload["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):

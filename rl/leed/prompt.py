@@ -65,10 +65,10 @@ def adjacency_text(graph: RoadGraph) -> str:
 
 
 def task_text(scenario: Scenario, agents) -> str:
-    index = {a: i for i, a in enumerate(scenario.agents)}
+    trip_of = dict(zip(scenario.agents, scenario.trips))
     names = scenario.graph.names
-    return "\n".join(f"{a}: start {names[scenario.trips[index[a]].start]}, goal {names[scenario.trips[index[a]].goal]}, "
-                     f"departs at step {scenario.trips[index[a]].depart}" for a in agents)
+    return "\n".join(f"{a}: start {names[trip_of[a].start]}, goal {names[trip_of[a].goal]}, "
+                     f"departs at step {trip_of[a].depart}" for a in agents)
 
 
 def feedback_text(feedback: Feedback, agents, graph: RoadGraph) -> str:

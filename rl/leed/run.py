@@ -34,7 +34,8 @@ class LEEDHooks(TrainHooks):
         return build_algo_config(self.method, cfg, self.run_dir).build_algo()
 
     def extra_metrics(self, result: dict) -> dict:
-        learners = {m: v for m, v in result.get("learners", {}).items() if isinstance(v, dict) and m != "__all_modules__"}
+        learners = {m: v for m, v in result.get("learners", {}).items()
+                    if isinstance(v, dict) and m != "__all_modules__"}
         row = {"agent_returns": {a: float(r) for a, r in
                                  (result.get("env_runners", {}).get("agent_episode_returns_mean") or {}).items()}}
         nll = [float(v["expert_nll"]) for v in learners.values() if "expert_nll" in v]
