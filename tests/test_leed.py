@@ -191,6 +191,18 @@ def test_executing_planner_instructions_gives_demonstrations_that_reach_every_go
         assert returns[agent] > 0  # arrival bonus 1 minus under one step-penalty per step
 
 
+def test_decision_steps_only_keeps_the_steps_whose_action_moved_the_vehicle():
+    env, scenario = _scenario()
+    plans, _ = validate(parse_instructions(ShortestPathPlanner().generate(build_prompts(scenario, "joint"))[0]), scenario)
+    _, decisions, _, _ = execute_plans(env, plans, decision_steps_only=True)
+    _, every_step, _, _ = execute_plans(env, plans, decision_steps_only=False)
+    for agent in scenario.agents:
+        assert len(every_step[agent]) > len(decisions[agent])
+        assert (decisions[agent] != env.wait_action).all()  # a planner never waits at an intersection
+        waits = every_step[agent] == env.wait_action          # transit and pre-departure steps
+        assert np.array_equal(every_step[agent][~waits], decisions[agent])
+
+
 def test_planner_refinement_routes_around_congested_roads():
     env, scenario = _scenario(_cfg(env={"num_agents": 1}))
     trip = env.trips[0]
@@ -329,12 +341,6 @@ def test_analysis_measures_steps_to_ippos_final_return():
     assert "| grid-4 | leed | 1 | 3.30 | 200 | 0.50 |" in markdown_table({"grid-4": summary})
 
 
-@pytest.fixture
-def no_cluster(monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--set", "env.num_agents=17"], "env.num_agents=17 is more than the network can place: 16 start intersections"),
     (["--set", "env.name=file", "--set", "env.network_file={bad}"], "is not valid JSON"),
@@ -345,7 +351,7 @@ def no_cluster(monkeypatch):
     (["--set", "expert.decay=0"], "expert.decay=0.0 is out of range"),
     (["--set", "env.backend=sumo"], "env.backend=sumo needs train.num_env_runners >= 1"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, no_cluster, argv, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     bad = tmp_path / "bad.json"
     bad.write_text('{"nodes": [["A", 0, 0]], "edges": [["A", "B"')
     with socket.socket() as s:

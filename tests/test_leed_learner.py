@@ -70,6 +70,14 @@ def test_expert_loss_decreases_on_a_fixed_batch_and_lambda_decays(torch_one_thre
     assert (before - leed_after) > 2 * (ippo_before - _nll(ippo, demos))
 
 
+def test_expert_batch_size_caps_the_rows_per_loss(torch_one_thread):
+    learner, _, demos = _setup("leed", expert_batch_size=2)
+    learner.set_demonstrations(demos)
+    module_id = next(iter(demos))
+    obs, actions = learner._demo_batch(module_id)
+    assert len(actions) == 2 and obs.shape == (2, demos[module_id][0].shape[1])
+
+
 def test_bc_pretraining_fits_the_demonstrations_and_leaves_lambda_zero(torch_one_thread):
     learner, _, demos = _setup("bc-ppo", bc_pretrain_steps=60)
     report = learner.set_demonstrations(demos)

@@ -40,7 +40,9 @@ def test_leed_smoke_run_refines_resumes_and_evaluates(ray_session, tmp_path, cap
     assert rows[0]["expert_nll"] > 0
     leed = rows[-1]["leed"]
     assert leed["backend"] == "planner" and leed["valid_share"] == 1.0 and leed["round"] == 2
-    assert leed["refinement"]["round"] == 2
+    refinement = leed["refinement"]
+    assert refinement["round"] == 2
+    assert refinement["kept_previous"] == (refinement["candidate_return"] < refinement["previous_return"])
     assert (run_dir / "demos" / "round_000.json").is_file() and (run_dir / "demos" / "round_002.json").is_file()
     assert (run_dir / "checkpoints" / "leed_generator.pkl").is_file()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["env"]["num_agents"] == 3

@@ -61,7 +61,7 @@ class LEEDCallback(RLlibCallback):
             candidate = self.generator.generate(self.round + 1, {a: float(r) for a, r in agent_returns.items()})
             kept = self.cfg.expert.keep_better_demos and candidate.episode_return < self.demos.episode_return
             self.events["refinement"] = {"round": candidate.round, "candidate_return": candidate.episode_return,
-                                         "kept_previous": bool(kept)}
+                                         "previous_return": self.demos.episode_return, "kept_previous": bool(kept)}
             if kept:
                 self.round = candidate.round
                 self.generator.last = self.demos
