@@ -92,3 +92,7 @@ class SplitFedProbe(FedAvg):
         edges = [s for c, _, s in partial.stats if c == -1]
         return new, state, {**metrics, "edge_rounds": sum(s["edge_rounds"] for s in edges),
                             "edge_received": sum(s["received"] for s in edges)}
+
+    def observe_round(self, rnd, state, observation):
+        ok = sum(o.status == "ok" for o in observation.outcomes)
+        return {**state, "observed": [*state.get("observed", []), [rnd, ok, len(observation.outcomes)]]}

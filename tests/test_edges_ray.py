@@ -31,7 +31,9 @@ def batches(prepared, cid, batch_size=64):
     return -(-len(prepared.parts[cid]) // batch_size)
 
 
-def test_splitfed_tops_averaged_across_two_edges_and_exchanges_metered(ray_session):
+def test_splitfed_tops_averaged_across_two_edges_and_exchanges_metered(ray_session, tmp_path):
+    import torch
+
     from actors.metering import payload_bytes
     from fl_helpers import SplitFedProbe
 
@@ -55,6 +57,10 @@ def test_splitfed_tops_averaged_across_two_edges_and_exchanges_metered(ray_sessi
         assert row["bytes_down"] > 6 * sum(payload_bytes(v) for v in before.values()) + n_batches * payload_bytes(
             {"ok": True}) - 1
         assert len(row["edge_round_s"]) == 2 and max(row["edge_round_s"]) <= row["sim_round_s"]
+        ray.get(fl.aggregator.save_checkpoint.remote(str(tmp_path / "round_00001.pt"), 1, {}))
+        ckpt = torch.load(tmp_path / "round_00001.pt", weights_only=False)
+        assert ckpt["server_state"]["observed"] == [[1, 6, 6]]          # the strategy heard how the round went
+        assert {key[1] for key in ckpt["client_states"] if isinstance(key, tuple)} == {0, 1}   # both edges' state
     finally:
         fl.shutdown()
 
