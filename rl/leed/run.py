@@ -53,11 +53,19 @@ class LEEDHooks(TrainHooks):
             return
         tmp = checkpoints_dir / f"{GENERATOR_FILE}.tmp"
         with open(tmp, "wb") as fh:
-            pickle.dump(algo.callbacks.state(), fh)
+            pickle.dump(_leed_callback(algo).state(), fh)
         os.replace(tmp, checkpoints_dir / GENERATOR_FILE)  # a crash mid-write keeps the previous file
 
     def load_extra(self, algo, checkpoints_dir: Path) -> None:
         if self.method == "ippo":
             return
         with open(checkpoints_dir / GENERATOR_FILE, "rb") as fh:
-            algo.callbacks.load_state(pickle.load(fh))
+            _leed_callback(algo).load_state(pickle.load(fh))
+
+
+def _leed_callback(algo):
+    """The algorithm's LEEDCallback (RLlib keeps callbacks as one object or a list)."""
+    from rl.leed.callbacks import LEEDCallback
+
+    callbacks = algo.callbacks if isinstance(algo.callbacks, list) else [algo.callbacks]
+    return next(c for c in callbacks if isinstance(c, LEEDCallback))
