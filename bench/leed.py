@@ -56,11 +56,12 @@ COMMON = {"llm": {"backend": "planner"},
           "expert": {"lambda0": 1.0, "decay": 0.9, "refine_every": 5, "bc_pretrain_steps": 200},
           "train": {"env_steps_per_iter": 1000, "minibatch_size": 250, "num_epochs": 4, "lr": 0.001,
                     "checkpoint_every": 100}}
-FULL = {"agents": (4, 16, 64), "iters": {4: 20, 16: 15, 64: 10}, "seeds": 1,
-        "methods": {4: ("ippo", "leed", "bc-ppo"), 16: ("ippo", "leed", "bc-ppo"), 64: ("ippo", "leed")},
-        "llm_agents": (4, 16)}
-QUICK = {"agents": (4, 16), "iters": {4: 6, 16: 4}, "seeds": 1,
-         "methods": {4: ("ippo", "leed"), 16: ("ippo", "leed")}, "llm_agents": (4,),
+FULL = {"agents": (4, 16, 64), "iters": {4: 30, 16: 25, 64: 20}, "seeds": 1,
+        "methods": {4: ("ippo", "leed", "bc-ppo"), 16: ("ippo", "leed", "bc-ppo"), 64: ("ippo", "leed", "bc-ppo")},
+        # (agents, prompt scope, new tokens per prompt): a joint answer for 4 agents needs ~250 tokens
+        "llm_cases": ((4, "joint", 256), (4, "per_agent", 96), (16, "joint", 256))}
+QUICK = {"agents": (4, 16, 64), "iters": {4: 6, 16: 4, 64: 3}, "seeds": 1,
+         "methods": {4: ("ippo", "leed"), 16: ("ippo", "leed"), 64: ("ippo", "leed")}, "llm_cases": ((4, "joint", 128),),
          "train": {"env_steps_per_iter": 400, "minibatch_size": 200, "num_epochs": 2}}
 
 
@@ -79,35 +80,32 @@ def setting_config(n_agents: int, plan: dict, seed: int = 0, **extra) -> LEEDCon
 
 
 def demo_quality(plan: dict, llm_url: str | None) -> dict:
-    """Round-0 demonstrations per backend and agent count: valid share, repairs, return, time."""
+    """Round-0 demonstrations per backend and setting: valid share, repairs, return, time."""
     from rl.leed.demonstrations import DemonstrationGenerator
     from rl.leed.llm import OpenAIChatClient, ShortestPathPlanner, TransformersClient
 
+    cases = [("planner", ShortestPathPlanner(), n, "joint") for n in plan["agents"]]
+    smollm2 = TransformersClient(SMOLLM2, max_new_tokens=96, temperature=0.0, answer_prefix='[["')
+    cases += [("transformers-smollm2-135m", smollm2, n, scope, tokens) for n, scope, tokens in plan["llm_cases"]]
+    if llm_url:
+        cases += [("http", OpenAIChatClient(llm_url, "smollm2-135m", 300.0, tokens, 0.0), n, scope, tokens)
+                  for n, scope, tokens in plan["llm_cases"]]
     rows = {}
-    transformers_client = None
-    for n in plan["agents"]:
-        backends = {"planner": ShortestPathPlanner()}
-        if n in plan["llm_agents"]:
-            transformers_client = transformers_client or TransformersClient(SMOLLM2, max_new_tokens=96, temperature=0.0)
-            backends["transformers-smollm2-135m"] = transformers_client
-            if llm_url:
-                backends["http"] = OpenAIChatClient(llm_url, "smollm2-135m", 120.0, 96, 0.0)
-        for name, client in backends.items():
-            scope = "joint" if name == "planner" else "per_agent"
-            cfg = setting_config(n, plan, llm={"prompt_scope": scope})
-            demos = DemonstrationGenerator(cfg, client=client).generate(0)
-            summary = demos.summary()
-            rows[f"{name}-{n}"] = {"backend": name, "agents": n, "prompt_scope": scope,
-                                   **{k: summary[k] for k in ("valid_share", "parsed", "valid", "malformed",
-                                                              "unknown_command", "unknown_agent", "hallucinated_node",
-                                                              "bad_parameter", "expanded_moves",
-                                                              "agents_without_instructions",
-                                                              "agents_completed_by_shortest_path",
-                                                              "expert_episode_return", "expert_arrived_share",
-                                                              "generation_s")},
-                                   "answer_example": demos.raw_answers[0][:300]}
-            print(f"demo quality {name} x{n}: valid share {summary['valid_share']:.2f}, "
-                  f"demo return {summary['expert_episode_return']:.2f}, {summary['generation_s']:.1f}s", flush=True)
+    for name, client, n, scope, *tokens in cases:
+        if tokens:
+            client.max_new_tokens = tokens[0]
+        cfg = setting_config(n, plan, llm={"prompt_scope": scope})
+        demos = DemonstrationGenerator(cfg, client=client).generate(0)
+        summary = demos.summary()
+        rows[f"{name}-{scope}-{n}"] = {
+            "backend": name, "agents": n, "prompt_scope": scope, "max_new_tokens": tokens[0] if tokens else None,
+            **{k: summary[k] for k in ("valid_share", "parsed", "valid", "malformed", "unknown_command",
+                                       "unknown_agent", "hallucinated_node", "bad_parameter", "expanded_moves",
+                                       "agents_without_instructions", "agents_completed_by_shortest_path",
+                                       "expert_episode_return", "expert_arrived_share", "generation_s")},
+            "answer_example": demos.raw_answers[0][:300]}
+        print(f"demo quality {name} {scope} x{n}: valid share {summary['valid_share']:.2f}, "
+              f"demo return {summary['expert_episode_return']:.2f}, {summary['generation_s']:.1f}s", flush=True)
     return rows
 
 
@@ -183,7 +181,7 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
     llm_items = sum(r["parsed"] + r["malformed"] for r in llm_rows)
     line["llm_valid_instruction_share"] = sum(r["valid"] for r in llm_rows) / llm_items if llm_items else (
         0.0 if llm_rows else None)
-    line["llm_backend"] = "transformers: SmolLM2-135M-Instruct (per_agent prompts)" if llm_rows else None
+    line["llm_backend"] = "transformers: SmolLM2-135M-Instruct, greedy, answer prefix '[[\"'" if llm_rows else None
     line["demo_quality"] = {k: {f: v for f, v in r.items() if f != "answer_example"} for k, r in quality.items()}
     line["leed_training_demo_backend"] = "planner (shortest paths, not an LLM)"
     small, large = min(plan["agents"]), max(plan["agents"])
@@ -215,12 +213,16 @@ def plan_cuts(plan: dict, quick: bool) -> list[str]:
             "the SUMO backend is not benchmarked (the light graph simulator is)"]
     if 64 not in plan["agents"]:
         cuts.append("no 64-agent setting (its keys are null)")
-    if 64 in plan["agents"] and "bc-ppo" not in plan["methods"][64]:
-        cuts.append("no bc-ppo at 64 agents")
-    missing_llm = [n for n in plan["agents"] if n not in plan["llm_agents"]]
+    for method in ("ippo", "leed", "bc-ppo"):
+        without = [n for n in plan["agents"] if method not in plan["methods"][n]]
+        if without:
+            cuts.append(f"no {method} runs at {without} agents (its keys there are null)")
+    missing_llm = [n for n in plan["agents"] if n not in {case[0] for case in plan["llm_cases"]}]
     if missing_llm:
         cuts.append(f"no SmolLM2 demonstrations at {missing_llm} agents "
-                    f"(per-agent prompts of the larger grids take minutes on 2 cores)")
+                    f"(prompts of the larger grids take minutes on 2 cores)")
+    caps = ", ".join(f"{t} tokens ({s}, {n} agents)" for n, s, t in plan["llm_cases"])
+    cuts.append(f"SmolLM2 answers are capped at {caps}; what is cut off is completed by shortest paths and counted")
     if quick:
         cuts.append(f"quick: {plan['train']['env_steps_per_iter']} env steps per iteration, iterations {plan['iters']}")
     return cuts

@@ -41,6 +41,8 @@ class LLMSection:
     fallback: str = param("planner", "when the endpoint or model cannot be reached: planner (with a warning) "
                           "or error (stop with a one-line error naming the URL / path)", choices=("planner", "error"))
     threads: int = param(2, "transformers: torch threads while generating", ge=1)
+    answer_prefix: str = param('[["', "transformers: text the answer is started with, so a small model writes the "
+                               "JSON list instead of prose (SmolLM2-135M: 0 of 4 prompts parsed without it) [R]")
 
 
 @dataclass

@@ -113,18 +113,20 @@ class TransformersClient:
 
     name = "transformers"
 
-    def __init__(self, model_path: str, max_new_tokens: int, temperature: float, threads: int = 2, seed: int = 0):
+    def __init__(self, model_path: str, max_new_tokens: int, temperature: float, threads: int = 2, seed: int = 0,
+                 answer_prefix: str = ""):
         from edgeray.hf_models import load_model, resolve_source
 
         self.source = resolve_source(model_path)
         self.model, self.tokenizer = load_model(self.source, seed=seed)
         self.max_new_tokens, self.temperature, self.threads, self.seed = max_new_tokens, temperature, threads, seed
+        self.answer_prefix = answer_prefix
 
     def generate(self, prompts: list[Prompt]) -> list[str]:
         import torch
 
         texts = [self.tokenizer.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
+                 + self.answer_prefix for p in prompts]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True)
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
@@ -137,7 +139,7 @@ class TransformersClient:
         finally:
             torch.set_num_threads(before)
         new_tokens = out[:, batch["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [self.answer_prefix + text for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def _http_client(llm) -> OpenAIChatClient:
@@ -181,5 +183,6 @@ def make_client(llm, seed: int = 0):
     if backend == "http":
         return _http_client(llm)
     if backend == "transformers":
-        return TransformersClient(llm.model_path, llm.max_new_tokens, llm.temperature, llm.threads, seed)
+        return TransformersClient(llm.model_path, llm.max_new_tokens, llm.temperature, llm.threads, seed,
+                                  llm.answer_prefix)
     return ShortestPathPlanner()
