@@ -26,11 +26,12 @@ class ClientActor(IdleExit):
         self.worker = ClientWorker(threads)
         self.start_idle_exit(idle_exit_s)
 
-    def train(self, run: str, refs, rnd: int, job, global_params: dict, edge=None):
+    def train(self, run: str, refs, rnd: int, job, global_params: dict, edge=None, edge_node: str | None = None):
         """Run one virtual client (``job``: an ``actors.messages.ClientJob``) of run ``run``
-        (``refs``: the run's ``RunRefs``); returns (ClientUpdate, ClientReport)."""
+        (``refs``: the run's ``RunRefs``; ``edge``: its edge server, on node ``edge_node``);
+        returns (ClientUpdate, ClientReport)."""
         with self.busy():
-            return self.worker.train(run, refs, rnd, job, global_params, edge)
+            return self.worker.train(run, refs, rnd, job, global_params, edge, edge_node)
 
     def initial_params(self, run: str, refs) -> dict:
         with self.busy():

@@ -24,6 +24,7 @@ import torch
 from actors.malloc import keep_large_allocations_on_heap
 from actors.messages import ClientJob, ClientReport, RunBinding, RunRefs
 from actors.metering import payload_bytes
+from actors.shm_channel import SHM_MAX, SHM_THRESHOLD, Inbox, Outbox, segment_prefix
 from actors.store import find_store, load_state, save_state
 from pipelines.models import ClientHandover, build_model, get_params, set_params
 from pipelines.registry import EVALUATIONS, load, materialize
@@ -38,20 +39,29 @@ def actor_device() -> str:
 class MeteredExchange:
     """``ctx.exchange``: one per-batch round trip to the client's edge server (``server_step``),
     metered on the exact objects sent (request up, reply down) and bounded by the round's
-    remaining wall-clock budget: a reply that does not come in time fails the client."""
+    remaining wall-clock budget: a reply that does not come in time fails the client. A large
+    payload to an edge on the same node goes through shared memory (``actors.shm_channel``)."""
 
-    def __init__(self, edge, run: str, client_id: int, deadline: float):
+    def __init__(self, edge, run: str, client_id: int, deadline: float, mailboxes: tuple | None = None):
         self.edge, self.run, self.client_id, self.deadline = edge, run, client_id, deadline
+        self.mailboxes = mailboxes   # (Outbox, Inbox) when the edge shares this node
         self.calls = self.up_bytes = self.down_bytes = 0
         self.wall_s = 0.0
 
     def __call__(self, payload):
         started = time.perf_counter()
-        self.up_bytes += payload_bytes(payload)
+        sent = payload_bytes(payload)
+        self.up_bytes += sent
         remaining = self.deadline - started
         if remaining <= 0:
             raise TimeoutError(f"client {self.client_id}: no round time left for an exchange")
-        reply = ray.get(self.edge.exchange.remote(self.run, self.client_id, payload), timeout=remaining)
+        if self.mailboxes is not None and SHM_THRESHOLD <= sent <= SHM_MAX:
+            outbox, inbox = self.mailboxes
+            answer = ray.get(self.edge.exchange_shm.remote(self.run, self.client_id, outbox.write(payload)),
+                             timeout=remaining)
+            reply = inbox.read(answer)
+        else:
+            reply = ray.get(self.edge.exchange.remote(self.run, self.client_id, payload), timeout=remaining)
         self.down_bytes += payload_bytes(reply)
         self.calls += 1
         self.wall_s += time.perf_counter() - started
@@ -63,6 +73,7 @@ class ClientWorker:
         torch.set_num_threads(max(1, threads))
         keep_large_allocations_on_heap()
         self.device = actor_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.run = None
 
     def _bind(self, run: str, refs: RunRefs) -> None:
@@ -83,13 +94,16 @@ class ClientWorker:
         self.partition = partition
         self.test_x, self.test_y = test["x"], test["y"]
         self.store = find_store(run) if self.strategy.uses_client_state else None
+        self.mailboxes = (Outbox(f"{segment_prefix(run)}-c{os.getpid()}"), Inbox())
         self.run = run
 
     def release(self, run: str | None) -> None:
         """Drop run ``run`` (its data views pin object-store memory; its model, GPU memory)."""
         if run is None or run != self.run:
             return
-        self.run = self.strategy = self.model = self.handover = self.store = None
+        for mailbox in self.mailboxes:
+            mailbox.close()
+        self.run = self.strategy = self.model = self.handover = self.store = self.mailboxes = None
         self.train_x = self.train_y = self.partition = self.test_x = self.test_y = None
         gc.collect()
         if self.device == "cuda":
@@ -100,8 +114,10 @@ class ClientWorker:
         self._bind(run, refs)
         return get_params(self.model)
 
-    def train(self, run: str, refs: RunRefs, rnd: int, job: ClientJob, global_params: dict, edge=None):
-        """Run one virtual client of run ``run``; returns (ClientUpdate, ClientReport)."""
+    def train(self, run: str, refs: RunRefs, rnd: int, job: ClientJob, global_params: dict, edge=None,
+              edge_node: str | None = None):
+        """Run one virtual client of run ``run`` (``edge``: its edge server, on node ``edge_node``);
+        returns (ClientUpdate, ClientReport)."""
         started = time.perf_counter()
         self._bind(run, refs)
         self.handover.restore()
@@ -113,7 +129,8 @@ class ClientWorker:
         had_state = bool(state)
         store_calls = int(stateful)
         torch.manual_seed(hash((self.seed, rnd, cid)) & 0xFFFFFFFF)
-        exchange = None if edge is None else MeteredExchange(edge, run, cid, started + job.budget_s)
+        exchange = None if edge is None else MeteredExchange(
+            edge, run, cid, started + job.budget_s, self.mailboxes if edge_node == self.node_id else None)
         ctx = ClientContext(
             client_id=cid, round=rnd, model=self.model, data=ClientData(self.train_x[idx], self.train_y[idx]),
             instruction=job.instruction, state=state, rng=np.random.default_rng([self.seed, rnd, cid]),

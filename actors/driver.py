@@ -193,6 +193,8 @@ class FLRun:
         frees the run's model (and its GPU memory) in each of them."""
         import ray
 
+        from actors.shm_channel import remove_run_segments
+
         if self.warm:
             calls = [self.aggregator_actor.close_run.remote(self.run),
                      *(a.release.remote(self.run) for a in (*self.edges, *self.clients()))]
@@ -201,6 +203,7 @@ class FLRun:
             for actor in (self.aggregator_actor, *self.edges, *self.clients()):
                 ray.kill(actor)
         ray.kill(self.store)
+        remove_run_segments(self.run)   # left by a killed actor of this node (the others unlink their own)
 
 
 def run_fl(cfg: FLConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:

@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.malloc import keep_large_allocations_on_heap
 from actors.messages import ClientFailure, ClientJob, EdgeResult, RunRefs
+from actors.shm_channel import Inbox, Outbox, ShmMessage
 from actors.store import find_store, load_state, save_state
 from actors.warm import IdleExit
 from pipelines.registry import materialize
@@ -55,9 +57,16 @@ class EdgeRun:
     had_state: bool
     step_lock: threading.Lock = field(default_factory=threading.Lock)
     client_locks: dict = field(default_factory=lambda: defaultdict(threading.Lock))
+    inbox: Inbox = field(default_factory=Inbox)                  # same-node requests (actors.shm_channel)
+    outboxes: dict[str, Outbox] = field(default_factory=dict)    # sender -> the segment its replies go in
 
     def lock_for(self, client_id: int) -> threading.Lock:
         return self.client_locks[client_id] if self.strategy.server_step_concurrency == "client" else self.step_lock
+
+    def close(self) -> None:
+        self.inbox.close()
+        for outbox in self.outboxes.values():
+            outbox.close()
 
 
 @ray.remote(num_cpus=0, max_concurrency=32, max_restarts=-1, max_task_retries=0)
@@ -68,6 +77,8 @@ class EdgeServerActor(IdleExit):
         self.runs: dict[str, EdgeRun] = {}   # bound lazily (actors.warm)
         self._lock = threading.Lock()
         self._self = ray.get_runtime_context().current_actor
+        self.node_id = ray.get_runtime_context().get_node_id()
+        keep_large_allocations_on_heap()   # server steps allocate batch-sized arrays (actors.malloc)
         if threads > 1:  # server steps (a top model) run torch; by default the edge reserves no CPU
             import torch
             torch.set_num_threads(threads)
@@ -85,7 +96,9 @@ class EdgeServerActor(IdleExit):
 
     def release(self, run: str) -> None:
         with self._lock:
-            self.runs.pop(run, None)
+            bound = self.runs.pop(run, None)
+        if bound is not None:
+            bound.close()
 
     def ping(self) -> int:
         return self.edge_id
@@ -95,6 +108,19 @@ class EdgeServerActor(IdleExit):
             bound = self._bound(run)
             with bound.lock_for(client_id):
                 return bound.strategy.server_step(bound.edge_state, client_id, payload)
+
+    def exchange_shm(self, run: str, client_id: int, message: ShmMessage) -> ShmMessage:
+        """``exchange`` for a client on this node: the payload and the reply travel in shared memory."""
+        with self.busy():
+            bound = self._bound(run)
+            payload = bound.inbox.read(message)
+            with bound.lock_for(client_id):
+                reply = bound.strategy.server_step(bound.edge_state, client_id, payload)
+            with self._lock:
+                outbox = bound.outboxes.get(message.sender)
+                if outbox is None:
+                    outbox = bound.outboxes[message.sender] = Outbox(f"{message.sender}-e{self.edge_id}")
+            return outbox.write(reply)
 
     def run_round(self, run: str, refs: RunRefs, rnd: int, wrapped_global: list, jobs: list[ClientJob],
                   pool: dict[str, list], timeout_s: float, inflight_per_actor: int) -> EdgeResult:
@@ -128,7 +154,7 @@ class EdgeServerActor(IdleExit):
                 for actor in pool[cls]:
                     while queue and load[id(actor)] < inflight_per_actor:
                         job = queue.popleft()
-                        ref = actor.train.remote(run, refs, rnd, job, global_ref, self._self)
+                        ref = actor.train.remote(run, refs, rnd, job, global_ref, self._self, self.node_id)
                         inflight[ref] = (job.client_id, position[job.client_id], actor)
                         load[id(actor)] += 1
                         calls += 1

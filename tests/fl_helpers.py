@@ -1,5 +1,7 @@
 """Test-only strategies, importable by Ray workers (conftest puts tests/ on their PYTHONPATH)."""
 
+import numpy as np
+
 from pipelines.fedavg.strategy import FedAvg
 from pipelines.models import get_params
 from pipelines.strategy import ClientUpdate
@@ -96,3 +98,23 @@ class SplitFedProbe(FedAvg):
     def observe_round(self, rnd, state, observation):
         ok = sum(o.status == "ok" for o in observation.outcomes)
         return {**state, "observed": [*state.get("observed", []), [rnd, ok, len(observation.outcomes)]]}
+
+
+class BigExchange(FedAvg):
+    """Per batch, a 256 kB float32 payload to the edge, which answers with it halved; the client
+    checks every reply element by element."""
+
+    name = "big-exchange"
+
+    @staticmethod
+    def payload(client_id):
+        return {"x": np.arange(64 * 1024, dtype=np.float32) + client_id}
+
+    def client_update(self, ctx):
+        exact = all(np.array_equal(ctx.exchange(self.payload(ctx.client_id))["half"],
+                                   self.payload(ctx.client_id)["x"] / 2)
+                    for _ in ctx.data.batches(self.settings.batch_size, ctx.rng))
+        return ClientUpdate(ctx.client_id, len(ctx.data), {}, metrics={"exact": float(exact)})
+
+    def server_step(self, edge_state, client_id, payload):
+        return {"half": payload["x"] / 2}

@@ -150,3 +150,30 @@ def test_per_edge_selection_counts_conflicts(ray_session, method, rule):
         assert all(r["clients_completed"] == r["clients_selected"] for r in rows)
     finally:
         fl.shutdown()
+
+
+def test_large_exchanges_on_one_node_go_through_shared_memory_and_leave_nothing(ray_session):
+    """A 256 kB payload to an edge on the same node travels in shared memory: the reply is exact,
+    the bytes are metered as for any exchange, and no segment outlives the run."""
+    import glob
+
+    from actors.metering import payload_bytes
+    from actors.shm_channel import SHM_THRESHOLD, segment_prefix
+    from fl_helpers import BigExchange
+    from pipelines.fedavg.settings import FedAvgSettings
+
+    ray = ray_session
+    strategy = BigExchange(FedAvgSettings(batch_size=256))
+    fl, _, prepared = make_run(["data.num_clients=2", "strategy.clients_per_round=2", "runtime.num_edge_servers=1",
+                                "runtime.edge_overlap=0", "model.name=mlp"], strategy=strategy)
+    try:
+        row = ray.get(fl.aggregator.run_round.remote(1))
+        assert row["clients_completed"] == 2 and row["train_exact"] == 1.0
+        payload = BigExchange.payload(0)
+        assert payload_bytes(payload) >= SHM_THRESHOLD
+        calls = sum(-(-len(prepared.parts[c]) // 256) for c in range(2))
+        assert row["exchange_calls"] == calls and row["bytes_up"] >= calls * payload_bytes(payload)
+        assert glob.glob(f"/dev/shm/{segment_prefix(fl.run)}-*")        # in use while the run is open
+    finally:
+        fl.shutdown()
+    assert not glob.glob(f"/dev/shm/{segment_prefix(fl.run)}-*")
