@@ -67,10 +67,13 @@ def test_leed_smoke_run_refines_resumes_and_evaluates(ray_session, tmp_path, cap
 
 
 def test_bc_ppo_pretrains_and_shared_policy_trains(ray_session, tmp_path):
-    bc_dir = _train("bc-ppo", tmp_path / "bc", "--stop-iters", "1", "--set", "expert.bc_pretrain_steps=30")
+    bc_dir = _train("bc-ppo", tmp_path / "bc", "--stop-iters", "1", "--set", "expert.bc_pretrain_steps=150")
     row = runs.read_metrics(bc_dir)[-1]
     bc = row["leed"]["bc"]
     assert all(bc["bc_nll_after"][m] < bc["bc_nll_before"][m] for m in bc["bc_nll_before"])
+    # the first rollouts already come from the cloned policy: the vehicles arrive (untrained,
+    # they rarely do, and an episode's return summed over the agents is negative)
+    assert row["episode_return_mean"] > 0
     assert row["expert_weight"] == 0.0 and "expert_nll" not in row
 
     shared_dir = _train("leed", tmp_path / "shared", "--stop-iters", "1", "--set", "policy.sharing=shared",

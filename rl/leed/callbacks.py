@@ -2,7 +2,7 @@
 
   * `on_algorithm_init`: build the `DemonstrationGenerator` (env + LLM client, loaded once in the
     driver), generate round 0 and call `set_demonstrations` on every learner (for bc-ppo that also
-    runs behaviour cloning);
+    runs behaviour cloning, after which the env runners get the cloned weights);
   * `on_train_result`: every `expert.refine_every` iterations (LEED only) build a refinement
     prompt from the agents' per-agent mean returns of this iteration and the previous round's
     expert returns and congested roads, regenerate, and hand the new demonstrations over. With
@@ -50,6 +50,10 @@ class LEEDCallback(RLlibCallback):
         bc = [r for r in _values(results) if r]
         if bc:
             self.events["bc"] = bc[0]
+            # the env runners still hold the initial weights: the first rollouts must already
+            # come from the cloned policy ("BC, then PPO")
+            algorithm.env_runner_group.sync_weights(from_worker_or_learner_group=algorithm.learner_group,
+                                                    inference_only=True)
         self.demos = demos
         self.round = demos.round
 
