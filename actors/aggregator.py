@@ -268,15 +268,31 @@ class AggregatorRun:
                                           failures=tuple(ClientFailure(c, reason) for c in by_edge[e])))
         return results
 
-    def evaluate(self) -> dict:
+    def evaluate(self, attempts: int = 3) -> dict:
         """Central evaluation with the task's evaluation: the test set is split across every
         ClientActor of the pool; each returns sums over its slice, which are added and divided
-        by the total count."""
+        by the total count. A slice whose actor dies (or is restarting) is evaluated again on
+        another actor, so a lost process costs time, not the run."""
         actors = [a for group in self.spec.pool.values() for a in group]
         global_ref = ray.put(self.global_params)
         cuts = np.linspace(0, self.settings.test_size, len(actors) + 1).astype(int)
-        parts = ray.get([a.evaluate.remote(self.run, self.spec.refs, global_ref, int(lo), int(hi))
-                         for a, lo, hi in zip(actors, cuts[:-1], cuts[1:]) if hi > lo])
+        slices = [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
+        parts, deadline = [], time.monotonic() + self.settings.round_timeout_s
+        for attempt in range(attempts):
+            calls = {actors[(i + attempt) % len(actors)].evaluate.remote(self.run, self.spec.refs, global_ref, lo, hi):
+                     (lo, hi) for i, (lo, hi) in enumerate(slices)}
+            slices = []
+            for ref, (lo, hi) in calls.items():
+                try:
+                    parts.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
+                except (RayActorError, GetTimeoutError) as exc:
+                    log.warning("evaluation of test rows %d:%d failed (%s); trying another actor", lo, hi,
+                                type(exc).__name__)
+                    slices.append((lo, hi))
+            if not slices:
+                break
+        if slices:
+            raise RuntimeError(f"evaluation failed on every actor for {len(slices)} slices of the test set")
         count = sum(p["count"] for p in parts)
         return {key: sum(p[key] for p in parts) / count for key in parts[0] if key != "count"}
 

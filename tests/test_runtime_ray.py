@@ -158,3 +158,26 @@ def test_only_trainable_tensors_are_global_state(ray_session):
         assert set(metrics) == {"test_accuracy", "test_loss"} and 0 <= metrics["test_accuracy"] <= 1
     finally:
         fl.shutdown()
+
+
+def test_evaluation_survives_a_client_actor_killed_during_it(ray_session):
+    """SIGKILL (not ray.kill) of a ClientActor's process while the pool evaluates: its slice of
+    the test set is evaluated again on another actor and the result equals an undisturbed one."""
+    import os
+    import signal
+
+    ray = ray_session
+    fl, _ = make_run(["data.num_clients=4", "strategy.clients_per_round=4", "runtime.num_edge_servers=1",
+                      "runtime.edge_overlap=0"])
+    try:
+        ray.get(fl.aggregator.run_round.remote(1))
+        undisturbed = ray.get(fl.aggregator.evaluate.remote())
+        victim = fl.pool["default"][0]
+        pid = ray.get(victim.pid.remote())
+        pending = fl.aggregator.evaluate.remote()
+        os.kill(pid, signal.SIGKILL)
+        assert ray.get(pending, timeout=300) == pytest.approx(undisturbed)
+        row = ray.get(fl.aggregator.run_round.remote(2), timeout=300)          # and training carries on
+        assert row["clients_completed"] + row["clients_failed"] == 4
+    finally:
+        fl.shutdown()
