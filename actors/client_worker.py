@@ -51,7 +51,6 @@ class MeteredExchange:
     def __call__(self, payload):
         started = time.perf_counter()
         sent = payload_bytes(payload)
-        self.up_bytes += sent
         remaining = self.deadline - started
         if remaining <= 0:
             raise TimeoutError(f"client {self.client_id}: no round time left for an exchange")
@@ -59,10 +58,12 @@ class MeteredExchange:
             outbox, inbox = self.mailboxes
             answer = ray.get(self.edge.exchange_shm.remote(self.run, self.client_id, outbox.write(payload)),
                              timeout=remaining)
-            reply = inbox.read(answer)
+            reply, received = inbox.read(answer), answer.nbytes   # the message's size is the reply's metered size
         else:
             reply = ray.get(self.edge.exchange.remote(self.run, self.client_id, payload), timeout=remaining)
-        self.down_bytes += payload_bytes(reply)
+            received = payload_bytes(reply)
+        self.up_bytes += sent
+        self.down_bytes += received
         self.calls += 1
         self.wall_s += time.perf_counter() - started
         return reply

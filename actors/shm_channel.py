@@ -52,6 +52,11 @@ class ShmMessage:
     def sender(self) -> str:
         return self.segment.rsplit("-", 1)[0]
 
+    @property
+    def nbytes(self) -> int:
+        """The message's size: exactly ``actors.metering.payload_bytes`` of the object it carries."""
+        return self.header_size + sum(self.buffer_sizes)
+
 
 class Outbox:
     """The writer's side: one segment owned by this process, reused by every message it sends."""

@@ -45,3 +45,12 @@ def test_another_process_reads_and_the_run_leaves_no_segment():
     assert remove_run_segments(RUN) >= 1                         # what a killed writer leaves, the driver removes
     assert not glob.glob(f"/dev/shm/{segment_prefix(RUN)}-*")
     outbox.close()                                               # already gone: no error
+
+
+def test_a_message_is_metered_like_the_object_it_carries():
+    from actors.metering import payload_bytes
+
+    outbox = Outbox(f"{segment_prefix(RUN)}-c3")
+    obj = {"grad": np.ones((4, 32, 12, 12), dtype=np.float32), "step": 3}
+    assert outbox.write(obj).nbytes == payload_bytes(obj)
+    outbox.close()
