@@ -51,8 +51,9 @@ WAITING, AT_NODE, ON_ROAD, ARRIVED = range(4)
 class RoutingEnvSection:
     """The road network, the vehicles and the traffic model (rl.envs.routing)."""
     name: str = param("grid", "network: a grid, a random planar graph, or network_file", choices=NETWORKS)
-    backend: str = param("graph", "simulator: the light graph simulator, or SUMO through libsumo "
-                         "(needs `pip install eclipse-sumo libsumo` and a .net.xml network_file)", choices=BACKENDS)
+    backend: str = param("graph", "simulator: the light graph simulator, or SUMO through libsumo (needs "
+                         "`pip install eclipse-sumo libsumo`; a grid built by netgenerate or a .net.xml network_file)",
+                         choices=BACKENDS)
     grid_rows: int = param(4, "grid: intersections per column", ge=2)
     grid_cols: int = param(4, "grid: intersections per row", ge=2)
     planar_nodes: int = param(30, "planar: intersections", ge=4)
