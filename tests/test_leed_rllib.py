@@ -80,3 +80,16 @@ def test_bc_ppo_pretrains_and_shared_policy_trains(ray_session, tmp_path):
                         "--set", "env.num_agents=6")
     row = runs.read_metrics(shared_dir)[-1]
     assert sorted(row["agent_returns"]) == [f"Agent_{i}" for i in range(6)] and row["expert_nll"] > 0
+
+
+def test_leed_trains_on_sumo_with_a_remote_env_runner(ray_session, tmp_path):
+    try:
+        import libsumo  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"libsumo cannot load here ({exc}); `pip install eclipse-sumo libsumo`")
+    run_dir = _train("leed", tmp_path / "sumo", "--stop-iters", "2", "--set", "env.backend=sumo",
+                     "--set", "train.num_env_runners=1", "--set", "env.grid_rows=3", "--set", "env.grid_cols=3",
+                     "--set", "env.min_trip_hops=2")
+    rows = runs.read_metrics(run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[-1]["leed"]["expert_arrived_share"] == 1.0
+    assert rows[-1]["episode_return_mean"] is not None
