@@ -191,32 +191,29 @@ def _check_resource_classes(classes: dict) -> None:
     for name, spec in classes.items():
         if not isinstance(spec, dict):
             raise UserError(f"runtime.resource_classes.{name} must be a mapping of {', '.join(RESOURCE_CLASS_KEYS)}")
-        unknown = set(spec) - set(RESOURCE_CLASS_KEYS)
-        if unknown:
-            raise UserError(f"unknown key runtime.resource_classes.{name}.{sorted(unknown)[0]}; "
-                            f"allowed: {', '.join(RESOURCE_CLASS_KEYS)}")
-        for key, kind in RESOURCE_CLASS_KEYS.items():
-            value = spec.get(key, RESOURCE_CLASS_DEFAULTS[key])
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise UserError(f"runtime.resource_classes.{name}.{key}={value!r} must be a number >= 0")
-            spec[key] = kind(value)
+        spec.update(_numbers(f"runtime.resource_classes.{name}", spec, RESOURCE_CLASS_KEYS, RESOURCE_CLASS_DEFAULTS))
         if spec["num_cpus"] == 0 and spec["num_gpus"] == 0:
             raise UserError(f"runtime.resource_classes.{name} needs num_cpus or num_gpus > 0")
 
 
 EDGE_RESOURCE_KEYS = {"num_cpus": float, "num_gpus": float, "threads": int}
+EDGE_RESOURCE_DEFAULTS = {"num_cpus": 0.0, "num_gpus": 0.0, "threads": 1}
 
 
 def _check_edge_resources(spec: dict) -> dict:
-    unknown = set(spec) - set(EDGE_RESOURCE_KEYS)
+    return _numbers("runtime.edge_resources", spec, EDGE_RESOURCE_KEYS, EDGE_RESOURCE_DEFAULTS, {"threads": 1})
+
+
+def _numbers(where: str, spec: dict, kinds: dict, defaults: dict, minimums: dict | None = None) -> dict:
+    """``spec`` (a mapping of ``kinds``' keys to numbers) with defaults filled in and each value cast;
+    an unknown key or a value below its minimum (0 unless given) is a one-line error naming it."""
+    unknown = set(spec) - set(kinds)
     if unknown:
-        raise UserError(f"unknown key runtime.edge_resources.{sorted(unknown)[0]}; "
-                        f"allowed: {', '.join(EDGE_RESOURCE_KEYS)}")
-    out = {"num_cpus": 0.0, "num_gpus": 0.0, "threads": 1}
-    for key, kind in EDGE_RESOURCE_KEYS.items():
-        value = spec.get(key, out[key])
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < (1 if key == "threads" else 0):
-            raise UserError(f"runtime.edge_resources.{key}={value!r} must be a number >= "
-                            f"{1 if key == 'threads' else 0}")
+        raise UserError(f"unknown key {where}.{sorted(unknown)[0]}; allowed: {', '.join(kinds)}")
+    out = {}
+    for key, kind in kinds.items():
+        value, minimum = spec.get(key, defaults[key]), (minimums or {}).get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            raise UserError(f"{where}.{key}={value!r} must be a number >= {minimum}")
         out[key] = kind(value)
     return out
