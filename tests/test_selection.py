@@ -59,9 +59,10 @@ def test_fail_rule_the_loser_receives_nothing_and_sees_conflict_lost():
     assert set(obs) == {0, 1}
     assert [o.client_id for o in obs[0].outcomes] == [4, 5] and [o.client_id for o in obs[1].outcomes] == [5, 6]
     lost = next(o for o in obs[loser].outcomes if o.client_id == 5)
-    assert lost == ClientOutcome(5, loser, "conflict_lost", 0.0)
+    assert lost == ClientOutcome(5, loser, "conflict_lost", 0.0, contenders=1)
     kept = next(o for o in obs[winner].outcomes if o.client_id == 5)
-    assert kept.status == "ok" and kept.sim_s == 3.0
+    assert kept.status == "ok" and kept.sim_s == 3.0 and kept.contenders == 1   # the winner learns of it too
+    assert obs[0].outcomes[0].contenders == 0                  # client 4: only edge 0 picked it
     assert obs[1].outcomes[1].status == "dropout"               # an edge sees only its own clients
     assert obs[0].round == 7 and obs[0].edge_id == 0 and obs[1].edge_round_s == 4.0
 
@@ -78,8 +79,8 @@ def test_share_observations_relabel_the_one_outcome_for_each_picker():
     picks = {0: [5], 1: [5]}
     res = resolve_conflicts(picks, "share", np.random.default_rng(0))
     obs = edge_observations(1, picks, {5: _outcome(5, 0, sim_s=2.5)}, {0: 2.5, 1: 2.5}, res)
-    assert obs[0].outcomes == (ClientOutcome(5, 0, "ok", 2.5),)
-    assert obs[1].outcomes == (ClientOutcome(5, 1, "ok", 2.5),)
+    assert obs[0].outcomes == (ClientOutcome(5, 0, "ok", 2.5, contenders=1),)
+    assert obs[1].outcomes == (ClientOutcome(5, 1, "ok", 2.5, contenders=1),)
 
 
 def test_bad_rule_missing_outcome_and_bad_status_are_refused():

@@ -25,8 +25,12 @@ reconstruction (``CONFLICT_RULES``), chosen by configuration:
   pickers lose it and receive nothing from it.
 
 **Observations are sparse.** After a round, an edge observes only the clients it picked itself
-(``edge_observations``): their status and simulated time, and ``conflict_lost`` for a client it
-lost under ``fail``. It never sees clients picked by other edges. This sparse, per-server record
+(``edge_observations``): their status and simulated time, ``conflict_lost`` for a client it
+lost under ``fail``, and how many other edges contended for each of them (``contenders``: under
+``share`` the client served them all at a fraction of its bandwidth; under ``fail`` it turned
+them away; either way the client knows, and we let it tell the edge, OUR reconstruction of "a
+server observes the conflict events of the clients it picked"). It never sees clients picked
+only by other edges. This sparse, per-server record
 is what RL-CRP's conflict-risk HMM consumes; strategies get the whole round (``edge_id`` None).
 """
 
@@ -50,6 +54,7 @@ class ClientOutcome:
     edge_id: int | None      # the edge that picked it (None: picked by the strategy's global selection)
     status: str              # one of OUTCOME_STATUSES
     sim_s: float             # the client's simulated time this round (0.0 when it never ran)
+    contenders: int = 0      # other edges that picked it this round (what an edge learns of a conflict)
 
     def __post_init__(self):
         if self.status not in OUTCOME_STATUSES:
@@ -240,17 +245,23 @@ def edge_observations(rnd: int, picks: dict[int, list[int]], outcomes: dict[int,
                       edge_round_s: dict[int, float], resolution: Resolution) -> dict[int, RoundObservation]:
     """What each edge learns of round ``rnd``: only the clients it picked, in id order, each with
     its outcome (re-labelled with this edge's id; under ``share`` every picker sees the client's
-    one outcome), or ``conflict_lost`` with sim_s 0.0 for a client it lost under ``fail``. An edge
-    missing from ``edge_round_s`` ran nothing: round time 0.0."""
+    one outcome), or ``conflict_lost`` with sim_s 0.0 for a client it lost under ``fail``; each
+    with its ``contenders`` (the other edges that picked it). An edge missing from
+    ``edge_round_s`` ran nothing: round time 0.0."""
+    pickers: dict[int, int] = defaultdict(int)
+    for edge_picks in picks.values():
+        for client in edge_picks:
+            pickers[int(client)] += 1
     observations = {}
     for edge in sorted(picks):
         lost = set(resolution.lost.get(edge, ()))
         seen = []
         for client in sorted(int(c) for c in picks[edge]):
+            contenders = pickers[client] - 1
             if client in lost:
-                seen.append(ClientOutcome(client, edge, "conflict_lost", 0.0))
+                seen.append(ClientOutcome(client, edge, "conflict_lost", 0.0, contenders))
             elif client in outcomes:
-                seen.append(replace(outcomes[client], edge_id=edge))
+                seen.append(replace(outcomes[client], edge_id=edge, contenders=contenders))
             else:
                 raise ValueError(f"round {rnd}: no outcome for client {client}, which edge {edge} picked and kept")
         observations[edge] = RoundObservation(rnd, edge, tuple(seen), float(edge_round_s.get(edge, 0.0)))
