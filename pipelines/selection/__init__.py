@@ -142,6 +142,13 @@ class RandomSelector(Selector):
         return rng.choice(request.candidates, size=request.num, replace=False).tolist()
 
 
+def estimated_round_s(population: PopulationView, local_epochs: float, model_bytes: float) -> np.ndarray:
+    """Each client's round time from its static profile (no fading, no conflicts), through
+    ``population.timing``: work = local examples · ``local_epochs``, ``model_bytes`` down and up."""
+    return np.array([timing(p, size * local_epochs, model_bytes, model_bytes).total_s
+                     for p, size in zip(population.profiles, population.sizes)])
+
+
 class GreedyLatencySelector(Selector):
     """Each edge picks the ``num`` candidates with the lowest estimated round time, ties by client
     id. The estimate uses the static profile only (no fading, no conflicts), through the one
@@ -157,8 +164,7 @@ class GreedyLatencySelector(Selector):
         if not epochs > 0 or not model_bytes >= 0:
             raise UserError(f"selector {self.name!r}: local_epochs={epochs} must be > 0 and "
                             f"model_bytes={model_bytes} >= 0")
-        self.estimate_s = np.array([timing(p, size * epochs, model_bytes, model_bytes).total_s
-                                    for p, size in zip(population.profiles, population.sizes)])
+        self.estimate_s = estimated_round_s(population, epochs, model_bytes)
 
     def select(self, request, rnd, rng):
         candidates = np.asarray(request.candidates, dtype=np.int64)
