@@ -147,7 +147,8 @@ class ConflictRiskModel:
         s = self.settings
         symbols = np.concatenate(seqs)
         hmm = CategoricalHMM(n_components=s.n_states, n_features=3 if s.coding == "three_symbol" else 2,
-                             n_iter=s.n_iter, random_state=self.seed, init_params="", params="ste")
+                             n_iter=s.n_iter, random_state=self.seed, init_params="", params="ste",
+                             implementation="scaling", tol=1e-3)
         hmm.startprob_, hmm.transmat_, hmm.emissionprob_ = _initial_parameters(s, symbols)
         hmm.fit(symbols[:, None], lengths=[len(q) for q in seqs])
         self.hmm, self._powers = hmm, {}
