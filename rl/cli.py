@@ -98,6 +98,20 @@ def _leed_entry(name: str, summary: str) -> RLMethod:
     return RLMethod(summary, _leed_config_cls, train, _evaluate_leed, preflight)
 
 
+def _crp_entry(name: str, summary: str) -> RLMethod:
+    def train(cfg, run_dir, **kw):
+        from rl.crp.run import CRPHooks
+        from rl.loop import train_run
+        return train_run(CRPHooks(name), cfg, run_dir, **kw)
+    def config_cls():
+        from rl.crp.config import CRPConfig
+        return CRPConfig
+    def evaluate(run_dirs, out_dir):
+        from rl.crp.analysis import evaluate_runs
+        return evaluate_runs(run_dirs, out_dir)
+    return RLMethod(summary, config_cls, train, evaluate)
+
+
 METHODS: dict[str, RLMethod] = {
     "deer": _replay_entry("deer", "DEER: replay prioritized by discrepancy of environment dynamics"),
     "per": _replay_entry("per", "baseline: RLlib's stock prioritized replay (|TD| priorities)"),
@@ -105,6 +119,8 @@ METHODS: dict[str, RLMethod] = {
     "leed": _leed_entry("leed", "LEED: PPO per agent + expert NLL on LLM-generated demonstrations (routing)"),
     "ippo": _leed_entry("ippo", "baseline: independent PPO on the routing env, no demonstrations"),
     "bc-ppo": _leed_entry("bc-ppo", "baseline: behaviour cloning on LEED's demonstrations, then PPO"),
+    "rl-crp": _crp_entry("rl-crp", "RL-CRP: independent PPO per edge server + HMM conflict risk (client selection)"),
+    "rl-no-crp": _crp_entry("rl-no-crp", "ablation: RL-CRP without the conflict-risk feature"),
 }
 
 
