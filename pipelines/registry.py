@@ -105,6 +105,8 @@ SELECTORS = {
     "oracle": Entry("pipelines.selection:ConflictFreeOracle",
                     "a central planner that gives every client to at most one edge (no conflicts); a bound, "
                     "not a deployable method"),
+    "rl-crp": Entry("pipelines.selection.crp:RLCRPSelector",
+                    "RL-CRP: each edge runs its trained policy (`edgeray rl train rl-crp`, selection.settings.checkpoint)"),
 }
 
 
