@@ -58,3 +58,8 @@ class CRPConfig:
     policy: PolicySection = section(PolicySection)
     train: TrainSection = section(TrainSection)
     eval: EvalSection = section(EvalSection)
+
+    def validate(self) -> None:
+        """Build the simulation once, so a bad trace, sizes file, coverage or k fails before Ray starts."""
+        from rl.envs.crp import CRPSimulation
+        CRPSimulation(self.env)
