@@ -42,7 +42,7 @@ class ExpertTensor:
 
     def index(self, experts) -> np.ndarray:
         """Positions along ``axis`` of the given experts (in the order given)."""
-        e = np.asarray(list(experts), np.int64)
+        e = np.asarray(list(experts), np.int32)
         if self.factor == "A":
             return (e[:, None] * self.rank + np.arange(self.rank)[None, :]).reshape(-1)
         return (e[:, None] + self.experts * np.arange(self.rank)[None, :]).reshape(-1)

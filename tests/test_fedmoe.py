@@ -1,0 +1,336 @@
+"""FedAvg-MoE, HFedMoE and FedAlign-MoE without Ray: the per-expert layout of the peft tensors, the
+backward budget, each aggregation rule against a hand-computed example, the semantic filter, the
+hand-over between virtual clients, upcycling, the data sets and bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgeray.errors import UserError
+from pipelines.fedmoe.data import ROOT, DRUG_ZIP, load_drug_reviews, load_drug_reviews_instruct, load_topics
+from pipelines.fedmoe.layout import extract_experts, insert_rows, moe_layout
+from pipelines.fedmoe.settings import FedAlignMoESettings, HFedMoESettings
+from pipelines.fedmoe.strategy import (FedAlignMoE, FedAvgMoE, HFedMoE, HeldExperts, select_experts)
+from pipelines.models import ClientHandover, build_model, get_params, set_params
+from pipelines.population import PopulationView, sample_profiles
+from pipelines.registry import ModelSpec
+from pipelines.strategy import ClientContext, ClientData, ClientUpdate, Rows
+from pipelines.tasks.vision import classification_loss
+
+CONFIG = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32}
+
+
+@pytest.fixture(scope="module")
+def topics():
+    return load_topics(seq_len=16, train_size=256, test_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(topics):
+    torch.set_num_threads(1)
+    spec = ModelSpec("moe", {"arch": "olmoe", "router_std": 1.0, "config": CONFIG, "lora": {"r": 2, "alpha": 4}},
+                     data_info=topics.info)
+    model = build_model(spec)
+    return model, ClientHandover(model), get_params(model)
+
+
+def _ctx(model, data, cid, instruction, idx):
+    return ClientContext(cid, 1, model, ClientData(data.x_train[idx], data.y_train[idx]), instruction, {},
+                         np.random.default_rng(cid), classification_loss)
+
+
+def _randomised(params, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+
+
+# ---------------------------------------------------------------------------- layout
+
+def test_expert_slices_round_trip_exactly_and_match_peft_delta(tiny):
+    model, handover, g = tiny
+    layout = moe_layout({k: v.shape for k, v in g.items()})
+    assert layout.layers == (0, 1) and layout.experts == 8 and len(layout.tensors) == 8
+    params = _randomised(g)
+    chosen = {0: [1, 5], 1: [7]}
+    rows = extract_experts(params, layout, chosen)
+    assert all(isinstance(r, Rows) and k in g for k, r in rows.items())     # peft names, no invented ones
+    zeroed = {k: np.zeros_like(v) for k, v in params.items()}
+    back = insert_rows(zeroed, rows)
+    for t in layout.tensors:
+        for e in range(8):
+            want = t.slice(params[t.key], e) if e in chosen[t.layer] else np.zeros_like(t.slice(params[t.key], e))
+            np.testing.assert_array_equal(t.slice(back[t.key], e), want)
+    assert all(np.array_equal(insert_rows(params, rows)[k], params[k]) for k in params)
+    # the slices are the ones peft uses: its delta weight of expert e is scaling * B_e @ A_e
+    handover.restore()
+    set_params(model, params)
+    wrappers = {n: m for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"}
+    checked = 0
+    for a, b in layout.pairs(0):
+        name = a.key.split(".lora_A.")[0]
+        module = wrappers[name.removeprefix("")]
+        delta = module.get_delta_weight("default").detach().numpy()
+        for e in (0, 3, 7):
+            lowrank = module.scaling["default"] * b.slice(params[b.key], e) @ a.slice(params[a.key], e)
+            got = delta[e] if delta[e].shape == lowrank.shape else delta[e].T
+            np.testing.assert_allclose(got, lowrank, rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked == 6
+
+
+# ---------------------------------------------------------------------------- backward budget
+
+def test_budget_selection_keeps_the_best_routed_experts():
+    probs = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.1, 0.6, 0.25, 0.05], [0.5, 0.1, 0.35, 0.05]])
+    assert select_experts(probs, 2, 4, "ib", 0.5, 0.1).tolist() == [True, True, True, False]   # E_union only
+    keep = select_experts(probs, 2, 2, "importance", 0.5, 0.0)
+    assert keep.tolist() == [True, True, False, False]
+    assert int(select_experts(probs, 2, 1, "random", 0.5, 0.1, torch.Generator().manual_seed(0)).sum()) == 1
+
+
+def test_backward_budget_updates_exactly_the_selected_experts(tiny, topics):
+    model, handover, g = tiny
+    layout = moe_layout({k: v.shape for k, v in g.items()})
+    strategy = HFedMoE(HFedMoESettings(lr=0.01, batch_size=64, local_epochs=1))
+    handover.restore()
+    set_params(model, g)
+    update = strategy.client_update(_ctx(model, topics, 0, {"budget": 2, "rho": 0.25, "lr": 0.01},
+                                         np.arange(64)))               # one batch: one selection per layer
+    new = get_params(model)
+    for i, layer in enumerate(layout.layers):
+        changed = np.zeros(8, bool)
+        for t in layout.of_layer(layer):
+            changed |= [not np.array_equal(t.slice(new[t.key], e), t.slice(g[t.key], e)) for e in range(8)]
+        assert changed.sum() == 2, changed
+        np.testing.assert_array_equal(changed, update.stats["trained"][i])
+    assert update.stats["max_trained_experts"] == 2
+    assert any(not np.array_equal(new[k], g[k]) for k in layout.routers.values())   # the router trains in full
+
+
+def test_clients_in_a_row_with_different_budgets_do_not_leak(tiny, topics):
+    model, handover, g = tiny
+    strategy = HFedMoE(HFedMoESettings(lr=0.01, batch_size=32))
+
+    def run(cid, budget):
+        handover.restore()
+        set_params(model, g)
+        torch.manual_seed(cid)
+        return strategy.client_update(_ctx(model, topics, cid, {"budget": budget, "rho": budget / 8, "lr": 0.01},
+                                           np.arange(cid * 64, cid * 64 + 64)))
+
+    alone = run(1, 8)
+    run(0, 2)                           # a budgeted client first, on the same model object
+    after = run(1, 8)
+    assert after.stats["max_trained_experts"] > 2
+    for key, value in alone.params.items():
+        a = value.values if isinstance(value, Rows) else value
+        b = after.params[key].values if isinstance(after.params[key], Rows) else after.params[key]
+        np.testing.assert_array_equal(a, b, err_msg=key)
+
+
+# ---------------------------------------------------------------------------- aggregation rules
+
+R, D = "m.layers.0.mlp.gate.weight", "m.layers.0.self_attn.q_proj.lora_A.default.weight"
+A, B = "m.layers.0.mlp.experts.lora_A.default.weight", "m.layers.0.mlp.experts.lora_B.default.weight"
+
+
+def _global():
+    # E=2 experts, rank 1, in=out=2
+    return {R: np.zeros((2, 2), np.float32), D: np.zeros((1, 2), np.float32),
+            A: np.zeros((2, 2), np.float32), B: np.zeros((2, 2), np.float32)}
+
+
+def _update(cid, n, value, usage, importance, experts, a_rows=None, b_cols=None):
+    layout = moe_layout({k: v.shape for k, v in _global().items()})
+    full = {R: np.full((2, 2), value, np.float32), D: np.full((1, 2), value, np.float32),
+            A: np.full((2, 2), value, np.float32) if a_rows is None else a_rows,
+            B: np.full((2, 2), value, np.float32) if b_cols is None else b_cols}
+    rows = extract_experts(full, layout, {0: experts})
+    stats = {"usage": np.array([usage], np.float32), "importance": np.array([importance], np.float32),
+             "gate_kl": 0.0, "load": np.zeros((1, 2)), "trained": np.ones((1, 2), bool), "entropy": 0.5,
+             "token_entropy": 0.1, "uploaded_experts": len(experts), "backward_expert_tokens": 1.0,
+             "max_trained_experts": 2, "budget": None}
+    return ClientUpdate(cid, n, {R: full[R], D: full[D], **rows}, stats=stats)
+
+
+def _aggregate(strategy, updates):
+    g = _global()
+    state = strategy.init_state(g)
+    partial = strategy.init_partial()
+    for u in updates:
+        strategy.accumulate(partial, u)
+    return strategy.aggregate(1, g, state, strategy.merge([partial]))
+
+
+def test_hfedmoe_expert_and_router_aggregation_by_hand():
+    # tau = 0.5 / 2 = 0.25: client 1 qualifies for both experts, client 2 only for expert 1
+    u1 = _update(1, 10, 1.0, [0.6, 0.4], [0.5, 0.3], [0, 1])
+    u2 = _update(2, 30, 3.0, [0.1, 0.9], [0.2, 0.8], [1])
+    new, state, metrics = _aggregate(HFedMoE(HFedMoESettings()), [u1, u2])
+    np.testing.assert_allclose(new[A][0], 1.0)                        # expert 0: client 1 only (eq. 17)
+    np.testing.assert_allclose(new[A][1], (10 * 1 + 30 * 3) / 40)      # expert 1: n-weighted
+    np.testing.assert_allclose(new[B][:, 0], 1.0)
+    np.testing.assert_allclose(new[B][:, 1], 2.5)
+    w1, w2 = 0.6 * 0.5 + 0.4 * 0.3, 0.9 * 0.8                          # alpha(c) before / |S_global| (eq. 20)
+    np.testing.assert_allclose(new[R], (w1 * 1 + w2 * 3) / (w1 + w2), rtol=1e-6)   # normalised alpha (eq. 21)
+    np.testing.assert_allclose(new[D], 2.5)                             # FedAvg for the rest
+    raw, _, _ = _aggregate(HFedMoE(HFedMoESettings(router_alpha="raw")), [u1, u2])
+    np.testing.assert_allclose(raw[R], (w1 * 1 + w2 * 3) / 2, rtol=1e-6)           # |S_global| = 2
+    np.testing.assert_allclose(state["p_glob"][0], (10 * np.array([0.6, 0.4]) + 30 * np.array([0.1, 0.9])) / 40,
+                               rtol=1e-6)
+    assert metrics["experts_uploaded_per_client"] == [2, 1]
+
+
+def test_fedavg_moe_is_example_weighted():
+    new, _, _ = _aggregate(FedAvgMoE(), [_update(1, 10, 1.0, [0.5, 0.5], [0.5, 0.5], [0, 1]),
+                                        _update(2, 30, 3.0, [0.5, 0.5], [0.5, 0.5], [0, 1])])
+    for key in (R, D, A, B):
+        np.testing.assert_allclose(new[key], 2.5)
+
+
+def test_fedalign_router_rows_are_weighted_by_routing_mass():
+    u1 = _update(1, 10, 1.0, [0.8, 0.2], [0.5, 0.5], [0, 1])
+    u2 = _update(2, 30, 3.0, [0.2, 0.8], [0.5, 0.5], [0, 1])
+    new, _, _ = _aggregate(FedAlignMoE(FedAlignMoESettings(semantic_filter=False)), [u1, u2])
+    s = np.array([[10 * 0.8, 10 * 0.2], [30 * 0.2, 30 * 0.8]])        # s_i(e) = n_i u_i(e)
+    for e in range(2):
+        np.testing.assert_allclose(new[R][e], (s[0, e] * 1 + s[1, e] * 3) / s[:, e].sum(), rtol=1e-6)
+    np.testing.assert_allclose(new[D], 2.5)
+    plain, _, _ = _aggregate(FedAlignMoE(FedAlignMoESettings(router_weighting="examples")), [u1, u2])
+    np.testing.assert_allclose(plain[R], 2.5)
+
+
+def test_fedalign_drops_a_misaligned_client():
+    rng = np.random.default_rng(0)
+    base_a, base_b = rng.normal(size=(2, 2)).astype(np.float32), rng.normal(size=(2, 2)).astype(np.float32)
+    updates = []
+    for cid in range(6):
+        sign = -1.0 if cid == 5 else 1.0                            # client 5 moves its experts the other way
+        a = base_a + 0.01 * rng.normal(size=(2, 2)).astype(np.float32)
+        b = sign * base_b + 0.01 * rng.normal(size=(2, 2)).astype(np.float32)
+        updates.append(_update(cid, 10, 1.0, [0.5, 0.5], [0.5, 0.5], [0, 1], a_rows=a, b_cols=b))
+    new, _, metrics = _aggregate(FedAlignMoE(FedAlignMoESettings()), updates)
+    assert metrics["expert_slices_dropped"] == 2 and metrics["expert_slices_held"] == 12   # client 5, both experts
+    aligned_b = np.mean([u.params[B].values for u in updates[:5]], 0)
+    layout = moe_layout({k: v.shape for k, v in _global().items()})
+    tb = next(t for t in layout.tensors if t.key == B)
+    for e in range(2):
+        np.testing.assert_allclose(new[B][:, tb.index([e])],
+                                   aligned_b[:, [list(updates[0].params[B].index).index(i) for i in tb.index([e])]],
+                                   rtol=1e-5)
+    kept, _, metrics = _aggregate(FedAlignMoE(FedAlignMoESettings(semantic_filter=False)), updates)
+    assert metrics["expert_slices_dropped"] == 0
+
+
+def test_fedalign_gating_regulariser_pulls_toward_the_global_marginal(tiny, topics):
+    model, handover, g = tiny
+    p_glob = np.full((2, 8), 1 / 8, np.float32)
+    out = {}
+    for lam in (0.0, 5.0):
+        handover.restore()
+        set_params(model, g)
+        torch.manual_seed(0)
+        strategy = FedAlignMoE(FedAlignMoESettings(lr=0.02, batch_size=32, gate_reg=lam))
+        update = strategy.client_update(_ctx(model, topics, 0, {"p_glob": p_glob, "lr": 0.02},
+                                             np.flatnonzero(topics.y_train == 0)[:64]))
+        out[lam] = update.stats["gate_kl"]
+    assert out[5.0] < out[0.0]
+
+
+def test_partial_of_fedalign_merges_like_flat():
+    a, b = HeldExperts(), HeldExperts()
+    a.held.append((1, 10, None, {}))
+    b.held.append((2, 20, None, {}))
+    assert [h[0] for h in HeldExperts().merge(a).merge(b).held] == [1, 2]
+
+
+# ---------------------------------------------------------------------------- configuration, bad input
+
+def _config(overrides):
+    from actors.config import FLConfig
+    from edgeray.config import load_config
+    return load_config(FLConfig, ROOT / "configs" / "fedmoe_topics.yaml", overrides)
+
+
+def test_budget_below_top_k_threshold_out_of_range_and_non_moe_paths_fail_in_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"tiers.*below top_k=2"):
+        _config(["strategy.name=hfedmoe", "strategy.params.tiers=[0.1, 1.0]"])
+    with pytest.raises(UserError, match="usage_share"):
+        _config(["strategy.name=hfedmoe", "strategy.params.usage_share=1.5"])
+    with pytest.raises(UserError, match="semantic_beta"):
+        _config(["strategy.name=fedalign-moe", "strategy.params.semantic_beta=-1"])
+    with pytest.raises(UserError, match="no config.json"):
+        _config(["strategy.name=fedalign-moe", f"model.path={tmp_path}", "model.args={}"])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(UserError, match="not a mixture-of-experts checkpoint"):
+        _config(["strategy.name=fedavg-moe", f"model.path={tmp_path}", "model.args={}"])
+    with pytest.raises(UserError, match="needs model.name=moe"):
+        _config(["strategy.name=hfedmoe", "model.name=cnn", "model.args={}"])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "num_experts": 4,
+                                                      "num_experts_per_tok": 2}))
+    cfg = _config(["strategy.name=hfedmoe", f"model.path={tmp_path}", "model.args={}",
+                   "strategy.params.tiers=[0.5]"])
+    assert cfg.strategy.params["tiers"] == [0.5]
+
+
+def test_cli_answers_bad_input_with_exit_2(capsys):
+    from edgeray.cli import main
+    code = main(["run", "hfedmoe", "--config", str(ROOT / "configs" / "fedmoe_topics.yaml"),
+                 "--set", "strategy.params.tiers=[0.1]", "--set", "output_dir=/tmp/fedmoe-bad"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "tiers" in err[0]
+
+
+def test_hfedmoe_budgets_from_tiers_and_from_profiles():
+    pop = PopulationView(tuple(sample_profiles(6, 0)), (10,) * 6)
+    state = {"p_glob": np.full((1, 8), 1 / 8)}
+    tiers = HFedMoE(HFedMoESettings(tiers=[0.25, 0.5, 1.0])).configure_round(1, state, list(range(6)), pop)
+    assert [tiers[c]["budget"] for c in range(6)] == [2, 4, 8, 2, 4, 8]
+    prof = HFedMoE(HFedMoESettings(budget_source="profile")).configure_round(1, state, list(range(6)), pop)
+    speed = {c: pop.profiles[c].compute_speed for c in range(6)}
+    slowest, fastest = min(speed, key=speed.get), max(speed, key=speed.get)
+    assert prof[slowest]["budget"] == 2 and prof[fastest]["budget"] == 8
+    assert HFedMoE().work(prof[slowest], 100) < HFedMoE().work(prof[fastest], 100)
+
+
+# ---------------------------------------------------------------------------- data, upcycling
+
+def test_topic_data_is_seeded_and_labelled(topics):
+    again = load_topics(seq_len=16, train_size=256, test_size=64)
+    np.testing.assert_array_equal(topics.x_train, again.x_train)
+    assert topics.x_train.min() >= 1 and topics.x_train.max() < topics.info["vocab_size"]
+    assert set(np.unique(topics.y_train)) == {0, 1, 2, 3}
+
+
+@pytest.mark.skipif(not (ROOT / DRUG_ZIP).is_file() or not (ROOT / "data/models/smollm2-135m-instruct/hf/tokenizer.json").is_file(),
+                    reason="drug reviews or the SmolLM2 tokenizer not fetched (scripts/assets/fedmoe.sh, svd.sh)")
+def test_drug_reviews_classification_and_instruction_forms():
+    data = load_drug_reviews(seq_len=32)
+    assert data.x_train.shape == (600, 32) and data.x_test.shape == (379, 32)
+    assert np.bincount(data.y_train).tolist() == [161, 54, 385] and data.groups.max() > 50
+    assert data.info["pad_id"] == 0 and data.x_train.max() < data.info["vocab_size"]
+    inst = load_drug_reviews_instruct(seq_len=32)
+    assert ((inst.y_train != -100).sum(1) == 1).all()
+    assert len(np.unique(inst.y_train[inst.y_train != -100])) == 3
+
+
+def test_upcycled_moe_computes_the_dense_model(tmp_path):
+    from edgeray.hf_models import build_tiny_model
+    dense, tokenizer = build_tiny_model(seed=0, hidden_size=32, num_layers=2)
+    dense.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    info = {"vocab": "full", "vocab_size": dense.config.vocab_size}
+    spec = ModelSpec("moe", {"upcycle": {"experts": 4, "top_k": 2, "layers": [-1], "noise": 0.0}},
+                     path=str(tmp_path), data_info=info)
+    moe = build_model(spec).eval()
+    x = torch.randint(0, dense.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = dense.eval()(input_ids=x).logits
+        got = moe(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    layout = moe_layout({k: tuple(p.shape) for k, p in moe.named_parameters() if p.requires_grad})
+    assert layout.layers == (1,) and layout.experts == 4
