@@ -54,11 +54,12 @@ def test_outcomes_inside_the_lag_do_not_change_the_risk():
     assert not np.allclose(a.risks(43), b.risks(43))   # two rounds later they are
 
 
-def test_refits_every_r_known_rounds_and_pooled_rate_before_the_first_fit():
+def test_refits_every_r_known_rounds_and_empirical_rate_before_the_first_fit():
     model = ConflictRiskModel(2, RiskSettings(lag=1, refit_every=4), seed=0)
     for t in range(1, 4):
         model.record(t, [0, 1], [0] if t == 2 else [])
-    assert model.risks(4) == pytest.approx([1 / 6, 1 / 6])   # 1 conflict in 6 known picks, no HMM yet
+    # no HMM yet: each client's share, shrunk toward the pooled 1 conflict in 6 picks
+    assert model.risks(4) == pytest.approx([(1 + 1 / 6) / 4, (0 + 1 / 6) / 4])
     assert model.fits == 0 and model.hmm is None
     model.record(4, [0], [])
     model.risks(5)

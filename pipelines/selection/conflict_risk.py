@@ -22,8 +22,9 @@ Our reconstruction [R], each a named, tested setting of ``RiskSettings``:
     since a single client's record is too sparse to fit alone; each client's risk still comes from
     its own sequence;
   * ``refit_every`` R rounds (Baum-Welch, ``n_iter`` iterations, ``n_states`` K hidden states);
-    before the first fit (fewer than R known rounds) the risk is the pooled share of conflicts
-    among the server's known picks;
+    before the first fit (fewer than R known rounds) the risk is the client's own share of
+    conflicts among its known picks, shrunk toward the server's pooled share with the weight of
+    one pick ((conflicts_i + pooled) / (picks_i + 1));
   * a conflict event is a pick that another server also picked that round (``ClientOutcome.contenders``
     > 0, or ``conflict_lost``), see pipelines/selection/__init__.py.
 """
@@ -99,12 +100,12 @@ class ConflictRiskModel:
         if known // self.settings.refit_every > self.fits:
             self._fit(known)
         if self.hmm is None:
-            return np.full(self.n, self._pooled_rate(known))
+            return self._empirical_rate(known)
         self._filter(known)
         B = self.hmm.emissionprob_
         if self.settings.coding == "three_symbol":
             if self._alpha is None:
-                return np.full(self.n, self._pooled_rate(known))
+                return self._empirical_rate(known)
             q = self._alpha @ self._power(rnd - self.rounds[known - 1])
             emit = q @ B
             picked = emit[:, PICKED_OK] + emit[:, PICKED_CONFLICT]
@@ -113,12 +114,14 @@ class ConflictRiskModel:
                       else self.hmm.startprob_ for i in range(self.n)])
         return q @ B[:, CONFLICT]
 
-    def _pooled_rate(self, known: int) -> float:
+    def _empirical_rate(self, known: int) -> np.ndarray:
+        """Each client's known conflict share, shrunk toward the pooled share by one pick."""
         if not known:
-            return 0.0
+            return np.zeros(self.n)
         rows = np.stack(self.rows[:known])
-        picks = int(np.sum(rows != NOT_PICKED))
-        return float(np.sum(rows == PICKED_CONFLICT) / picks) if picks else 0.0
+        picks, conflicts = np.sum(rows != NOT_PICKED, axis=0), np.sum(rows == PICKED_CONFLICT, axis=0)
+        pooled = conflicts.sum() / picks.sum() if picks.sum() else 0.0
+        return (conflicts + pooled) / (picks + 1)
 
     def _power(self, steps: int) -> np.ndarray:
         if steps not in self._powers:

@@ -21,7 +21,8 @@ notes/rl.md A1 step 4]:
   picked          1 if this server already picked it in this round
 and edge-wide ``GLOBALS``: picks left this round / k. The mask: available and not yet picked.
 The action is one client per step; k steps make the round's picks (the paper's "k sequential
-Discrete picks", notes/rl.md A1 step 5, option 2). At evaluation the policy takes the arg-max.
+Discrete picks", notes/rl.md A1 step 5, option 2). In the FL runtime each pick is drawn
+from the policy with the edge's seeded generator (``sample``, default) or is the arg-max.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class EdgeTracker:
 
 def choose(policy, features: np.ndarray, k: int, rng: np.random.Generator | None = None) -> list[int]:
     """k picks (local indices), one per step: ``policy(obs) -> logits`` over the covered clients,
-    masked; arg-max, or a draw from the softmax when ``rng`` is given."""
+    masked; a draw from the softmax when ``rng`` is given, else the arg-max."""
     n = features.shape[0]
     picked = np.zeros(n)
     k = min(k, int(features[:, FEATURES.index("available")].sum()))
@@ -183,11 +184,14 @@ def load_export(path: str | Path) -> tuple[dict, dict[int, dict]]:
 
 class RLCRPSelector(Selector):
     """The trained RL-CRP policies as a per-edge selector: each edge runs its own policy on its own
-    observations (decentralized), arg-max picks. ``checkpoint``: an RL run directory or its
-    exported ``crp_policy.pt``; ``sample``: draw from the policy instead of the arg-max."""
+    observations (decentralized). ``checkpoint``: an RL run directory or its exported
+    ``crp_policy.pt``; ``sample``: draw each pick from the policy with the edge's round generator
+    (seeded, reproducible; the default), or take the arg-max. PPO learns a stochastic policy, and in
+    this game the mix is the point: with arg-max every edge takes its top-scored clients each
+    round, which in our runs collapsed to greedy-latency's picks and its conflicts."""
 
     name = "rl-crp"
-    defaults = {"checkpoint": None, "sample": False}
+    defaults = {"checkpoint": None, "sample": True}
 
     def __init__(self, population: PopulationView, seed: int, **settings):
         super().__init__(population, seed, **settings)

@@ -32,10 +32,10 @@ def baseline_factories(env: CRPEnvSection) -> dict:
             "oracle": lambda pop, seed: ConflictFreeOracle(pop, seed)}
 
 
-def policy_factory(checkpoint: str | Path):
+def policy_factory(checkpoint: str | Path, sample: bool = True):
     from pipelines.selection.crp import RLCRPSelector
 
-    return lambda pop, seed: RLCRPSelector(pop, seed, checkpoint=str(checkpoint))
+    return lambda pop, seed: RLCRPSelector(pop, seed, checkpoint=str(checkpoint), sample=sample)
 
 
 def evaluate(env: CRPEnvSection, factory, episodes: int, rounds: int = 0) -> dict:

@@ -77,8 +77,8 @@ class CRPEnvSection:
     conflict_rule: str = param("share", "selection.conflict_rule", choices=CONFLICT_RULES)
     rounds: int = param(30, "FL rounds per episode", ge=2)
     latency_weight: float = param(1.0, "reward weight of T_m / T_ref [R]", ge=0)
-    conflict_weight: float = param(0.5, "reward weight beta of conflicts_m [R]", ge=0)
-    fairness_weight: float = param(1.0, "reward weight eta of the fairness term [R]", ge=0)
+    conflict_weight: float = param(2.0, "reward weight beta of conflicts_m [R]", ge=0)
+    fairness_weight: float = param(2.0, "reward weight eta of the fairness term [R]", ge=0)
     fairness: str = param("jain", "fairness term: rise of Jain's index over the edge's clients, a "
                           "1/(1+count) bonus, or none [R]", choices=FAIRNESS)
     use_crp: bool = param(True, "conflict risk in the observation (false: the no-CRP ablation)")
@@ -86,7 +86,7 @@ class CRPEnvSection:
                              choices=CODINGS)
     risk_states: int = param(2, "hidden states K of the conflict-risk HMM", ge=1)
     risk_lag: int = param(2, "d: an outcome is known d rounds later", ge=1)
-    risk_refit_every: int = param(10, "R: refit the HMM every R known rounds", ge=1)
+    risk_refit_every: int = param(5, "R: refit the HMM every R known rounds", ge=1)
     risk_iters: int = param(30, "Baum-Welch iterations per fit", ge=1)
     stale_rounds: int = param(20, "staleness feature: rounds since the last pick / this, capped at 1 [R]", ge=1)
 
