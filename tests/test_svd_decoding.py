@@ -122,8 +122,9 @@ def test_warm_start_calibrates_and_persists(trained_tasks):
         assert record["status"] == "ready", record
         assert read_task(tasks_dir, kind)["mu_bar"] == record["mu_bar"]
         assert record["n_train"] == 19 and record["n_calib"] == 5
-        assert record["n_calib_tokens"] > 5                 # every labelled token, EOS included
-        assert record["mu_bar"] == record["mu_mean"]
+        assert record["n_calib_tokens"] > 5                 # content tokens: EOS and spaces left out
+        assert record["n_calib_tokens_excluded"] >= 10      # 5 x (lone space + EOS)
+        assert record["mu_bar"] == record["mu_ratio"]       # Eq. 46 is the default estimator
         assert (tasks_dir / kind / "adapter" / "adapter_config.json").is_file()
 
 

@@ -89,7 +89,7 @@ def test_streaming_equals_non_streaming(client):
 
 
 def test_task_warm_start_and_steered_generation(client, svd_url, ready_task):
-    assert ready_task["n_calib_tokens"] > 0 and ready_task["mu_bar"] == ready_task["mu_mean"]
+    assert ready_task["n_calib_tokens"] > 0 and ready_task["mu_bar"] == ready_task["mu_ratio"]
     assert "parity" in [m.id for m in client.models.list().data]
     steered = client.completions.create(model="parity", prompt="Is 7 odd or even? Answer:", max_tokens=4,
                                         temperature=0)
