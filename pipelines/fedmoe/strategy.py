@@ -128,8 +128,13 @@ class ExpertMasks:
         self.layout = layout
         self.params = {t.key: params[t.key] for t in layout.tensors}
         self.masks = {t.key: None for t in layout.tensors}
-        for t in layout.tensors:
-            self.params[t.key].register_hook(lambda g, key=t.key: g if self.masks[key] is None else g * self.masks[key])
+        self.handles = [self.params[t.key].register_hook(
+            lambda g, key=t.key: g if self.masks[key] is None else g * self.masks[key]) for t in layout.tensors]
+
+    def remove(self) -> None:
+        """Unhook (the runtime's hand-over also drops hooks added by a client; a plain loop may not)."""
+        for handle in self.handles:
+            handle.remove()
 
     def set(self, selected: dict[int, torch.Tensor]) -> None:
         for t in self.layout.tensors:
@@ -166,6 +171,7 @@ class MoEStrategy(Strategy):
 
     name = "fedavg-moe"
     uses_client_state = False
+    budgeted = False           # HFedMoE: the instruction's expert budget is enforced in backward
     settings: MoESettings
 
     def __init__(self, settings: MoESettings | None = None):
@@ -199,7 +205,7 @@ class MoEStrategy(Strategy):
         top_k = self._top_k(model)
         optimizer = torch.optim.AdamW(list(trainable.values()), lr=ctx.instruction.get("lr", s.lr),
                                       weight_decay=s.weight_decay)
-        budget = ctx.instruction.get("budget")
+        budget = ctx.instruction.get("budget") if self.budgeted else None
         masks = ExpertMasks(trainable, layout) if budget is not None else None
         gen = torch.Generator().manual_seed(int(ctx.rng.integers(2**31)))
         self.begin_local(ctx, tap, trainable, layout)
@@ -248,6 +254,8 @@ class MoEStrategy(Strategy):
                 batches += 1
                 loss_sum += loss.item() * len(yb)
                 seen += len(yb)
+        if masks is not None:
+            masks.remove()
         usage /= max(tokens, 1)
         stats = {
             "usage": usage.astype(np.float32), "importance": (s_sum / max(batches, 1)).astype(np.float32),
@@ -320,6 +328,7 @@ def usage_threshold(settings: MoESettings, experts: int) -> float:
 
 class HFedMoE(MoEStrategy):
     name = "hfedmoe"
+    budgeted = True
     settings: HFedMoESettings
 
     def __init__(self, settings: HFedMoESettings | None = None):
