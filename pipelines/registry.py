@@ -46,6 +46,9 @@ STRATEGIES = {
     "fedavgm": Entry("pipelines.fedavg.strategy:FedAvgM",
                      "FedAvgM (Hsu et al. 2019): FedAvg with server momentum on the averaged update",
                      settings="pipelines.fedavg.settings:FedAvgMSettings"),
+    "split": Entry("pipelines.split.strategy:SplitLearning",
+                   "split learning (sequential SL, SplitFed-v1) with compressed smashed data: ACP-SL, NSC-SL, "
+                   "quantization, RandTopK", settings="pipelines.split.settings:SplitSettings"),
     "fedavg-moe": Entry("pipelines.fedmoe.strategy:FedAvgMoE",
                         "FedAvg over the LoRA, router and head tensors of an MoE LM, with MoE routing telemetry",
                         settings="pipelines.fedmoe.settings:FedAvgMoESettings"),
@@ -61,6 +64,10 @@ STRATEGIES = {
 MODELS = {
     "cnn": Entry("pipelines.tasks.vision:build_cnn", "CNN of McMahan et al. 2017 (2 conv + 2 fc) for image data"),
     "mlp": Entry("pipelines.tasks.vision:build_mlp", "one hidden layer, for quick checks on image data"),
+    "split-cnn": Entry("pipelines.split.models:build_split_cnn",
+                       "the cnn cut for split learning (model.args.cut: 1 after conv1, 2 after conv2)"),
+    "split-resnet8": Entry("pipelines.split.models:build_split_resnet8",
+                           "ResNet-8 (GroupNorm) cut for split learning (model.args.cut: 1 stem, 2-3 stages)"),
     "causal-lm": Entry("pipelines.tasks.lm:build_causal_lm",
                        "transformers causal LM (Llama, OLMoE, Qwen2-MoE, Mixtral...) from a config or a local "
                        "checkpoint, LoRA adapters (peft) as the trainable tensors"),
