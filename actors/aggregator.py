@@ -92,8 +92,7 @@ class AggregatorRun:
         self.run = spec.run
         self.settings = spec.settings
         self.strategy = materialize(ray.get(spec.refs.binding).strategy)
-        first_actor = next(a for group in spec.pool.values() for a in group)
-        self.global_params = ray.get(first_actor.initial_params.remote(spec.run, spec.refs))
+        self.global_params = self._initial_params()
         self.server_state = self.strategy.init_state(self.global_params)
         profiles = list(spec.population.profiles)
         links = LinkModel(profiles, self.settings.seed, self.settings.link_model, self.settings.link_min_gain,
@@ -106,6 +105,19 @@ class AggregatorRun:
             load(SELECTORS[method].target)(spec.population, self.settings.seed, **(self.settings.selection_settings or {}))
         self.histories: dict[int, list[RoundObservation]] = {}   # each edge's own observations (checkpointed)
         self.metrics = RoundMetrics(spec.method, spec.run_id)
+
+    def _initial_params(self) -> dict:
+        """The model's initial trainable tensors, built by the first pool actor that answers: a
+        ClientActor that dies (or is restarting) while it binds costs a retry, not the run."""
+        actors = [a for group in self.spec.pool.values() for a in group]
+        deadline = time.monotonic() + self.settings.round_timeout_s
+        for attempt in range(2 * len(actors)):
+            try:
+                return ray.get(actors[attempt % len(actors)].initial_params.remote(self.run, self.spec.refs),
+                               timeout=max(1.0, deadline - time.monotonic()))
+            except (RayActorError, GetTimeoutError) as exc:
+                log.warning("binding the run on a pool actor failed (%s); trying another actor", type(exc).__name__)
+        raise RuntimeError(f"no pool actor of {len(actors)} could bind the run (initial parameters)")
 
     # ------------------------------------------------------------------ one round
     def run_round(self, rnd: int) -> dict:
@@ -145,7 +157,7 @@ class AggregatorRun:
                      self.run, spec.refs, rnd, [global_ref],
                      [ClientJob(c, instructions[c], spec.population.profiles[c].resource_class,
                                 self.clock.link(rnd, c), budget_s) for c in clients],
-                     spec.pool, budget_s, settings.inflight_per_actor)
+                     spec.pool, budget_s, settings.inflight_per_actor, settings.actor_retries)
                  for e, clients in sorted(by_edge.items())}
         results = self._collect_edges(rnd, calls, by_edge)
         if stranded:
@@ -182,6 +194,7 @@ class AggregatorRun:
             "clients_selected": len(invited),
             "clients_completed": len(reports),
             "clients_failed": len(failures),
+            "actor_failures": sum(r.actor_failures for r in results),
             "clients_dropout": plan.count("dropout"),
             "clients_straggler": plan.count("straggler"),
             "conflicts": resolution.conflicts if resolution else 0,

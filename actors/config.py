@@ -137,6 +137,8 @@ class RuntimeConfig:
                                  "per EdgeServerActor: CPUs and GPUs reserved, torch threads of its server steps")
     edge_uplink_mbps: float = param(100.0, "edge server to aggregator bandwidth (simulated)", gt=0)
     inflight_per_actor: int = param(2, "assignments queued per ClientActor (prefetches the next client)", ge=1)
+    actor_retries: int = param(2, "times a client whose ClientActor process died (or is restarting) is run again "
+                               "on a live actor of its class before it counts as failed", ge=0)
     round_timeout_s: float = param(600.0, "wall-clock limit of one round; later clients count as failed", gt=0)
     warm_pool: str = param("auto", "keep the actors running between runs (detached, found again by the next run "
                            "of the same code): auto = when attaching to a running cluster", choices=WARM_POOL_MODES)

@@ -170,6 +170,7 @@ class FLRun:
                 over_selection=cfg.clock.over_selection, dropout_prob=cfg.clock.dropout_prob,
                 test_size=len(data.x_test), seed=cfg.seed, round_timeout_s=cfg.runtime.round_timeout_s,
                 inflight_per_actor=cfg.runtime.inflight_per_actor, edge_uplink_mbps=cfg.runtime.edge_uplink_mbps,
+                actor_retries=cfg.runtime.actor_retries,
                 link_model=cfg.clock.link_model, link_min_gain=cfg.clock.link_min_gain,
                 link_trace=prepared.link_trace, sticky_edges=cfg.runtime.sticky_edges,
                 selection_method=cfg.selection.method, conflict_rule=cfg.selection.conflict_rule,

@@ -8,8 +8,12 @@ update that arrives early waits for its predecessors, so a seeded run sums in th
 every time; memory stays bounded by the few updates in flight), and returns the partial,
 never the raw updates.
 
-A ClientActor that dies mid-round fails only its own assignments: they are counted and logged,
-the round completes with the surviving updates, and Ray restarts the actor for the next round.
+A ClientActor whose process dies mid-round (or is restarting when called) does not fail its
+clients: each lost assignment is counted (``actor_failures``) and run again on a live actor of its
+class, up to ``runtime.actor_retries`` times; the actor is out of service until a probe sees Ray's
+restarted process. The client's seed and stored state make the re-run train exactly what the lost
+one would have, so the round's result is the undisturbed one. A client that errs by itself
+(``RayTaskError``) fails at once.
 Every wait has a timeout: what is still running at ``timeout_s`` is cancelled and counted failed.
 
 The actor is threaded (``max_concurrency``) so that it can answer per-batch ``exchange`` calls
@@ -91,7 +95,11 @@ class EdgeServerActor(IdleExit):
                     raise RuntimeError(f"edge server {self.edge_id} has no run {run} (it was restarted mid-round)")
                 store = find_store(run)
                 state = load_state(store, self.state_key)
-                self.runs[run] = EdgeRun(materialize(ray.get(refs.binding).strategy), state, store, bool(state))
+                binding = ray.get(refs.binding)
+                strategy = materialize(binding.strategy)
+                if hasattr(strategy, "bind_task"):   # a strategy with a model on the edge (split learning's top)
+                    strategy.bind_task(binding.task)
+                self.runs[run] = EdgeRun(strategy, state, store, bool(state))
             return self.runs[run]
 
     def release(self, run: str) -> None:
@@ -123,14 +131,15 @@ class EdgeServerActor(IdleExit):
             return outbox.write(reply)
 
     def run_round(self, run: str, refs: RunRefs, rnd: int, wrapped_global: list, jobs: list[ClientJob],
-                  pool: dict[str, list], timeout_s: float, inflight_per_actor: int) -> EdgeResult:
+                  pool: dict[str, list], timeout_s: float, inflight_per_actor: int, actor_retries: int = 2
+                  ) -> EdgeResult:
         with self.busy():
             bound = self._bound(run, refs)
             with bound.step_lock:
                 bound.strategy.begin_edge_round(rnd, bound.edge_state, [job.client_id for job in jobs],
                                                 ray.get(wrapped_global[0]))
             result = self._run_round(run, refs, bound.strategy, rnd, wrapped_global[0], jobs, pool, timeout_s,
-                                     inflight_per_actor)
+                                     inflight_per_actor, actor_retries)
             with bound.step_lock:
                 partial = bound.strategy.end_edge_round(rnd, bound.edge_state, result.partial)
                 if bound.edge_state or bound.had_state:   # stateless strategies cost no store call
@@ -138,24 +147,29 @@ class EdgeServerActor(IdleExit):
                     bound.had_state = True
             return dataclasses.replace(result, partial=partial)
 
-    def _run_round(self, run, refs, strategy, rnd, global_ref, jobs, pool, timeout_s, inflight_per_actor
-                   ) -> EdgeResult:
+    def _run_round(self, run, refs, strategy, rnd, global_ref, jobs, pool, timeout_s, inflight_per_actor,
+                   actor_retries) -> EdgeResult:
         queues = {cls: deque() for cls in pool}
         for job in jobs:
             queues[job.resource_class].append(job)
-        inflight: dict[ray.ObjectRef, tuple[int, int, object]] = {}
+        inflight: dict[ray.ObjectRef, tuple[ClientJob, int, object]] = {}
         load = {id(a): 0 for actors in pool.values() for a in actors}
         position = {job.client_id: i for i, job in enumerate(jobs)}
-        calls = 0
+        # A ClientActor whose process died is out of service until a probe (``pid``) answers, which
+        # Ray holds until the restarted process is up; a probe that fails retires it for the round.
+        probes: dict[ray.ObjectRef, object] = {}
+        out_of_service: set[int] = set()
+        retries: dict[int, int] = defaultdict(int)
+        calls = actor_failures = 0
 
         def submit():
             nonlocal calls
             for cls, queue in queues.items():
                 for actor in pool[cls]:
-                    while queue and load[id(actor)] < inflight_per_actor:
+                    while queue and load[id(actor)] < inflight_per_actor and id(actor) not in out_of_service:
                         job = queue.popleft()
                         ref = actor.train.remote(run, refs, rnd, job, global_ref, self._self, self.node_id)
-                        inflight[ref] = (job.client_id, position[job.client_id], actor)
+                        inflight[ref] = (job, position[job.client_id], actor)
                         load[id(actor)] += 1
                         calls += 1
 
@@ -172,35 +186,64 @@ class EdgeServerActor(IdleExit):
                     partial = strategy.accumulate(partial, arrived.pop(next_position))
                 next_position += 1
 
+        def waiting_for_an_actor() -> bool:
+            return bool(probes) and any(queues.values())
+
         deadline = time.monotonic() + timeout_s
+        timed_out = False
         submit()
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        while inflight or waiting_for_an_actor():
+            ready, _ = ray.wait([*inflight, *probes], num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                for ref, (cid, _, _) in inflight.items():
+                for ref, (job, _, _) in inflight.items():
                     ray.cancel(ref, force=False)
-                    failures.append(ClientFailure(cid, f"timeout after {timeout_s:.0f}s"))
+                    failures.append(ClientFailure(job.client_id, f"timeout after {timeout_s:.0f}s"))
                 log.warning("edge %d round %d: %d clients timed out", self.edge_id, rnd, len(inflight))
+                timed_out = True
                 break
             ref = ready[0]
-            cid, pos, actor = inflight.pop(ref)
+            if ref in probes:
+                actor = probes.pop(ref)
+                try:
+                    ray.get(ref)
+                    out_of_service.discard(id(actor))     # restarted: back in service
+                except RayActorError:
+                    log.warning("edge %d round %d: a ClientActor did not come back this round", self.edge_id, rnd)
+                submit()
+                continue
+            job, pos, actor = inflight.pop(ref)
             load[id(actor)] -= 1
-            settled.add(pos)
+            cid = job.client_id
             try:
                 update, report = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
-            except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+            except RayActorError as exc:  # the process died or is restarting: the client did nothing wrong
+                actor_failures += 1
+                if id(actor) not in out_of_service:
+                    out_of_service.add(id(actor))
+                    probes[actor.pid.options(max_task_retries=-1).remote()] = actor   # waits out a restart
+                if retries[cid] < actor_retries:
+                    retries[cid] += 1
+                    queues[job.resource_class].appendleft(job)
+                    log.warning("edge %d round %d: client %d lost with its actor (%s); running it again",
+                                self.edge_id, rnd, cid, type(exc).__name__)
+                else:
+                    settled.add(pos)
+                    failures.append(ClientFailure(cid, f"{type(exc).__name__} on {retries[cid] + 1} actors"))
+            except (RayTaskError, GetTimeoutError) as exc:
+                settled.add(pos)
                 reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
                 failures.append(ClientFailure(cid, reason))
                 log.warning("edge %d round %d: client %d failed: %s", self.edge_id, rnd, cid, reason)
             else:
+                settled.add(pos)
                 arrived[pos] = update
                 reports.append(report)
             fold_in_order()
             submit()
         for pos in sorted(arrived):  # after a timeout: what did arrive, still in order
             partial = strategy.accumulate(partial, arrived.pop(pos))
-        # Assignments never submitted (their actors were all dead) count as failed too.
+        # Assignments never submitted: the round ran out of time, or every actor of their class is dead.
         for queue in queues.values():
-            failures += [ClientFailure(job.client_id, "no live actor") for job in queue]
+            failures += [ClientFailure(job.client_id, "timeout" if timed_out else "no live actor") for job in queue]
         return EdgeResult(self.edge_id, partial, tuple(reports), tuple(failures),
-                          actor_calls=calls + sum(r.store_calls for r in reports))
+                          actor_calls=calls + sum(r.store_calls for r in reports), actor_failures=actor_failures)

@@ -47,6 +47,7 @@ class RoundSettings:
     round_timeout_s: float
     inflight_per_actor: int
     edge_uplink_mbps: float
+    actor_retries: int = 2
     link_model: str = "static"
     link_min_gain: float = 0.05
     link_trace: dict | None = None           # (round, client) -> Link, for link_model "trace"
@@ -112,3 +113,4 @@ class EdgeResult:
     reports: tuple[ClientReport, ...] = ()
     failures: tuple[ClientFailure, ...] = ()
     actor_calls: int = 0
+    actor_failures: int = 0  # assignments lost with their ClientActor's process, then run again elsewhere

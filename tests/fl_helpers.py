@@ -118,3 +118,28 @@ class BigExchange(FedAvg):
 
     def server_step(self, edge_state, client_id, payload):
         return {"half": payload["x"] / 2}
+
+
+class SigkillOnce(FedAvg):
+    """FedAvg whose ``victim`` client, in round ``kill_round``, SIGKILLs the ClientActor process
+    that trains it — once per ``marker`` file, so the restarted actor carries on. A real process
+    death at a known point of training, not ``ray.kill``."""
+
+    name = "sigkill-once"
+
+    def __init__(self, settings, kill_round: int, victim: int, marker: str):
+        super().__init__(settings)
+        self.kill_round, self.victim, self.marker = kill_round, victim, marker
+
+    def client_update(self, ctx):
+        import os
+        import signal
+
+        if ctx.round == self.kill_round and ctx.client_id == self.victim:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))   # the first time only
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().client_update(ctx)

@@ -116,7 +116,7 @@ def test_idle_warm_actors_end_themselves(ray_without_pools):
     from ray.exceptions import RayActorError
 
     ray = ray_without_pools
-    fl = make_run(["runtime.warm_idle_exit_s=4"])
+    fl = make_run(["runtime.warm_idle_exit_s=10"])
     train(ray, fl, (1,))
     fl.shutdown()
     deadline = time.monotonic() + 60
