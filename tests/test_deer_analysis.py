@@ -40,3 +40,53 @@ def test_gains_average_per_env_relative_to_baseline_magnitude():
     assert g["time_ratio_vs_per"] == pytest.approx(1.3)
     assert g["recovery_ratio_vs_per"] == pytest.approx(0.75)
     assert math.isnan(gains({})["gain_vs_per_pct"])
+
+
+def test_post_shift_auc_averages_the_evaluations_after_each_shift():
+    from rl.deer.analysis import post_shift_auc
+
+    evals = [{"step": s, "magnitude": 0.0 if s <= 100 else 1.0, "returns": [s / 10, s / 10]} for s in range(50, 301, 50)]
+    out = post_shift_auc(evals, [100, 200], 300)
+    assert [(a["shift"], a["magnitude"], a["auc"], a["points"]) for a in out] == [(100, 1.0, 17.5, 2), (200, 1.0, 27.5, 2)]
+    # a K-step horizon keeps only the evaluations in (s, s + K]
+    assert post_shift_auc(evals, [100], 300, auc_steps=50)[0]["auc"] == 15.0
+
+
+def test_detection_stats_count_hits_delays_and_false_alarms():
+    from rl.deer.analysis import detection_stats
+
+    out = detection_stats([900, 1300, 2500, 5000], [1000, 3000], window=200, hit_steps=400)
+    # 900 hits 1000 (within the change-point estimate's window); 1300 is a second alarm for it;
+    # 3000 is missed (2500 is too early, 5000 too late)
+    assert out == {"hits": 1, "shifts": 2, "delays": [-100], "false_alarms": 3}
+
+
+def test_paired_bootstrap_gain_and_interval():
+    from rl.deer.analysis import bootstrap_gain
+
+    a, b = np.array([1.1, 1.2, 1.3, 1.15, 1.25]), np.array([1.0, 1.0, 1.1, 1.0, 1.1])
+    out = bootstrap_gain(a, b, reps=2000)
+    assert out["gain_pct"] == pytest.approx((a.mean() - b.mean()) / b.mean() * 100)
+    assert 0 < out["ci_low_pct"] < out["gain_pct"] < out["ci_high_pct"]
+    noisy = bootstrap_gain(np.array([1.0, 0.5, 1.5]), np.array([1.0, 1.0, 1.0]), reps=2000)
+    assert noisy["ci_low_pct"] < 0 < noisy["ci_high_pct"]
+    with pytest.raises(ValueError, match="paired"):
+        bootstrap_gain(a, b[:3])
+
+
+def test_evaluate_policy_freezes_the_dynamics_of_the_step():
+    from rl.deer.analysis import evaluate_policy, random_return
+
+    cfg = {"shift_every": 100, "magnitudes": [0.0, 2.0], "schedule": "hold", "max_episode_steps": 300}
+    seen = []
+
+    def act(obs):
+        seen.append(obs)
+        return 0
+
+    returns = evaluate_policy("ns-cartpole", cfg, 150, act, episodes=2, seed=0)
+    assert len(returns) == 2 and len(seen) > 2
+    # evaluation never advances the schedule: same returns at any step of the same segment
+    assert evaluate_policy("ns-cartpole", cfg, 150, lambda o: 0, 2, 0) == evaluate_policy("ns-cartpole", cfg, 10_000, lambda o: 0, 2, 0)
+    assert evaluate_policy("ns-cartpole", cfg, 50, lambda o: 0, 2, 0) != returns
+    assert np.isfinite(random_return("ns-cartpole", cfg, 2.0, episodes=3))

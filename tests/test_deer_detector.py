@@ -7,8 +7,13 @@ import pytest
 
 from rl.deer.detector import DetectorSettings, RewardChangeDetector, calibrate_threshold, change_score
 
+# the earlier rule: threshold calibrated once on i.i.d. N(0,1) noise, one exceedance declares
 SETTINGS = DetectorSettings(window=100, subseq_len=8, check_every=50, epochs=30, calibration_trials=40,
-                            cooldown=200, seed=0)
+                            cooldown=200, seed=0, calibration="iid_gaussian", confirmations=1)
+# the agent's-own-stream rule: episode-block permutation null, two consecutive exceedances
+EPISODIC = DetectorSettings(window=300, subseq_len=8, stride=4, check_every=75, epochs=20, cooldown=300,
+                            seed=0, calibration="episode_permutation", permutations=9, quantile=0.9, confirmations=2,
+                            null_refresh=3)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,3 +92,68 @@ def test_state_round_trip_continues_identically(threshold):
     second.update(stream[600:])
     assert second.change_points == whole.change_points
     assert [s for _, s in second.scores] == pytest.approx([s for _, s in whole.scores][len(first.scores):])
+
+
+def _episodic_stream(seed, n_episodes=100, length=30, shift_at=None, shift=2.0):
+    """Episodes whose level differs a lot from episode to episode and whose reward falls within an
+    episode (autocorrelated, episodic, like an agent's reward stream); `shift` adds to every
+    reward of the episodes starting at or after step `shift_at`."""
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for e in range(n_episodes):
+        level = rng.normal(0.0, 1.0)
+        noise = np.zeros(length)
+        for t in range(1, length):
+            noise[t] = 0.8 * noise[t - 1] + rng.normal(0.0, 0.3)
+        r = level + np.linspace(0.5, -0.5, length) + noise
+        if shift_at is not None and e * length >= shift_at:
+            r = r + shift
+        episodes.append(r)
+    return episodes
+
+
+def _feed(detector, episodes, per_call=4):
+    for k in range(0, len(episodes), per_call):
+        chunk = episodes[k:k + per_call]
+        starts = np.cumsum([0] + [len(e) for e in chunk[:-1]]).tolist()
+        detector.update(np.concatenate(chunk), blocks=starts)
+
+
+def test_permutation_null_keeps_false_alarms_low_on_an_episodic_stream():
+    """On a stationary but episodic, autocorrelated stream the i.i.d.-calibrated threshold fires
+    again and again; the episode-block permutation null with two confirmations rarely does."""
+    iid_threshold = calibrate_threshold(dataclasses.replace(EPISODIC, calibration="iid_gaussian", calibration_trials=20))
+    iid_alarms = own_alarms = checks = 0
+    for seed in range(3):
+        episodes = _episodic_stream(seed)
+        iid = RewardChangeDetector(dataclasses.replace(EPISODIC, calibration="iid_gaussian", threshold=iid_threshold,
+                                                       confirmations=1, cooldown=0, seed=seed))
+        own = RewardChangeDetector(dataclasses.replace(EPISODIC, cooldown=0, seed=seed))
+        _feed(iid, episodes)
+        _feed(own, episodes)
+        iid_alarms += len(iid.change_points)
+        own_alarms += len(own.change_points)
+        checks += len(own.scores)
+    assert checks >= 90
+    assert own_alarms / checks <= 0.06, (own_alarms, checks)
+    assert iid_alarms >= max(8, 2 * own_alarms), (iid_alarms, own_alarms)
+
+
+def test_permutation_null_detects_a_shift_in_an_episodic_stream():
+    for seed in range(3):
+        detector = RewardChangeDetector(dataclasses.replace(EPISODIC, seed=seed))
+        _feed(detector, _episodic_stream(seed, shift_at=1500))
+        hits = [c for c in detector.change_points if abs(c - 1500) <= EPISODIC.window]
+        assert hits, (seed, detector.change_points)
+        # a fresh null was not needed at every check
+        assert detector.null_computations < len(detector.scores)
+
+
+def test_confirmations_need_consecutive_exceedances_and_stamps_map_change_points():
+    settings = dataclasses.replace(SETTINGS, threshold=-1e9, cooldown=0, confirmations=3)
+    detector = RewardChangeDetector(settings)
+    detector.update(np.zeros(400), stamps=np.arange(400) * 10 + 7)  # e.g. global steps of 4 env copies
+    # checks at 200, 250, 300, 350, 400: every one exceeds, every third declares
+    assert len(detector.scores) == 5 and len(detector.change_points) == 1
+    # the change point is the stamp of the first test-window reward of the first exceedance
+    assert detector.change_points == [100 * 10 + 7]

@@ -125,3 +125,88 @@ def test_buffer_state_round_trip():
     restored.set_state(buffer.get_state())
     assert restored.change_steps == [30] and restored.steps_added == 50 and restored.detector_state == {"x": 1}
     assert np.array_equal(restored._added_at, buffer._added_at)
+
+
+# ---------------------------------------------------------------- DoE: Bellman residual of a frozen snapshot
+
+def _exact_q(next_state, rewards, policy, gamma):
+    """Q of a fixed deterministic policy on a deterministic tabular MDP (exact linear solve)."""
+    n_s, n_a = rewards.shape
+    # V = R_pi + gamma P_pi V
+    p_pi = np.zeros((n_s, n_s))
+    for s in range(n_s):
+        p_pi[s, next_state[s, policy[s]]] = 1.0
+    v = np.linalg.solve(np.eye(n_s) - gamma * p_pi, rewards[np.arange(n_s), policy])
+    return rewards + gamma * v[next_state], v
+
+
+def test_bellman_residual_doe_is_zero_on_unchanged_and_not_on_changed_dynamics():
+    from rl.deer.priorities import bellman_residual
+
+    gamma = 0.9
+    rewards = np.array([[0.0, 1.0], [0.5, 0.0], [1.0, 0.2], [0.0, 0.0]])
+    old = np.array([[1, 2], [2, 3], [3, 0], [0, 1]])  # next state of (s, a)
+    policy = np.array([1, 0, 0, 1])
+    q_old, v_old = _exact_q(old, rewards, policy, gamma)
+    new = old.copy()
+    new[2, 0] = 1  # the shift changes where (2, 0) leads; every other (s, a) is unchanged
+
+    def residual(dynamics):
+        s, a = np.meshgrid(np.arange(4), np.arange(2), indexing="ij")
+        s, a = s.ravel(), a.ravel()
+        d = bellman_residual(torch.tensor(q_old[s, a]), torch.tensor(v_old[dynamics[s, a]]),
+                             torch.tensor(rewards[s, a]), torch.zeros(len(s)), gamma)
+        return d.abs().numpy().reshape(4, 2)
+
+    assert np.allclose(residual(old), 0.0, atol=1e-5)  # the snapshot is consistent with its dynamics
+    changed = residual(new)
+    assert changed[2, 0] == pytest.approx(gamma * abs(v_old[1] - v_old[3]))
+    assert changed[2, 0] > 0.1 and np.allclose(np.delete(changed.ravel(), 2 * 2 + 0), 0.0, atol=1e-5)
+    # terminal transitions do not bootstrap
+    d = bellman_residual(torch.tensor([2.0]), torch.tensor([5.0]), torch.tensor([1.0]), torch.tensor([True]), gamma)
+    assert d.item() == pytest.approx(-1.0)
+
+
+def test_running_scale_is_an_ema_of_batch_means():
+    from rl.deer.priorities import RunningScale
+
+    scale = RunningScale(decay=0.5)
+    assert scale.get(default=3.0) == 3.0
+    scale.update(torch.tensor([2.0, 4.0]))
+    scale.update(torch.tensor([]))  # an empty batch (no pre-change samples) leaves it alone
+    assert scale.get() == 3.0
+    scale.update(torch.tensor([1.0]))
+    assert scale.get() == pytest.approx(2.0)
+
+
+def test_drain_stream_orders_interleaved_chunks_by_episode():
+    """Chunks of two episodes arrive interleaved (as from a vectorized env runner); the detector
+    stream holds each finished episode whole, with the stamps its timesteps got in the buffer."""
+    import gymnasium as gym
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    space_o, space_a = gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(2)
+
+    def chunk(ep_id, rewards, done, start_obs=None):
+        ep = SingleAgentEpisode(id_=ep_id, observations=[np.zeros(3, np.float32)], observation_space=space_o,
+                                action_space=space_a)
+        for k, r in enumerate(rewards):
+            ep.add_env_step(np.zeros(3, np.float32), 0, float(r), terminated=done and k == len(rewards) - 1)
+        ep.to_numpy()
+        return ep
+
+    buffer = _buffer()
+    a1, b1 = chunk("a", [1, 1, 1], False), chunk("b", [2, 2], False)
+    buffer.add([a1, b1])  # stamps a: 0-2, b: 3-4
+    assert buffer.drain_stream()[0].size == 0  # nothing finished yet
+    a2 = a1.cut()
+    a2.add_env_step(np.zeros(3, np.float32), 0, 1.5, terminated=True)
+    a2.to_numpy()
+    b2 = b1.cut()
+    b2.add_env_step(np.zeros(3, np.float32), 0, 2.5, terminated=True)
+    b2.to_numpy()
+    buffer.add([b2, a2])  # stamps b: 5, a: 6
+    rewards, starts, stamps = buffer.drain_stream()
+    assert rewards.tolist() == [2, 2, 2.5, 1, 1, 1, 1.5] and starts == [0, 3]
+    assert stamps.tolist() == [3, 4, 5, 0, 1, 2, 6]
+    assert np.array_equal(np.sort(buffer._added_at[buffer._added_at >= 0]), np.arange(7))

@@ -43,12 +43,52 @@ def test_deer_trains_two_iterations(ray_session, env):
         assert buffer.num_samples > 0 and buffer.num_samples == buffer.num_priority_updates
         assert buffer.change_steps, "the forced detector should have fired"
         assert results[-1]["deer"]["change_points"] == buffer.change_steps
-        assert all(algo.learner_group.foreach_learner(lambda learner: learner.has_q_snapshot()))
+        assert all(r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner.has_q_snapshot()))
         learner_stats = results[-1]["learners"]["default_policy"]
         assert "deer_doe_abs_mean" in learner_stats and learner_stats["deer_doe_abs_mean"] >= 0
         assert results[-1]["env_runners"]["num_env_steps_sampled_lifetime"] >= 400
     finally:
         algo.stop()
+
+
+def _post_share_sampled_vs_stored(algo, change):
+    """Share of post-change transitions in a large sample from the live buffer, and in the buffer."""
+    import numpy as np
+    from rl.deer.priorities import PHASE_POST
+
+    buffer = algo.local_replay_buffer
+    batch = buffer.sample(3000, n_step=1, beta=0.4, gamma=0.99)
+    sampled = np.mean([int(e.extra_model_outputs["deer_phase"][0]) == PHASE_POST for e in batch])
+    buffer.update_priorities(np.ones(len(batch)))  # the strict sample -> update alternation
+    stamps = buffer._added_at[buffer._added_at >= 0]
+    return float(sampled), float(np.mean(stamps >= change))
+
+
+def test_deer_priorities_reach_the_buffer_after_a_marked_change(ray_session):
+    """A real RLlib run, told the true shift (oracle): after the change DEER's rules boost post-change
+    and suppress pre-change transitions, so the sampled distribution moves towards post-change
+    data; the same run with both rules off (plain |TD|) samples them about as often as stored."""
+    from rl.deer.algorithms import build_algo_config
+
+    shares = {}
+    for rules in (["deer.priority.post_rule=td_plus_doe", "deer.priority.pre_rule=td_over_doe",
+                   "deer.priority.doe_weight=20.0", "deer.priority.pre_doe_weight=20.0"],
+                  ["deer.priority.post_rule=td_only", "deer.priority.pre_rule=td_only"]):
+        cfg = _tiny("ns-cartpole", "deer.change_source=oracle", "env.shift_every=400", "env.magnitudes=[0.0, 2.0]",
+                    "train.training_intensity=8.0", *rules)
+        algo = build_algo_config("deer", cfg).build_algo()
+        try:
+            results = [algo.train() for _ in range(4)]
+            assert results[-1]["deer"]["change_points"] == [400]
+            # the snapshot frozen for DoE is the one taken at the boundary (iteration end = step 400)
+            assert results[1]["deer"]["snapshot_steps"] == [400]
+            shares[rules[0]] = _post_share_sampled_vs_stored(algo, 400)
+        finally:
+            algo.stop()
+    deer_sampled, stored = shares["deer.priority.post_rule=td_plus_doe"]
+    plain_sampled, plain_stored = shares["deer.priority.post_rule=td_only"]
+    assert deer_sampled > stored + 0.1, shares
+    assert deer_sampled > plain_sampled + 0.1, shares
 
 
 def test_baselines_use_stock_buffers(ray_session):

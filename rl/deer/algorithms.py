@@ -21,7 +21,8 @@ from rl.envs.nonstationary import NS_ENVS
 
 def env_config(cfg: ExperimentConfig, start_step: int = 0) -> dict:
     out = {"shift_every": cfg.env.shift_every, "magnitudes": list(cfg.env.magnitudes),
-           "max_episode_steps": cfg.env.max_episode_steps, "start_step": start_step}
+           "schedule": cfg.env.schedule, "max_episode_steps": cfg.env.max_episode_steps,
+           "start_step": start_step, "step_scale": cfg.train.num_envs}
     if cfg.env.shift_params:
         out["shift_params"] = list(cfg.env.shift_params)
     return out
@@ -45,7 +46,7 @@ def build_algo_config(method: str, cfg: ExperimentConfig, start_step: int = 0):
     """The RLlib AlgorithmConfig for `method` on `cfg.env.name` (new API stack)."""
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
-    from rl.deer.callbacks import DEERCallback, NonStationaryEpisodeLogger
+    from rl.deer.callbacks import NS_EVAL_KEY, DEERCallback, NonStationaryEpisodeLogger
     from rl.envs import register_ns_envs
 
     if method not in REPLAY_METHODS:
@@ -77,7 +78,7 @@ def build_algo_config(method: str, cfg: ExperimentConfig, start_step: int = 0):
         model = DefaultModelConfig(fcnet_hiddens=list(t.hidden), head_fcnet_hiddens=[])
 
     config = (config.environment(cfg.env.name, env_config=env_config(cfg, start_step))
-              .env_runners(num_env_runners=0, num_envs_per_env_runner=1,
+              .env_runners(num_env_runners=0, num_envs_per_env_runner=t.num_envs,
                            rollout_fragment_length=t.rollout_fragment_length)
               .rl_module(model_config=model)
               .reporting(min_sample_timesteps_per_iteration=t.env_steps_per_iter, min_time_s_per_iteration=0,
@@ -86,13 +87,20 @@ def build_algo_config(method: str, cfg: ExperimentConfig, start_step: int = 0):
               .callbacks(DEERCallback if method == "deer" else NonStationaryEpisodeLogger))
     if t.device == "cuda":
         config = config.learners(num_gpus_per_learner=1)
+    learner_config = {}
+    if cfg.eval.every_iters:
+        learner_config[NS_EVAL_KEY] = {"env": cfg.env.name, "every_iters": cfg.eval.every_iters,
+                                       "episodes": cfg.eval.episodes}
     if method == "deer":
         from rl.deer.learners import DEERDQNTorchLearner, DEERSACTorchLearner
         detector = dataclasses.asdict(cfg.deer.detector)
         detector["seed"] = t.seed
-        config = config.learners(
-            learner_class=DEERDQNTorchLearner if discrete else DEERSACTorchLearner,
-            learner_config_dict={"deer_priority": dataclasses.asdict(cfg.deer.priority),
-                                 "deer_detector": dataclasses.asdict(DetectorSettings(**detector))})
+        learner_config.update({"deer_priority": dataclasses.asdict(cfg.deer.priority),
+                               "deer_detector": dataclasses.asdict(DetectorSettings(**detector)),
+                               "deer_change_source": cfg.deer.change_source,
+                               "deer_snapshot_ring": cfg.deer.snapshot_ring})
+        config = config.learners(learner_class=DEERDQNTorchLearner if discrete else DEERSACTorchLearner)
+    if learner_config:
+        config = config.learners(learner_config_dict=learner_config)
     return config
 

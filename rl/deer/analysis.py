@@ -11,6 +11,21 @@ Definitions (OUR CHOICES; the paper's exact metric definitions were not recovera
     reported gain is the average of the per-env gains;
   * wall-time ratio on one env: median seconds per iteration over all iterations (first excluded)
     of all seeds, DEER / PER; the reported ratio is the average over envs.
+
+Post-shift evaluation (what the bench reports; OUR CHOICES):
+  * greedy evaluation: `evaluate_policy` runs the current policy greedily for a few episodes on an
+    env copy frozen at the dynamics of the current step, every `eval.every_iters` iterations;
+  * post-shift AUC of a run at a true shift s: the mean greedy return over the evaluations in
+    (s, s + K], K = `auc_steps` (default: the whole segment);
+  * normalized per env and segment magnitude: (R - R_random) / (R_best - R_random), R_random the
+    mean return of uniformly random actions in those dynamics, R_best the best single evaluation
+    of any run of that env in those dynamics (a "converged" proxy: we have no converged policy);
+  * paired gain of A over B: per seed, the mean normalized AUC over all (env, shift) of A and of B;
+    gain = (mean_A - mean_B) / mean_B * 100 over seeds; 95 % interval: percentile bootstrap over
+    seeds (resampling seeds, same resample for A and B);
+  * detection: a detection is a hit of shift s if it falls in [s - window, s + hit_steps]
+    (the change point is an estimate); the first hit per shift gives the delay; other detections
+    are false alarms.
 """
 
 from __future__ import annotations
@@ -22,6 +37,83 @@ import numpy as np
 
 from rl.envs.nonstationary import ShiftSchedule
 
+VARIANTS = ("uniform", "per", "deer", "deer-oracle")
+
+
+def evaluate_policy(env_name: str, env_config: dict, step: int, act, episodes: int, seed: int) -> list[float]:
+    """Returns of `episodes` episodes of `act(obs) -> action` on `env_name` frozen at the dynamics of
+    global step `step` (the schedule does not advance during evaluation)."""
+    from rl.envs.nonstationary import make_ns_env
+
+    schedule = ShiftSchedule(env_config.get("shift_every", 5000), env_config.get("magnitudes", [0.0, 1.0]),
+                             env_config.get("schedule", "cycle"))
+    frozen = {k: v for k, v in env_config.items() if k not in ("start_step", "step_scale")}
+    frozen.update(magnitudes=[schedule.magnitude(step)], shift_every=10**12, schedule="hold")
+    env = make_ns_env(env_name, frozen)
+    returns = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed * 1000 + k)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def random_return(env_name: str, env_config: dict, magnitude: float, episodes: int = 20, seed: int = 0) -> float:
+    """Mean return of uniformly random actions in the dynamics of `magnitude`."""
+    from rl.envs.nonstationary import make_ns_env
+
+    space = make_ns_env(env_name, {**env_config, "magnitudes": [magnitude]}).action_space
+    space.seed(seed)
+    cfg = {**env_config, "magnitudes": [magnitude], "shift_every": 10**12, "schedule": "hold"}
+    return float(np.mean(evaluate_policy(env_name, cfg, 0, lambda obs: space.sample(), episodes, seed)))
+
+
+def post_shift_auc(evals: list[dict], shifts: list[int], end_step: int, auc_steps: int | None = None) -> list[dict]:
+    """Per true shift: mean greedy return of the evaluations in (s, s + K] and the dynamics' magnitude."""
+    out = []
+    bounds = list(shifts) + [end_step]
+    for s, nxt in zip(shifts, bounds[1:]):
+        hi = min(nxt, s + auc_steps) if auc_steps else nxt
+        pts = [e for e in evals if s < e["step"] <= hi]
+        if pts:
+            out.append({"shift": s, "magnitude": pts[0]["magnitude"],
+                        "auc": float(np.mean([np.mean(e["returns"]) for e in pts])), "points": len(pts)})
+    return out
+
+
+def detection_stats(detected: list[int], shifts: list[int], *, window: int, hit_steps: int) -> dict:
+    """Hits, delays and false alarms of detected change points against the true shifts."""
+    used, delays = set(), []
+    for s in shifts:
+        hits = [i for i, c in enumerate(detected) if s - window <= c <= s + hit_steps and i not in used]
+        if hits:
+            used.add(hits[0])
+            delays.append(detected[hits[0]] - s)
+    return {"hits": len(delays), "shifts": len(shifts), "delays": delays,
+            "false_alarms": len(detected) - len(used)}
+
+
+def bootstrap_gain(a: np.ndarray, b: np.ndarray, *, reps: int = 10000, seed: int = 0) -> dict:
+    """Paired relative gain of per-seed scores a over b, (mean a - mean b) / |mean b| * 100, with a
+    percentile-bootstrap 95 % interval over seeds (the same resample for a and b)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError("paired scores need the same, non-zero number of seeds")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(reps, len(a)))
+    ma, mb = a[idx].mean(1), b[idx].mean(1)
+    boot = (ma - mb) / np.maximum(np.abs(mb), 1e-9) * 100
+    diff = a - b
+    boot_diff = diff[idx].mean(1)
+    return {"gain_pct": float((a.mean() - b.mean()) / max(abs(b.mean()), 1e-9) * 100),
+            "ci_low_pct": float(np.percentile(boot, 2.5)), "ci_high_pct": float(np.percentile(boot, 97.5)),
+            "diff_mean": float(diff.mean()), "diff_ci_low": float(np.percentile(boot_diff, 2.5)),
+            "diff_ci_high": float(np.percentile(boot_diff, 97.5)), "seeds": int(len(a))}
+
 
 def episodes_of(rows: list[dict]) -> np.ndarray:
     """(end step, return) of every finished episode, sorted by step; shape (n, 2)."""
@@ -31,7 +123,7 @@ def episodes_of(rows: list[dict]) -> np.ndarray:
 
 def true_shift_steps(cfg, rows: list[dict]) -> list[int]:
     last_step = max((r["env_steps"] for r in rows), default=0)
-    return ShiftSchedule(cfg.env.shift_every, cfg.env.magnitudes).shift_steps(last_step)
+    return ShiftSchedule(cfg.env.shift_every, cfg.env.magnitudes, cfg.env.schedule).shift_steps(last_step)
 
 
 def recovery_times(episodes: np.ndarray, shifts: list[int], end_step: int, *, window: int,
@@ -88,10 +180,12 @@ def _mean_std(values) -> tuple[float, float]:
 
 def summarize(runs: list[tuple[str, object, list[dict]]]) -> dict:
     """runs: (method, config, rows). Returns {env: {method: aggregate}} plus gains."""
+    from rl.deer.config import variant_of
+
     grouped = defaultdict(lambda: defaultdict(list))
     for method, cfg, rows in runs:
         if rows:
-            grouped[cfg.env.name][method].append(run_metrics(cfg, rows))
+            grouped[cfg.env.name][variant_of(method, cfg)].append(run_metrics(cfg, rows))
     table = {}
     for env, methods in grouped.items():
         table[env] = {}
@@ -131,14 +225,14 @@ def markdown_table(summary: dict) -> str:
     lines = ["| env | method | seeds | mean return (± sd) | recovery steps (± sd) | censored | wall s/iter (± sd) | DEER changes/run |",
              "|---|---|---|---|---|---|---|---|"]
     for env, methods in sorted(summary["per_env"].items()):
-        for method in ("uniform", "per", "deer"):
+        for method in VARIANTS:
             if method not in methods:
                 continue
             m = methods[method]
             lines.append(f"| {env} | {method} | {m['seeds']} | {m['mean_return']:.2f} ± {m['mean_return_std']:.2f} | "
                          f"{m['recovery_steps']:.0f} ± {m['recovery_steps_std']:.0f} | {m['censored_shifts']} | "
                          f"{m['wall_s_per_iter']:.2f} ± {m['wall_s_per_iter_std']:.2f} | "
-                         f"{m['detected_changes_per_run'] if method == 'deer' else '-'} |")
+                         f"{m['detected_changes_per_run'] if method.startswith('deer') else '-'} |")
     lines.append("")
     lines.append(f"gain vs PER: {summary['gain_vs_per_pct']:.2f} %, gain vs uniform: {summary['gain_vs_uniform_pct']:.2f} %, "
                  f"wall time ratio DEER/PER: {summary['time_ratio_vs_per']:.3f}, "
@@ -150,6 +244,7 @@ def plot_returns(runs: list[tuple[str, object, list[dict]]], out_dir, bins_per_s
     """One PNG per env: mean episode return over env steps per method (band = sd across seeds),
     dashed lines at the true shifts, DEER's detected changes as triangles."""
     import matplotlib
+    from rl.deer.config import variant_of
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from pathlib import Path
@@ -167,10 +262,10 @@ def plot_returns(runs: list[tuple[str, object, list[dict]]], out_dir, bins_per_s
         width = max(1, cfg.env.shift_every // bins_per_segment)
         edges = np.arange(0, end + width, width)
         fig, ax = plt.subplots(figsize=(8, 4))
-        for method in ("uniform", "per", "deer"):
+        for method in VARIANTS:
             curves = []
-            for m, _, rows in env_runs:
-                if m != method:
+            for m, run_cfg, rows in env_runs:
+                if variant_of(m, run_cfg) != method:
                     continue
                 eps = episodes_of(rows)
                 idx = np.digitize(eps[:, 0], edges) - 1
@@ -186,7 +281,7 @@ def plot_returns(runs: list[tuple[str, object, list[dict]]], out_dir, bins_per_s
             ax.plot(centres, mean, label=f"{method} (n={len(curves)})")
             ax.fill_between(centres, mean - sd, mean + sd, alpha=0.2)
             if method == "deer":
-                detected = [c for m, _, rows in env_runs if m == "deer"
+                detected = [c for m, run_cfg, rows in env_runs if variant_of(m, run_cfg) == "deer"
                             for c in rows[-1].get("deer", {}).get("change_points", [])]
                 if detected:
                     ax.plot(detected, [np.nanmin(mean)] * len(detected), "v", color="k", alpha=0.4,
@@ -203,3 +298,66 @@ def plot_returns(runs: list[tuple[str, object, list[dict]]], out_dir, bins_per_s
         plt.close(fig)
         paths.append(str(path))
     return paths
+
+
+def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_returns: dict, auc_steps=None,
+                       hit_steps: int | None = None, reps: int = 10000) -> dict:
+    """Normalized post-shift AUC per (variant, seed), paired gains over PER with bootstrap intervals,
+    and DEER's detection quality. `random_returns[(env, magnitude)]` = R_random."""
+    from rl.deer.config import variant_of
+
+    per_run = []  # (env, variant, seed, [(magnitude, auc)], detected, shifts, cfg)
+    best = defaultdict(lambda: -np.inf)
+    for method, cfg, rows in runs:
+        evals = [r["eval"] for r in rows if r.get("eval")]
+        if not evals:
+            continue
+        end = max(r["env_steps"] for r in rows)
+        shifts = true_shift_steps(cfg, rows)
+        aucs = post_shift_auc(evals, shifts, end, auc_steps)
+        for e in evals:
+            key = (cfg.env.name, e["magnitude"])
+            best[key] = max(best[key], float(np.mean(e["returns"])))
+        detected = rows[-1].get("deer", {}).get("change_points", [])
+        per_run.append((cfg.env.name, variant_of(method, cfg), cfg.train.seed, aucs, detected, shifts, cfg))
+    scores = defaultdict(dict)  # variant -> {(env, seed): normalized mean AUC}
+    detection = defaultdict(list)
+    for env, variant, seed, aucs, detected, shifts, cfg in per_run:
+        normed = []
+        for a in aucs:
+            lo, hi = random_returns[(env, a["magnitude"])], best[(env, a["magnitude"])]
+            normed.append((a["auc"] - lo) / (hi - lo) if hi > lo else 0.0)
+        if normed:
+            scores[variant][(env, seed)] = float(np.mean(normed))
+        if variant == "deer":
+            detection[env].append(detection_stats(detected, shifts, window=cfg.deer.detector.window,
+                                                  hit_steps=hit_steps or cfg.env.shift_every // 2))
+
+    def paired(a: str, b: str) -> dict | None:
+        keys = sorted(set(scores.get(a, {})) & set(scores.get(b, {})))
+        if not keys:
+            return None
+        return {**bootstrap_gain([scores[a][k] for k in keys], [scores[b][k] for k in keys], reps=reps),
+                "pairs": len(keys)}
+
+    per_env = {}
+    for env in sorted({k[0] for v in scores.values() for k in v}):
+        per_env[env] = {v: float(np.mean([x for (e, _), x in scores[v].items() if e == env]))
+                        for v in VARIANTS if any(e == env for e, _ in scores.get(v, {}))}
+    all_det = [d for ds in detection.values() for d in ds]
+    delays = [x for d in all_det for x in d["delays"]]
+    return {
+        "normalized_auc": per_env,
+        "deer_vs_per": paired("deer", "per"), "oracle_vs_per": paired("deer-oracle", "per"),
+        "deer_vs_uniform": paired("deer", "uniform"), "oracle_vs_deer": paired("deer-oracle", "deer"),
+        "per_vs_uniform": paired("per", "uniform"),
+        "detection": {
+            "runs": len(all_det),
+            "hit_rate": float(sum(d["hits"] for d in all_det) / max(1, sum(d["shifts"] for d in all_det))),
+            "false_alarms_per_run": float(np.mean([d["false_alarms"] for d in all_det])) if all_det else float("nan"),
+            "delay_steps_median": float(np.median(delays)) if delays else float("nan"),
+            "per_env": {env: {"hit_rate": float(sum(d["hits"] for d in ds) / max(1, sum(d["shifts"] for d in ds))),
+                              "false_alarms_per_run": float(np.mean([d["false_alarms"] for d in ds]))}
+                        for env, ds in detection.items()},
+        },
+    }

@@ -1,9 +1,11 @@
 """DEER's replay buffer: RLlib's `PrioritizedEpisodeReplayBuffer` plus what DEER needs.
 
   * every stored timestep is stamped with the global step at which it was added;
-  * the rewards of every added chunk are kept, in order, for the change detector (the stream
-    position of a reward equals its timestep's stamp, so a detected change point splits the
-    buffer into "pre" and "post" transitions);
+  * the rewards of every FINISHED episode are kept for the change detector, one episode after
+    the other (`drain_stream`: rewards, the positions where each episode starts, and each
+    reward's stamp), so the detector's blocks are whole episodes even when a vectorized env
+    runner interleaves several episodes' chunks; a change point is a stamp, so it splits the
+    buffer into "pre" and "post" transitions;
   * `sample()` tags each sampled transition with its phase (0 no change yet, 1 pre, 2 post) in
     `extra_model_outputs["deer_phase"]`, which reaches the learner as `batch["deer_phase"]`;
   * `sample()` and `update_priorities()` must alternate: a second sample before the priorities of
@@ -31,7 +33,9 @@ class DEERPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
         self._added_at = np.full(self._sum_segment.capacity, -1, dtype=np.int64)
         self._next_stamp = 0
         self.steps_added = 0
-        self._pending_rewards: list[np.ndarray] = []
+        self._pending_rewards: list[np.ndarray] = []  # finished episodes' rewards, in finishing order
+        self._pending_stamps: list[np.ndarray] = []
+        self._open: dict = {}  # episode id -> ([reward arrays], [stamp arrays]) of unfinished episodes
         self.change_steps: list[int] = []
         self.num_samples = 0
         self.num_priority_updates = 0
@@ -41,8 +45,16 @@ class DEERPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
 
     def add(self, episodes, weight=None) -> None:
         episodes = episodes if isinstance(episodes, list) else [episodes]
-        for episode in episodes:
-            self._pending_rewards.append(np.asarray(episode.get_rewards(), dtype=np.float64))
+        first = self.steps_added
+        for episode in episodes:  # super().add stamps them in this order (see _get_free_node_and_assign)
+            rewards, stamps = self._open.setdefault(episode.id_, ([], []))
+            rewards.append(np.asarray(episode.get_rewards(), dtype=np.float64))
+            stamps.append(np.arange(first, first + len(episode), dtype=np.int64))
+            first += len(episode)
+            if episode.is_done:
+                del self._open[episode.id_]
+                self._pending_rewards.append(np.concatenate(rewards))
+                self._pending_stamps.append(np.concatenate(stamps))
         self._next_stamp = self.steps_added
         super().add(episodes, weight=weight)
         self.steps_added += sum(len(e) for e in episodes)
@@ -53,11 +65,18 @@ class DEERPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
         self._next_stamp += 1
         return tree_idx
 
+    def drain_stream(self) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """Episodes finished since the last call: (rewards, start position of each episode, stamps)."""
+        if not self._pending_rewards:
+            return np.zeros(0), [], np.zeros(0, dtype=np.int64)
+        starts = np.cumsum([0] + [len(r) for r in self._pending_rewards[:-1]]).tolist()
+        out = (np.concatenate(self._pending_rewards), starts, np.concatenate(self._pending_stamps))
+        self._pending_rewards, self._pending_stamps = [], []
+        return out
+
     def drain_rewards(self) -> np.ndarray:
-        """Rewards added since the last call, in stream order."""
-        rewards = np.concatenate(self._pending_rewards) if self._pending_rewards else np.zeros(0)
-        self._pending_rewards = []
-        return rewards
+        """Rewards of the episodes finished since the last call, episode after episode."""
+        return self.drain_stream()[0]
 
     def mark_change(self, step: int) -> None:
         """A change was detected at global step `step`: older transitions become "pre"."""
@@ -88,7 +107,9 @@ class DEERPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
         state = super().get_state()
         state.update(deer_added_at=self._added_at, deer_steps_added=self.steps_added,
                      deer_change_steps=list(self.change_steps), deer_detector_state=self.detector_state,
-                     deer_pending_rewards=[r.tolist() for r in self._pending_rewards])
+                     deer_pending_rewards=[r.tolist() for r in self._pending_rewards],
+                     deer_pending_stamps=[r.tolist() for r in self._pending_stamps],
+                     deer_open={k: ([r.tolist() for r in v[0]], [t.tolist() for t in v[1]]) for k, v in self._open.items()})
         return state
 
     def set_state(self, state) -> None:
@@ -98,4 +119,7 @@ class DEERPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
         self.change_steps = list(state["deer_change_steps"])
         self.detector_state = state["deer_detector_state"]
         self._pending_rewards = [np.asarray(r, dtype=np.float64) for r in state["deer_pending_rewards"]]
+        self._pending_stamps = [np.asarray(r, dtype=np.int64) for r in state.get("deer_pending_stamps", [])]
+        self._open = {k: ([np.asarray(r, dtype=np.float64) for r in v[0]], [np.asarray(t, dtype=np.int64) for t in v[1]])
+                      for k, v in state.get("deer_open", {}).items()}
         self._awaiting_update = False

@@ -1,22 +1,54 @@
-"""RLlib callbacks: per-episode logging for the non-stationary benchmarks, and DEER's driver loop.
+"""RLlib callbacks: logging and greedy evaluation for the non-stationary benchmarks, and DEER's driver loop.
 
 `NonStationaryEpisodeLogger` (all methods) logs, for every finished episode, the env's global
-step at its end, its return and its dynamics segment, so evaluation can plot return over time
-with the true shift markers (`result["env_runners"]["ns_episodes"]`).
+step at its end, its return and its dynamics segment (`result["env_runners"]["ns_episodes"]`),
+and, when `learner_config_dict["ns_eval"]` asks for it, runs `episodes` GREEDY evaluation
+episodes every `every_iters` iterations on a separate env copy frozen at the dynamics of the
+current env step (`rl.deer.analysis.evaluate_policy`; seeds depend only on the iteration, so
+every method is evaluated from the same start states): `result["ns_eval"]`.
 
-`DEERCallback` (DEER only) runs the change detector on the driver after each training iteration:
-it reads the rewards the DEER buffer received, feeds them to `RewardChangeDetector`, and on a
-change (a) marks the change point in the buffer (older transitions become "pre") and (b) makes
-every learner snapshot its Q-network for the DoE estimate.
+`DEERCallback` (DEER only) runs after each training iteration on the driver:
+  1. the learners push their current weights into their snapshot ring, stamped with the env step;
+  2. change points: either the reward-window detector (`RewardChangeDetector`) fed with the
+     episodes the DEER buffer received, or, with `deer_change_source="oracle"` (the ablation that
+     measures the priority rule apart from the detector), the true shift steps of the env's
+     schedule;
+  3. on a change at step c: the buffer marks c (older transitions become "pre") and every learner
+     freezes the ring snapshot taken at or before c (`freeze_snapshot`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from rl.deer.detector import DetectorSettings, RewardChangeDetector
+from rl.envs.nonstationary import ShiftSchedule
 
 NS_EPISODES_KEY = "ns_episodes"
+NS_EVAL_KEY = "ns_eval"
+CHANGE_SOURCES = ("detector", "oracle")
+
+
+def _schedule(env_config: dict) -> ShiftSchedule:
+    return ShiftSchedule(env_config.get("shift_every", 5000), env_config.get("magnitudes", [0.0, 1.0]),
+                         env_config.get("schedule", "cycle"))
+
+
+def _greedy_policy(module, action_space):
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    def act(obs):
+        with torch.no_grad():
+            out = module.forward_inference({Columns.OBS: torch.as_tensor(np.asarray(obs, dtype=np.float32)[None])})
+        if Columns.ACTIONS in out:  # DQN: argmax Q
+            return int(out[Columns.ACTIONS][0])
+        mean = torch.tanh(out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[0][0]).numpy()  # SAC: deterministic
+        low, high = action_space.low, action_space.high
+        return (low + (mean + 1.0) * 0.5 * (high - low)).astype(np.float32)
+
+    return act
 
 
 class NonStationaryEpisodeLogger(RLlibCallback):
@@ -29,6 +61,21 @@ class NonStationaryEpisodeLogger(RLlibCallback):
              "segment": int(info.get("segment", -1)), "shift_steps": list(info.get("shift_steps", []))},
             reduce="item_series")
 
+    def on_train_result(self, *, algorithm, metrics_logger=None, result, **kwargs) -> None:
+        settings = algorithm.config.learner_config_dict.get(NS_EVAL_KEY)
+        if not settings or result["training_iteration"] % settings["every_iters"]:
+            return
+        from rl.deer.analysis import evaluate_policy
+
+        env_config = dict(algorithm.config.env_config)
+        step = int(result.get("num_env_steps_sampled_lifetime", 0))
+        module = algorithm.get_module()
+        probe = algorithm.env_runner.env.single_action_space if algorithm.env_runner else None
+        returns = evaluate_policy(settings["env"], env_config, step, _greedy_policy(module, probe),
+                                  settings["episodes"], seed=10_000 + result["training_iteration"])
+        result[NS_EVAL_KEY] = {"step": step, "magnitude": _schedule(env_config).magnitude(step),
+                               "returns": returns}
+
 
 class DEERCallback(NonStationaryEpisodeLogger):
     def __init__(self):
@@ -36,20 +83,33 @@ class DEERCallback(NonStationaryEpisodeLogger):
         self.detector: RewardChangeDetector | None = None
 
     def on_train_result(self, *, algorithm, metrics_logger=None, result, **kwargs) -> None:
+        super().on_train_result(algorithm=algorithm, metrics_logger=metrics_logger, result=result, **kwargs)
         buffer = algorithm.local_replay_buffer
+        cfg = algorithm.config.learner_config_dict
+        source = cfg.get("deer_change_source", "detector")
         if self.detector is None:
             if buffer.detector_state is not None:  # resumed from a checkpoint
                 self.detector = RewardChangeDetector.from_state(buffer.detector_state)
             else:
-                settings = algorithm.config.learner_config_dict.get("deer_detector", {})
-                self.detector = RewardChangeDetector(DetectorSettings(**settings))
-        changes = self.detector.update(buffer.drain_rewards())
+                self.detector = RewardChangeDetector(DetectorSettings(**cfg.get("deer_detector", {})))
+        step = buffer.steps_added
+        algorithm.learner_group.foreach_learner(lambda learner: learner.push_snapshot(step))
+        rewards, starts, stamps = buffer.drain_stream()
+        if source == "oracle":
+            seen = buffer.change_steps[-1] if buffer.change_steps else 0
+            changes = [s for s in _schedule(algorithm.config.env_config).shift_steps(step) if s > seen]
+            self.detector.change_points.extend(changes)
+        else:
+            changes = self.detector.update(rewards, blocks=starts, stamps=stamps)
+        frozen = []
         for change_point in changes:
             buffer.mark_change(change_point)
         if changes:
-            algorithm.learner_group.foreach_learner(lambda learner: learner.snapshot_q_network())
+            frozen = [r.get() if hasattr(r, "get") else r for r in
+                      algorithm.learner_group.foreach_learner(lambda learner: learner.freeze_snapshot(changes[-1]))]
         buffer.detector_state = self.detector.get_state()
-        result["deer"] = {"change_points": list(self.detector.change_points),
-                          "threshold": float(self.detector.threshold),
+        result["deer"] = {"change_points": list(self.detector.change_points), "change_source": source,
+                          "threshold": None if self.detector.threshold is None else float(self.detector.threshold),
+                          "snapshot_steps": list(frozen),
                           "buffer_samples": buffer.num_samples,
                           "buffer_priority_updates": buffer.num_priority_updates}

@@ -7,8 +7,8 @@ last m rewards, label 1) with the logistic loss
 so f/(1-f) estimates the density ratio p_te/p_rf.
 
 OUR RECONSTRUCTION (each a named field of `DetectorSettings`):
-  * fixed-length subsequences: every length-`subseq_len` slice of a window (stride 1); the
-    paper's r_{i:j} have variable length, an MLP needs a fixed input size;
+  * fixed-length subsequences: every `stride`-th length-`subseq_len` slice of a window (stride 1 =
+    all); the paper's r_{i:j} have variable length, an MLP needs a fixed input size;
   * both windows are z-scored with the reference window's mean/std, so one threshold works for
     any reward scale;
   * score S = mean over W_te of log f/(1-f) (a KL(te||rf) estimate);
@@ -16,6 +16,23 @@ OUR RECONSTRUCTION (each a named field of `DetectorSettings`):
     simulated stationary Gaussian streams (the "calibrated threshold");
   * a change is declared when S > threshold; the change point is the start of the test window;
     no new change is declared for `cooldown` steps afterwards.
+
+CALIBRATION ON THE AGENT'S OWN STREAM (`calibration="episode_permutation"`, OUR RECONSTRUCTION): real
+reward streams are autocorrelated, episodic and drift as the agent learns, so a threshold
+calibrated on i.i.d. noise fires on episode structure. With this null the stream is fed one
+finished episode at a time (`update(rewards, blocks=...)` marks where each episode starts), and
+at each check the 2m rewards of both windows are cut into their episode blocks, the block order is
+shuffled `permutations` times and each shuffle is split again at m: the scores of those
+shuffles are the null distribution of S for this very stream, and the check exceeds when S is
+above their `quantile`. To save time the null is recomputed every `null_refresh` checks and at
+every check whose S beats the last null's threshold (so an exceedance is always judged against a
+fresh null; a stale, higher threshold can only delay a detection by up to `null_refresh` checks). A change needs `confirmations` consecutive exceeding checks; its change
+point is the start of the test window of the first one. Windows should span >= 10 episodes
+(`window` is in env steps; the bench sets it from the episode length). `calibration="iid_gaussian"`
+with `confirmations=1` is the earlier rule, kept for comparison.
+
+The stream may carry a stamp per reward (the replay buffer's global step of that timestep,
+`update(..., stamps=...)`); change points are then reported as stamps, else as stream positions.
 """
 
 from __future__ import annotations
@@ -41,18 +58,41 @@ class DetectorSettings:
     calibration_trials: int = 60
     cooldown: int = 1000
     seed: int = 0
+    calibration: str = "episode_permutation"
+    permutations: int = 19
+    confirmations: int = 2
+    stride: int = 1
+    null_refresh: int = 1
 
 
-def _subsequences(x: np.ndarray, length: int) -> np.ndarray:
-    return np.lib.stride_tricks.sliding_window_view(x, length).copy()
+NULLS = ("episode_permutation", "iid_gaussian")
+
+
+def _subsequences(x: np.ndarray, length: int, stride: int = 1) -> np.ndarray:
+    return np.lib.stride_tricks.sliding_window_view(x, length)[::stride].copy()
+
+
+def permutation_scores(stream: np.ndarray, blocks: np.ndarray, settings: DetectorSettings,
+                       generator: torch.Generator, rng: np.random.Generator) -> list[float]:
+    """S of `settings.permutations` episode-block shuffles of `stream` (2m rewards), each split at m.
+    `blocks[i]` is the block id of `stream[i]` (blocks are contiguous)."""
+    starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
+    pieces = np.split(stream, starts[1:])
+    m = len(stream) // 2
+    out = []
+    for _ in range(settings.permutations):
+        shuffled = np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
+        out.append(change_score(shuffled[:m], shuffled[m:], settings, generator))
+    return out
 
 
 def change_score(reference: np.ndarray, test: np.ndarray, settings: DetectorSettings,
                  generator: torch.Generator) -> float:
     """Train f on the two windows and return S = mean_{W_te} log f/(1-f)."""
     mean, std = float(reference.mean()), float(reference.std()) + 1e-6
-    rf = torch.as_tensor(_subsequences((reference - mean) / std, settings.subseq_len), dtype=torch.float32)
-    te = torch.as_tensor(_subsequences((test - mean) / std, settings.subseq_len), dtype=torch.float32)
+    rf = torch.as_tensor(_subsequences((reference - mean) / std, settings.subseq_len, settings.stride),
+                         dtype=torch.float32)
+    te = torch.as_tensor(_subsequences((test - mean) / std, settings.subseq_len, settings.stride), dtype=torch.float32)
     x = torch.cat([rf, te])
     y = torch.cat([torch.zeros(len(rf)), torch.ones(len(te))])
     classifier = nn.Sequential(nn.Linear(settings.subseq_len, settings.hidden), nn.Tanh(),
@@ -89,43 +129,104 @@ class RewardChangeDetector:
     def __init__(self, settings: DetectorSettings):
         if settings.window <= settings.subseq_len:
             raise ValueError("window must be longer than subseq_len")
+        if settings.calibration not in NULLS:
+            raise ValueError(f"unknown calibration {settings.calibration!r}; choose one of {NULLS}")
+        if settings.confirmations < 1 or settings.permutations < 1:
+            raise ValueError("confirmations and permutations must be >= 1")
         self.settings = settings
-        self.threshold = settings.threshold if settings.threshold is not None else calibrate_threshold(settings)
+        if settings.threshold is not None or settings.calibration == "episode_permutation":
+            self.threshold = settings.threshold  # None: each check's own permutation null
+        else:
+            self.threshold = calibrate_threshold(settings)
         self._generator = torch.Generator().manual_seed(settings.seed)
+        self._rng = np.random.default_rng(settings.seed + 2)
         self._recent = np.zeros(0)  # the last 2*window rewards
+        self._recent_blocks = np.zeros(0, dtype=np.int64)
+        self._recent_stamps = np.zeros(0, dtype=np.int64)
+        self._next_block = 0
+        self._streak = 0
+        self._streak_point = -1
+        self._null_threshold: float | None = None
+        self._checks_since_null = 0
+        self.null_computations = 0
+        self.thresholds: list[tuple[int, float]] = []  # (check step, threshold used)
         self.steps_seen = 0
         self._next_check = 2 * settings.window
         self._quiet_until = 0
         self.change_points: list[int] = []
         self.scores: list[tuple[int, float]] = []
 
-    def update(self, rewards) -> list[int]:
+    def update(self, rewards, blocks=None, stamps=None) -> list[int]:
+        """Feed rewards in stream order. `blocks`: positions in `rewards` where a new episode
+        starts (default: `rewards` continues the current block). `stamps`: a global step per
+        reward (default: its stream position). Returns the change points declared."""
         s = self.settings
         rewards = np.asarray(rewards, dtype=np.float64).ravel()
+        block_ids = np.zeros(len(rewards), dtype=np.int64)
+        if blocks is not None and len(rewards):
+            starts = np.zeros(len(rewards), dtype=np.int64)
+            starts[np.asarray([b for b in blocks if 0 < b < len(rewards)], dtype=np.int64)] = 1
+            first_new = len(blocks) and min(blocks) == 0 and self.steps_seen > 0
+            block_ids = np.cumsum(starts) + (1 if first_new else 0)
+        block_ids = block_ids + self._next_block
+        if len(rewards):
+            self._next_block = int(block_ids[-1])
+        stamps = (np.arange(self.steps_seen, self.steps_seen + len(rewards)) if stamps is None
+                  else np.asarray(stamps, dtype=np.int64).ravel())
         found = []
         start = 0
         while start < len(rewards):
             # consume up to the next check position, then check
             take = min(len(rewards) - start, self._next_check - self.steps_seen)
-            chunk = rewards[start:start + take]
-            self._recent = np.concatenate([self._recent, chunk])[-2 * s.window:]
+            self._recent = np.concatenate([self._recent, rewards[start:start + take]])[-2 * s.window:]
+            self._recent_blocks = np.concatenate([self._recent_blocks, block_ids[start:start + take]])[-2 * s.window:]
+            self._recent_stamps = np.concatenate([self._recent_stamps, stamps[start:start + take]])[-2 * s.window:]
             self.steps_seen += take
             start += take
             if self.steps_seen == self._next_check:
                 self._next_check += s.check_every
                 if self.steps_seen >= self._quiet_until:
-                    score = change_score(self._recent[:s.window], self._recent[s.window:], s, self._generator)
-                    self.scores.append((self.steps_seen, score))
-                    if score > self.threshold:
-                        change_point = self.steps_seen - s.window
-                        self.change_points.append(change_point)
-                        found.append(change_point)
+                    point = self._check()
+                    if point is not None:
+                        self.change_points.append(point)
+                        found.append(point)
                         self._quiet_until = self.steps_seen + s.cooldown
         return found
 
+    def _check(self) -> int | None:
+        s = self.settings
+        score = change_score(self._recent[:s.window], self._recent[s.window:], s, self._generator)
+        self.scores.append((self.steps_seen, score))
+        threshold = self.threshold
+        if threshold is None:
+            # a fresh null every `null_refresh` checks, and whenever S beats the last one
+            stale = self._null_threshold is None or self._checks_since_null + 1 >= s.null_refresh
+            if stale or score > self._null_threshold:
+                null = permutation_scores(self._recent, self._recent_blocks, s, self._generator, self._rng)
+                self._null_threshold, self._checks_since_null = float(np.quantile(null, s.quantile)), 0
+                self.null_computations += 1
+            else:
+                self._checks_since_null += 1
+            threshold = self._null_threshold
+        self.thresholds.append((self.steps_seen, threshold))
+        if score <= threshold:
+            self._streak = 0
+            return None
+        if self._streak == 0:
+            self._streak_point = int(self._recent_stamps[s.window])  # start of this test window
+        self._streak += 1
+        if self._streak < s.confirmations:
+            return None
+        self._streak = 0
+        return self._streak_point
+
     def get_state(self) -> dict:
         return {"settings": dataclasses.asdict(self.settings), "threshold": self.threshold,
-                "recent": self._recent.tolist(), "steps_seen": self.steps_seen, "next_check": self._next_check,
+                "recent": self._recent.tolist(), "recent_blocks": self._recent_blocks.tolist(),
+                "recent_stamps": self._recent_stamps.tolist(), "next_block": self._next_block,
+                "streak": self._streak, "streak_point": self._streak_point, "rng": self._rng.bit_generator.state,
+                "null_threshold": self._null_threshold, "checks_since_null": self._checks_since_null,
+                "steps_seen": self.steps_seen, "next_check": self._next_check,
                 "quiet_until": self._quiet_until, "change_points": list(self.change_points),
                 "generator": self._generator.get_state()}
 
@@ -133,7 +234,14 @@ class RewardChangeDetector:
     def from_state(cls, state: dict) -> "RewardChangeDetector":
         settings = DetectorSettings(**state["settings"])
         detector = cls(dataclasses.replace(settings, threshold=state["threshold"]))
+        detector.threshold = state["threshold"]
         detector._recent = np.asarray(state["recent"], dtype=np.float64)
+        detector._recent_blocks = np.asarray(state["recent_blocks"], dtype=np.int64)
+        detector._recent_stamps = np.asarray(state["recent_stamps"], dtype=np.int64)
+        detector._next_block = state["next_block"]
+        detector._streak, detector._streak_point = state["streak"], state["streak_point"]
+        detector._rng.bit_generator.state = state["rng"]
+        detector._null_threshold, detector._checks_since_null = state["null_threshold"], state["checks_since_null"]
         detector.steps_seen = state["steps_seen"]
         detector._next_check = state["next_check"]
         detector._quiet_until = state["quiet_until"]

@@ -3,7 +3,8 @@
 What is replay-specific here:
   * the algorithm: `build_algo_config(method, cfg, start_step)` (DQN or SAC, the method's buffer);
   * the metrics columns: the iteration's finished episodes as (end step, return, segment), the
-    true shift steps, and DEER's detected change points and buffer counters (`result["deer"]`);
+    true shift steps, the greedy evaluation if one ran (`eval`: step, magnitude, returns), and
+    DEER's detected change points, frozen snapshot steps and buffer counters (`result["deer"]`);
   * checkpoints/replay_buffer.pkl: RLlib's new-stack checkpoints leave the replay buffer out, and
     a resumed off-policy run needs it (for DEER also its step stamps, change marks and detector state).
 Everything else (run directory, checkpoints/latest, progress.json, resume) is rl.loop's.
@@ -16,7 +17,7 @@ import pickle
 from pathlib import Path
 
 from rl.deer.algorithms import build_algo_config
-from rl.deer.callbacks import NS_EPISODES_KEY
+from rl.deer.callbacks import NS_EPISODES_KEY, NS_EVAL_KEY
 from rl.deer.config import ExperimentConfig
 from rl.loop import TrainHooks
 
@@ -38,6 +39,8 @@ class ReplayHooks(TrainHooks):
                "shift_steps": max((e["shift_steps"] for e in episodes), key=len, default=[])}
         if "deer" in result:
             row["deer"] = result["deer"]
+        if NS_EVAL_KEY in result:
+            row["eval"] = result[NS_EVAL_KEY]
         return row
 
     def save_extra(self, algo, checkpoints_dir: Path) -> None:

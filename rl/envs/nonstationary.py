@@ -2,21 +2,34 @@
 
 Each environment is a gymnasium classic-control task whose physical parameters are multiplied
 by `1 + magnitude` during "shifted" segments. Segments are `shift_every` environment steps long
-(counted over the env's whole life, across episode resets) and segment k uses
-`magnitudes[k % len(magnitudes)]`; the default `[0.0, 1.0]` alternates nominal and +100 %.
+(counted over the env's whole life, across episode resets). Two schedules (`schedule`):
+  * "hold" (non-reverting): segment k uses `magnitudes[min(k, len - 1)]`, e.g. [0, 1, 2] is
+    nominal -> +100 % -> +200 %, and old data never becomes valid again;
+  * "cycle" (reverting): segment k uses `magnitudes[k % len]`, e.g. [0, 1] alternates.
 A magnitude of 2.0 is the "200 % shift" of the DEER paper (arXiv 2509.15032); the paper's own
 four benchmarks were not recoverable, so the tasks, parameters and shaped rewards here are OUR
 RECONSTRUCTION.
+
+By default ONE physical quantity shifts per env (`DEFAULT_SHIFT`): scaling e.g. gravity and pole
+length together keeps g/l, and with it most of the dynamics, unchanged. `shift_params` picks others.
+
+`step_scale` (default 1) is how many global steps one `step()` counts for: RLlib steps the
+`num_envs_per_env_runner` copies of a vectorized env in lockstep, so each copy advancing the
+clock by that number keeps the schedule in total env steps (each copy lags by one step per
+episode reset, which the vector env does in a step of its own).
 
 Every `info` dict carries `global_step` (env steps so far), `segment`, `multiplier` and
 `shift_steps` (the global steps at which shifts happened so far), so evaluation can mark shifts.
 
 Rewards are dense so that a reward-window change detector sees the shift (DEER detects changes
 from reward subsequences; CartPole's constant +1 would carry no signal):
-  * ns-cartpole: 1 - |theta| / theta_threshold (in [0, 1]); shifts pole length, pole mass, gravity.
-  * ns-acrobot: (tip_height - 1) / 3 (in [-1, 0]); shifts link lengths and masses.
-  * ns-mountaincar: -1 + 1000 * (E' - E), E the car's mechanical energy; shifts gravity and force.
-  * ns-pendulum (continuous): the stock reward; shifts mass, length and gravity.
+  * ns-cartpole: 1 - |theta| / theta_threshold (in [0, 1]); can shift pole length, pole mass,
+    gravity (default: gravity).
+  * ns-acrobot: (tip_height - 1) / 3 (in [-1, 0]); can shift link lengths and masses (default:
+    the second link's mass).
+  * ns-mountaincar: -1 + 1000 * (E' - E), E the car's mechanical energy; can shift gravity and
+    force (default: gravity).
+  * ns-pendulum (continuous): the stock reward; can shift mass, length and gravity (default: g).
 """
 
 from __future__ import annotations
@@ -34,12 +47,15 @@ from edgeray.errors import UserError
 
 MAX_MAGNITUDE = 2.0  # +200 %
 MIN_MAGNITUDE = -0.9  # a parameter never drops below 10 % of nominal
+SCHEDULES = ("hold", "cycle")
 
 
 class ShiftSchedule:
     """Which segment (and parameter multiplier) a global env step falls in."""
 
-    def __init__(self, shift_every: int, magnitudes: list[float]):
+    def __init__(self, shift_every: int, magnitudes: list[float], schedule: str = "cycle"):
+        if schedule not in SCHEDULES:
+            raise UserError(f"schedule {schedule!r} unknown; choose one of: {', '.join(SCHEDULES)}")
         if int(shift_every) < 1:
             raise UserError(f"shift_every={shift_every!r} must be a positive number of env steps")
         if not magnitudes:
@@ -50,12 +66,17 @@ class ShiftSchedule:
                                 f"{MIN_MAGNITUDE} .. {MAX_MAGNITUDE} (2.0 = +200 %)")
         self.shift_every = int(shift_every)
         self.magnitudes = [float(m) for m in magnitudes]
+        self.schedule = schedule
+
+    def magnitude(self, step: int) -> float:
+        k = self.segment(step)
+        return self.magnitudes[k % len(self.magnitudes) if self.schedule == "cycle" else min(k, len(self.magnitudes) - 1)]
 
     def segment(self, step: int) -> int:
         return step // self.shift_every
 
     def multiplier(self, step: int) -> float:
-        return 1.0 + self.magnitudes[self.segment(step) % len(self.magnitudes)]
+        return 1.0 + self.magnitude(step)
 
     def shift_steps(self, upto: int) -> list[int]:
         """Global steps <= upto at which the multiplier changed."""
@@ -68,11 +89,17 @@ class NonStationaryMixin:
 
     #: attribute names scaled by the multiplier; subclasses set nominal values in `NOMINAL`.
     NOMINAL: dict[str, float] = {}
+    #: the one quantity shifted when `shift_params` is not given
+    DEFAULT_SHIFT: str = ""
 
     def _setup_shifts(self, config: dict[str, Any]) -> None:
         config = dict(config or {})
-        self.schedule = ShiftSchedule(config.get("shift_every", 5000), config.get("magnitudes", [0.0, 1.0]))
-        params = config.get("shift_params", list(self.NOMINAL))
+        self.schedule = ShiftSchedule(config.get("shift_every", 5000), config.get("magnitudes", [0.0, 1.0]),
+                                      config.get("schedule", "cycle"))
+        self.step_scale = int(config.get("step_scale", 1))
+        if self.step_scale < 1:
+            raise UserError(f"step_scale={self.step_scale} must be >= 1 (the number of lockstep env copies)")
+        params = config.get("shift_params") or [self.DEFAULT_SHIFT]
         unknown = sorted(set(params) - set(self.NOMINAL))
         if unknown or not params:
             raise UserError(f"shift_params {params!r} not allowed for {type(self).__name__}; "
@@ -103,12 +130,13 @@ class NonStationaryMixin:
         return info
 
     def _advance(self) -> None:
-        self.global_step += 1
+        self.global_step += self.step_scale
         self._apply_schedule()
 
 
 class NSCartPole(NonStationaryMixin, CartPoleEnv):
     NOMINAL = {"length": 0.5, "masspole": 0.1, "gravity": 9.8}
+    DEFAULT_SHIFT = "gravity"
 
     def __init__(self, config: dict | None = None):
         config = config or {}
@@ -138,6 +166,7 @@ class NSCartPole(NonStationaryMixin, CartPoleEnv):
 
 class NSAcrobot(NonStationaryMixin, AcrobotEnv):
     NOMINAL = {"LINK_LENGTH_1": 1.0, "LINK_LENGTH_2": 1.0, "LINK_MASS_1": 1.0, "LINK_MASS_2": 1.0}
+    DEFAULT_SHIFT = "LINK_MASS_2"
 
     def __init__(self, config: dict | None = None):
         config = config or {}
@@ -169,6 +198,7 @@ class NSAcrobot(NonStationaryMixin, AcrobotEnv):
 
 class NSMountainCar(NonStationaryMixin, MountainCarEnv):
     NOMINAL = {"gravity": 0.0025, "force": 0.001}
+    DEFAULT_SHIFT = "gravity"
 
     def __init__(self, config: dict | None = None):
         config = config or {}
@@ -198,6 +228,7 @@ class NSMountainCar(NonStationaryMixin, MountainCarEnv):
 
 class NSPendulum(NonStationaryMixin, PendulumEnv):
     NOMINAL = {"m": 1.0, "l": 1.0, "g": 10.0}
+    DEFAULT_SHIFT = "g"
 
     def __init__(self, config: dict | None = None):
         config = config or {}
