@@ -72,7 +72,7 @@ def test_expert_slices_round_trip_exactly_and_match_peft_delta(tiny):
     checked = 0
     for a, b in layout.pairs(0):
         name = a.key.split(".lora_A.")[0]
-        module = wrappers[name.removeprefix("")]
+        module = wrappers[name]
         delta = module.get_delta_weight("default").detach().numpy()
         for e in (0, 3, 7):
             lowrank = module.scaling["default"] * b.slice(params[b.key], e) @ a.slice(params[a.key], e)
@@ -272,8 +272,7 @@ def test_budget_below_top_k_threshold_out_of_range_and_non_moe_paths_fail_in_one
         _config(["strategy.name=hfedmoe", "model.name=cnn", "model.args={}"])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "num_experts": 4,
                                                       "num_experts_per_tok": 2}))
-    cfg = _config(["strategy.name=hfedmoe", f"model.path={tmp_path}", "model.args={}",
-                   "strategy.params.tiers=[0.5]"])
+    cfg = _config(["strategy.name=hfedmoe", f"model.path={tmp_path}", "strategy.params.tiers=[0.5]"])
     assert cfg.strategy.params["tiers"] == [0.5]
 
 
@@ -334,3 +333,15 @@ def test_upcycled_moe_computes_the_dense_model(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     layout = moe_layout({k: tuple(p.shape) for k, p in moe.named_parameters() if p.requires_grad})
     assert layout.layers == (1,) and layout.experts == 4
+
+
+def test_a_checkpoint_folder_loads_through_the_same_builder(tmp_path, topics):
+    import transformers
+    config = transformers.OlmoeConfig(vocab_size=topics.info["vocab_size"], **CONFIG)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    spec = ModelSpec("moe", {"arch": "olmoe", "config": {"hidden_size": 999}, "lora": {"r": 2}}, path=str(tmp_path),
+                     data_info=topics.info)           # the checkpoint's config.json replaces arch/config
+    model = build_model(spec)
+    layout = moe_layout({k: tuple(p.shape) for k, p in model.named_parameters() if p.requires_grad})
+    assert layout.experts == 8 and layout.layers == (0, 1)
+    assert model(torch.from_numpy(topics.x_test[:2])).shape == (2, 4)

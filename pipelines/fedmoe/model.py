@@ -5,7 +5,8 @@ One code path for tests and real runs:
 - ``model.args.arch`` + ``model.args.config``: OLMoE (default), Mixtral or Qwen2-MoE built from a
   config, random init (tests, the synthetic task);
 - ``model.path``: a local MoE checkpoint folder (``from_pretrained``, never a hub); its
-  ``config.json`` is checked to be an MoE before torch is touched (``settings.moe_shape``);
+  ``config.json`` is checked to be an MoE before torch is touched (``settings.moe_shape``) and
+  replaces ``arch`` / ``config`` / ``router_std`` (so ``--set model.path=...`` on any config works);
 - ``model.args.upcycle``: a dense Llama-style checkpoint (``model.path``, default the SmolLM2-135M-
   Instruct that ``scripts/assets/svd.sh`` fetched, loaded by ``edgeray.hf_models``) turned into a
   Mixtral-style MoE in the listed layers: each MLP copied into E experts with small noise, a new
@@ -134,10 +135,7 @@ def build_moe(spec: ModelSpec) -> nn.Module:
         raise UserError("model.args.head=classify needs a classification data set (one with num_classes)")
     if args.get("upcycle") is not None:
         base = upcycle(spec.path, args["upcycle"], info, args.get("router_std", 0.02))
-    elif spec.path:
-        if "arch" in args or "config" in args:
-            raise UserError("model.args.arch / model.args.config describe a model built from scratch; with "
-                            "model.path set the checkpoint's own config.json is used: remove one of them")
+    elif spec.path:   # the checkpoint's config.json rules: model.args.arch / config / router_std are not used
         from pipelines.models import DTYPES
         base = transformers.AutoModelForCausalLM.from_pretrained(Path(spec.path), dtype=DTYPES[spec.dtype],
                                                                  local_files_only=True)
