@@ -137,7 +137,8 @@ def plots(results: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     pick = next((r for r in shown if r["method"] == "fedalign-moe" and r["leg"] == "topics"), shown[0])
     load = np.array([x["train_expert_load"] for x in pick["rows"] if "train_expert_load" in x])
-    im = axes[0].imshow((load / load.sum(1, keepdims=True)).T, aspect="auto", cmap="viridis")
+    im = axes[0].imshow((load / load.sum(1, keepdims=True)).T, aspect="auto", cmap="viridis",
+                        extent=(0.5, len(load) + 0.5, load.shape[1] - 0.5, -0.5))
     axes[0].set_xlabel("round")
     axes[0].set_ylabel("expert")
     axes[0].set_title(f"{pick['method']} {pick['leg']} a={pick['alpha']}: token load share")
