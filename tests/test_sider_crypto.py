@@ -130,9 +130,152 @@ def test_default_kdf_is_argon2id_when_available():
     assert len(key_a) == 32 and key_a != crypto.derive_key(b"other password", b"x" * 16, scrypt)
 
 
-def test_token_kdf_cost_is_bounded(fast_kdf):
+def test_only_the_servers_own_kdf_parameters_are_accepted(fast_kdf):
     own = crypto.KdfParams.from_config(CryptoConfig(), True)
+    assert own.acceptable(own)
     assert not crypto.KdfParams(crypto.KDF_ARGON2ID, 4 * 1024 * 1024, 3, 1).acceptable(own)
-    assert not crypto.KdfParams(crypto.KDF_SCRYPT, 30, 8, 1).acceptable(own)
+    assert not crypto.KdfParams(crypto.KDF_ARGON2ID, 65536, 4, 1).acceptable(own)     # more passes
+    assert not crypto.KdfParams(crypto.KDF_SCRYPT, 20, 8, 1).acceptable(own)          # the other KDF
     assert not crypto.KdfParams(9, 1, 1, 1).acceptable(own)
-    assert fast_kdf.acceptable(own)
+    assert not fast_kdf.acceptable(own)                                              # cheaper: no either
+
+
+def test_a_token_asking_for_other_kdf_parameters_is_refused_at_the_servers_cost(fast_kdf):
+    """The header's KDF fields are unauthenticated until the tag check: a token that asks for a
+    costlier KDF must run the decoy at OUR cost (timed against a normal wrong password)."""
+    original, protected = _images(6)
+    _, token = restoration.protect_payload(original, protected, REGION, PASSWORD, fast_kdf, "none")
+    costly = crypto.KdfParams(crypto.KDF_SCRYPT, 17, 8, 1)          # 128 MiB, ~10x our fast cost
+    header = crypto.Header.unpack(token)
+    minted = crypto.seal(PASSWORD, b"x", crypto.Header(costly, header.salt, header.nonce, header.carrier,
+                                                        header.lsb_bits, header.region, header.size),
+                         restoration.cover_digest(protected, header))
+
+    def timed(tok, password):
+        start = time.perf_counter()
+        with pytest.raises(crypto.RestoreFailed):
+            restoration.restore(protected, tok, password, fast_kdf)
+        return time.perf_counter() - start
+    wrong = min(timed(token, b"wrong password!!") for _ in range(3))
+    other = min(timed(minted, PASSWORD) for _ in range(3))      # even the right password is refused
+    assert other < 3 * wrong + 0.05                              # same order: no costly KDF was run
+
+
+def _webp(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(buf, format="WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def _vp8l_with_size(data: bytes, width: int, height: int) -> bytes:
+    """A lossless WebP whose VP8L header declares another size (what a crafted bomb does)."""
+    out = bytearray(data)
+    at = out.index(b"VP8L") + 8
+    assert out[at] == 0x2F
+    bits = int.from_bytes(out[at + 1:at + 5], "little")
+    bits = (bits & ~((1 << 28) - 1)) | (width - 1) | ((height - 1) << 14)
+    out[at + 1:at + 5] = bits.to_bytes(4, "little")
+    return bytes(out)
+
+
+def _mint(fast_kdf, pixels, plaintext: bytes, region) -> bytes:
+    """A token anyone can make for their own upload: valid tag, chosen payload."""
+    header = crypto.new_header(fast_kdf, crypto.CARRIER_TOKEN, 0, region, pixels.shape[:2])
+    return crypto.seal(PASSWORD, plaintext, header, restoration.cover_digest(pixels, header))
+
+
+def test_self_minted_oversized_webp_is_refused_before_decoding(fast_kdf):
+    import resource
+    import struct
+
+    _, protected = _images(7)
+    bomb = _vp8l_with_size(_webp(64, 64), 9000, 9000)   # under PIL's own bomb guard
+    with Image.open(io.BytesIO(bomb)) as img:
+        assert img.size == (9000, 9000)              # the header says 9000 x 9000 (324 MB of RGBA)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for region in (REGION, (0, 0, 200, 240)):
+        token = _mint(fast_kdf, protected, struct.pack("<I", len(bomb)) + bomb, region)
+        with pytest.raises(crypto.RestoreFailed):
+            restoration.restore(protected, token, PASSWORD, fast_kdf)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200
+
+
+@pytest.mark.parametrize("case", ["region_outside", "length_too_big", "not_webp", "empty", "lsb_bits_missing"])
+def test_self_minted_bad_payloads_are_one_failure(fast_kdf, case):
+    import struct
+
+    _, protected = _images(8)
+    good = _webp(REGION[3] - REGION[1], REGION[2] - REGION[0])
+    region, carrier = REGION, crypto.CARRIER_TOKEN
+    plaintext = struct.pack("<I", len(good)) + good
+    if case == "region_outside":
+        region = (150, 200, 250, 300)                 # beyond the 200 x 240 image
+    elif case == "length_too_big":
+        plaintext = struct.pack("<I", 10 ** 9) + good
+    elif case == "not_webp":
+        png = io.BytesIO()
+        Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(png, format="PNG")
+        plaintext = struct.pack("<I", len(png.getvalue())) + png.getvalue()
+    elif case == "empty":
+        plaintext = b""
+    else:
+        carrier = crypto.CARRIER_LSB
+    header = crypto.new_header(fast_kdf, carrier, 1 if carrier else 0, region, protected.shape[:2])
+    try:
+        digest = restoration.cover_digest(protected, header)
+    except ValueError:
+        digest = b""
+    token = crypto.seal(PASSWORD, plaintext, header, digest)
+    with pytest.raises(crypto.RestoreFailed):
+        restoration.restore(protected, token, PASSWORD, fast_kdf)
+
+
+def test_pepper_binds_tokens_to_the_server(fast_kdf, tmp_path):
+    from edgeray.errors import UserError
+
+    pepper_file = tmp_path / "pepper.bin"
+    pepper_file.write_bytes(b"p" * 32)
+    peppered = crypto.KdfParams.from_config(CryptoConfig(argon2_memory_kib=8192, argon2_iterations=1),
+                                            crypto.argon2_available(), crypto.read_pepper(str(pepper_file)))
+    assert "pppp" not in repr(peppered)
+    original, protected = _images(9)
+    _, token = restoration.protect_payload(original, protected, REGION, PASSWORD, peppered, "none")
+    assert np.array_equal(restoration.restore(protected, token, PASSWORD, peppered), original)
+    with pytest.raises(crypto.RestoreFailed):                      # the password alone is not enough
+        restoration.restore(protected, token, PASSWORD, fast_kdf)
+    (tmp_path / "short").write_bytes(b"abc")
+    with pytest.raises(UserError, match="at least 16"):
+        crypto.read_pepper(str(tmp_path / "short"))
+    with pytest.raises(UserError, match="cannot be read"):
+        crypto.read_pepper(str(tmp_path / "missing"))
+
+
+def test_kdf_gate_limits_concurrency():
+    import threading
+
+    gate = crypto.KdfGate(1, wait_s=0.2)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with gate:
+            entered.set()
+            release.wait(5)
+    worker = threading.Thread(target=hold)
+    worker.start()
+    entered.wait(5)
+    with pytest.raises(crypto.KdfBusy):
+        with gate:
+            pass
+    release.set()
+    worker.join()
+    with gate:       # free again
+        pass
+
+
+def test_passphrase_entropy_estimate():
+    assert crypto.estimate_entropy_bits("") == 0.0
+    assert crypto.estimate_entropy_bits("aaaaaaaaaaaaaaaa") < 10           # runs count once
+    assert crypto.estimate_entropy_bits("abababababababab") < 40           # capped at 3x distinct chars
+    assert crypto.estimate_entropy_bits("correct horse battery staple") > 60
+    assert crypto.estimate_entropy_bits("Tr0ub4dor&3x") > 40

@@ -51,16 +51,16 @@ ASTRONAUT_PNG = _png(ASTRONAUT)
 
 @pytest.fixture(scope="module")
 def protected(client):
-    """Two samples from one multipart protect call (the PNGs carry the token in a chunk)."""
+    """Two samples from one multipart protect call (embed=chunk: the PNGs carry the token)."""
     r = client.post("/protect", files={"image": ("a.png", ASTRONAUT_PNG, "image/png")},
-                    data={"password": PASSWORD, "n_samples": "2", "gamma": "0.6", "seed": "5"})
+                    data={"password": PASSWORD, "n_samples": "2", "gamma": "0.6", "seed": "5", "embed": "chunk"})
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def test_health_and_schema(client):
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["backend"] == "classical"
+    assert health["status"] == "ok" and health["backend"] == "morph"
     assert health["kdf"]["kdf"] in ("argon2id", "scrypt")
     schema = client.get("/openapi.json").json()
     assert {"/protect", "/restore", "/verify", "/health"} <= set(schema["paths"])
@@ -69,7 +69,7 @@ def test_health_and_schema(client):
 
 
 def test_protect_response_and_restore_from_png_alone(client, protected):
-    assert protected["version"] == "sider/1" and protected["backend"] == "classical"
+    assert protected["version"] == "sider/1" and protected["backend"] == "morph"
     assert len(protected["faces"]) == 1 and len(protected["samples"]) == 2
     first, second = protected["samples"]
     assert first["image_b64"] != second["image_b64"]
@@ -121,6 +121,43 @@ def test_every_restore_failure_is_the_same_403(client, protected):
         assert r.status_code == 403
         bodies.add(r.text)
     assert len(bodies) == 1 and '"restore_failed"' in bodies.pop()
+
+
+def test_the_default_publishes_no_token_in_the_image(client):
+    r = client.post("/protect", json={"image_b64": base64.b64encode(ASTRONAUT_PNG).decode(),
+                                      "password": PASSWORD, "seed": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["embed"] == "none"
+    png = base64.b64decode(r.json()["samples"][0]["image_b64"])
+    assert b"sider-restore" not in png
+    r = client.post("/restore", files={"image": ("p.png", png, "image/png")}, data={"password": PASSWORD})
+    assert r.status_code == 403                      # the image alone carries nothing to guess against
+
+
+def test_protect_does_not_block_verify(base):
+    """A long protect holds the face models only per call, so /verify answers meanwhile."""
+    import threading
+    import time
+
+    done = {}
+
+    def long_protect():
+        with httpx.Client(base_url=base, timeout=300) as c:
+            c.post("/protect", json={"image_b64": base64.b64encode(ASTRONAUT_PNG).decode(),
+                                     "password": PASSWORD, "n_samples": 2, "seed": 9})
+        done["protect"] = time.monotonic()
+
+    worker = threading.Thread(target=long_protect)
+    worker.start()
+    time.sleep(1.0)
+    flipped = _png(np.ascontiguousarray(ASTRONAUT[:, ::-1]))
+    with httpx.Client(base_url=base, timeout=300) as c:
+        r = c.post("/verify", files={"image_a": ("a.png", ASTRONAUT_PNG, "image/png"),
+                                     "image_b": ("b.png", flipped, "image/png")})
+    verified = time.monotonic()
+    worker.join()
+    assert r.status_code == 200
+    assert verified < done["protect"]
 
 
 def test_verify_is_the_built_in_evaluator(client):

@@ -15,6 +15,7 @@ from serving.sider.config import SearchConfig, SiderConfig
 from serving.sider.faces import box_iou, find_models_dir
 
 FAST = ["search.steps=4", "crypto.argon2_memory_kib=8192", "crypto.argon2_iterations=1"]
+STRONG = "otter lamp quartz 91"
 
 
 def _toy(loss_fn, feasible_fn):
@@ -160,9 +161,11 @@ def test_service_input_checks(service):
     assert status(service.decode_image, huge) == (413, "too_large")
     assert status(service.protect, png, "") == (422, "invalid_password")
     assert status(service.protect, png, "x" * 2000) == (422, "invalid_password")
-    assert status(service.protect, _png(np.full((128, 128, 3), 90, np.uint8)), "password123") == \
+    assert status(service.protect, png, "password123") == (422, "weak_password")          # 11 bytes
+    assert status(service.protect, png, "aaaaaaaaaaaaaaaaaaaa") == (422, "weak_password")   # low entropy
+    assert status(service.protect, _png(np.full((128, 128, 3), 90, np.uint8)), STRONG) == \
         (422, "no_face_detected")
-    assert status(service.protect, png, "password123", 9) == (422, "invalid_request")
+    assert status(service.protect, png, STRONG, 9) == (422, "invalid_request")
 
 
 def test_many_faces_are_refused(service):
@@ -171,7 +174,7 @@ def test_many_faces_are_refused(service):
     assert len(service.faces.detect(tiled)) > service.cfg.faces.max_faces
     from serving.sider.service import ApiError
     with pytest.raises(ApiError) as info:
-        service.protect(_png(tiled), "password123")
+        service.protect(_png(tiled), STRONG)
     assert (info.value.status, info.value.code) == (422, "too_many_faces")
 
 

@@ -51,7 +51,8 @@ class Backend(Protocol):
     """An anonymization backend: builds a generator for one face of one image and seed."""
     name: str
 
-    def generator(self, image: np.ndarray, region: "Region", seed: int) -> AppearanceGenerator: ...
+    def generator(self, image: np.ndarray, region: "Region", seed: int, face: Face | None = None
+                  ) -> AppearanceGenerator: ...
 
 
 # ----------------------------------------------------------------------------- the edited region
@@ -171,6 +172,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 class Sample:
     image: np.ndarray
     regions: list[Region]
+    changes: list[float]                # per face: the backend's change term at the returned point
     identity_distance: float | None   # evaluator view, after full re-detection; None = face lost
     identity_kept: bool
     ensemble_distances: list[list[float]]
@@ -178,6 +180,7 @@ class Sample:
     psnr_face: float
     ssim_vs_orig: float
     psnr_vs_orig: float
+    details: list[dict] = field(default_factory=list)   # per face: donors, fractions (morph backend)
 
 
 class Anonymizer:
@@ -192,20 +195,24 @@ class Anonymizer:
 
     def _one_sample(self, image: np.ndarray, faces: list[Face], gamma: float, seed: int) -> Sample:
         current = image
-        regions, ensemble = [], []
+        regions, ensemble, changes, details = [], [], [], []
         for k, face in enumerate(faces):
             region = head_region(face, image.shape, self.head_scale)
-            current, distances = self._protect_face(current, image, face, region, gamma, seed + 104729 * k)
+            current, chosen, info = self._protect_face(current, image, face, region, gamma, seed + 104729 * k)
             regions.append(region)
-            ensemble.append([round(float(d), 4) for d in distances])
-        return self.measure(image, current, regions, faces[0], ensemble)
+            ensemble.append([round(float(d), 4) for d in chosen.distances])
+            changes.append(float(chosen.visual))
+            details.append(info)
+        sample = self.measure(image, current, regions, faces[0], ensemble, changes)
+        sample.details = details
+        return sample
 
     def measure(self, original: np.ndarray, protected: np.ndarray, regions: list[Region], face: Face,
-                ensemble: list[list[float]]) -> Sample:
+                ensemble: list[list[float]], changes: list[float]) -> Sample:
         """Evaluator identity distance (after re-detection) and visual change of a protected image."""
         distance = self.evaluator_distance(original, protected, face)
         crop = _union_crop(regions)
-        return Sample(image=protected, regions=regions, identity_distance=distance,
+        return Sample(image=protected, regions=regions, changes=changes, identity_distance=distance,
                       identity_kept=distance is not None and distance < self.faces.cfg.threshold,
                       ensemble_distances=ensemble,
                       ssim_face=ssim(protected[crop], original[crop]),
@@ -213,12 +220,15 @@ class Anonymizer:
                       ssim_vs_orig=ssim(protected, original), psnr_vs_orig=psnr(protected, original))
 
     def _protect_face(self, current: np.ndarray, original: np.ndarray, face: Face, region: Region,
-                      gamma: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                      gamma: float, seed: int) -> tuple[np.ndarray, Evaluation, dict]:
         rng = np.random.default_rng(seed)
         views = list(self.search.ensemble)
         reference = self.faces.embeddings(original, face, views)
-        generator = self.backend.generator(current, region, seed)
+        generator = self.backend.generator(current, region, seed, face=face)
         target = original[region.slices]
+        # the change the search maximizes: the generator's own term when it has one (morph: shape
+        # distance), else 1 - SSIM of the head region
+        change = getattr(generator, "change", None)
         rendered: dict[bytes, np.ndarray] = {}
 
         def evaluate(thetas: list[np.ndarray]) -> list[Evaluation]:
@@ -228,7 +238,7 @@ class Anonymizer:
             out = []
             for theta, img, emb in zip(thetas, images, embeddings):
                 distances = np.linalg.norm(emb - reference, axis=1)
-                visual = visual_change(img[region.slices], target)
+                visual = change(theta) if change else visual_change(img[region.slices], target)
                 score = self.faces.detection_score(img, face.box)
                 # the protected face must stay detectable: a lost face cannot be matched at all
                 detect_gap = max(0.0, self.faces.cfg.detect_threshold + self.search.detect_slack - score)
@@ -242,7 +252,12 @@ class Anonymizer:
         theta0 = generator.initial(rng) if hasattr(generator, "initial") else None
         trace = momentum_search(evaluate, generator.dim, self.search, rng, theta0)
         chosen = self._select(trace, rendered, original, face)
-        return rendered[chosen.theta.tobytes()], chosen.distances
+        info = {}
+        if hasattr(generator, "fractions"):
+            geo, tex = generator.fractions(chosen.theta)
+            info = {"donors": list(generator.donors), "fractions": {k: round(v, 3) for k, v in geo.items()},
+                    "texture": round(tex, 3)}
+        return rendered[chosen.theta.tobytes()], chosen, info
 
     def _select(self, trace: SearchTrace, rendered: dict, original: np.ndarray, face: Face) -> Evaluation:
         if self.search.select == "last":
@@ -267,6 +282,24 @@ class Anonymizer:
         return float(np.linalg.norm(a - b))
 
 
+def blur_face(image: np.ndarray, box: tuple[int, int, int, int], scale: float = 1.4) -> tuple[np.ndarray, Region]:
+    """The fallback for a face that cannot be protected (policy `faces.unprotected=blur`): the box
+    scaled by `scale` is pixelated to ~6 blocks across and then smoothed, which no recognizer or
+    person can match. Returns the new image and the changed region."""
+    left, top, right, bottom = box
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    half = max(right - left, bottom - top) * scale / 2
+    region = Region(top=int(max(1, cy - half)), left=int(max(0, cx - half)),
+                    bottom=int(min(image.shape[0], cy + half)), right=int(min(image.shape[1], cx + half)))
+    crop = torch.from_numpy(image[region.slices].astype(np.float32)).permute(2, 0, 1)[None]
+    h, w = crop.shape[-2:]
+    small = F.adaptive_avg_pool2d(crop, (min(6, h), min(6, w)))
+    blocky = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    out = image.copy()
+    out[region.slices] = blocky[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return out, region
+
+
 def _union_crop(regions: list[Region]) -> tuple[slice, slice]:
     return (slice(min(r.top for r in regions), max(r.bottom for r in regions)),
             slice(min(r.left for r in regions), max(r.right for r in regions)))
@@ -282,7 +315,8 @@ class ClassicalBackend:
     def __init__(self, cfg: ClassicalConfig):
         self.cfg = cfg
 
-    def generator(self, image: np.ndarray, region: Region, seed: int) -> "ClassicalGenerator":
+    def generator(self, image: np.ndarray, region: Region, seed: int, face: Face | None = None
+                  ) -> "ClassicalGenerator":
         return ClassicalGenerator(image, region, self.cfg, np.random.default_rng(seed))
 
 

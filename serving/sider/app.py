@@ -40,16 +40,22 @@ log = logging.getLogger("ray.serve")
 
 class ProtectJson(BaseModel):
     image_b64: str = Field(description="PNG/JPEG/WebP file, base64")
-    password: str = Field(description="8-1024 bytes; only sent in the body, never logged")
-    n_samples: int = Field(1, ge=1, le=16, description="diverse protected samples (seeds seed, seed+7919, ...)")
+    password: str = Field(min_length=1, description="passphrase: at least crypto.min_password_bytes (12) UTF-8 "
+                          "bytes and crypto.min_password_bits (40) estimated bits, NFC-normalized; only "
+                          "sent in the body, never logged")
+    n_samples: int = Field(1, ge=1, le=16, description="diverse protected samples (seeds seed, seed+7919, ...); "
+                           "at most limits.max_samples")
     gamma: float | None = Field(None, ge=0, le=1, description="semantic-visual balancing factor")
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    embed: Literal["none", "chunk", "lsb"] = Field("chunk", description="where the token also travels")
+    embed: Literal["none", "chunk", "lsb"] = Field("none", description="where the token also travels. "
+                                                   "none (default) = only in the response. chunk / lsb put the "
+                                                   "encrypted original INTO the published image: anyone holding "
+                                                   "the image can then guess passwords offline, without limit")
 
 
 class RestoreJson(BaseModel):
     image_b64: str
-    password: str
+    password: str = Field(min_length=1)
     restore_token: str | None = Field(None, description="base64 token; omit if the PNG carries it")
 
 
@@ -58,25 +64,29 @@ class VerifyJson(BaseModel):
     image_b_b64: str
 
 
-def _multipart_schema(fields: dict, files: tuple) -> dict:
+def _multipart_schema(fields: dict, files: tuple, required: tuple = ()) -> dict:
     props = {name: {"type": "string", "format": "binary"} for name in files}
     props.update(fields)
-    return {"type": "object", "properties": props, "required": list(files)}
+    return {"type": "object", "properties": props, "required": list(files) + list(required)}
 
 
-def _request_body(model: type[BaseModel], form_fields: dict, files: tuple) -> dict:
+def _request_body(model: type[BaseModel], form_fields: dict, files: tuple, required: tuple = ()) -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": model.model_json_schema()},
-        "multipart/form-data": {"schema": _multipart_schema(form_fields, files)}}}}
+        "multipart/form-data": {"schema": _multipart_schema(form_fields, files, required)}}}}
 
 
-_PROTECT_FORM = {"password": {"type": "string"}, "n_samples": {"type": "integer"},
-                 "gamma": {"type": "number"}, "seed": {"type": "integer"},
+_PROTECT_FORM = {"password": {"type": "string", "minLength": 1},
+                 "n_samples": {"type": "integer", "minimum": 1, "maximum": 16},
+                 "gamma": {"type": "number", "minimum": 0, "maximum": 1},
+                 "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
                  "embed": {"type": "string", "enum": ["none", "chunk", "lsb"]}}
 _ERRORS = {status: {"description": text, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}}}}
-    for status, text in ((403, "restore failed"), (413, "too large"), (415, "unsupported format"),
-                         (422, "bad input or no face"))}
+    for status, text in ((403, "restore failed (every failure: one answer)"), (413, "too large"),
+                         (415, "unsupported format"), (422, "bad input, no face, a face that cannot be "
+                                                               "protected, or a weak passphrase"),
+                         (429, "too many password operations in progress"))}
 
 api = FastAPI(title="SIDeR", version="sider/1",
               description="Identity-keeping face anonymization with password restoration (edgeray).")
@@ -165,7 +175,8 @@ class SiderDeployment:
         self.cfg = load_config(SiderConfig, data=config)
         self.service = SiderService(self.cfg)
 
-    @api.post("/protect", responses=_ERRORS, openapi_extra=_request_body(ProtectJson, _PROTECT_FORM, ("image",)))
+    @api.post("/protect", responses=_ERRORS,
+              openapi_extra=_request_body(ProtectJson, _PROTECT_FORM, ("image",), ("password",)))
     async def protect(self, request: Request) -> dict:
         fields = await _read_fields(request, self.cfg.limits.max_body_bytes, ("image",))
         args = _parse(ProtectJson, fields, ("image",))
@@ -175,7 +186,8 @@ class SiderDeployment:
                                        args["gamma"], args["seed"], args["embed"])
 
     @api.post("/restore", responses=_ERRORS, openapi_extra=_request_body(
-        RestoreJson, {"password": {"type": "string"}, "restore_token": {"type": "string"}}, ("image",)))
+        RestoreJson, {"password": {"type": "string", "minLength": 1}, "restore_token": {"type": "string"}},
+        ("image",), ("password",)))
     async def restore(self, request: Request) -> dict:
         fields = await _read_fields(request, self.cfg.limits.max_body_bytes, ("image",))
         args = _parse(RestoreJson, fields, ("image",))

@@ -25,6 +25,17 @@ class FacesConfig:
     max_faces: int = param(4, "more detected faces than this is a 422 (too_many_faces)", ge=1, le=16)
     min_face_px: int = param(40, "smaller detections are ignored", ge=16)
     threshold: float = param(0.6, "same-identity threshold on the dlib Euclidean distance", gt=0, le=2)
+    recall_upsample: int = param(2, "second, higher-recall detection pass (fail closed): HOG upsampling",
+                                 ge=0, le=3)
+    recall_threshold: float = param(-0.1, "second pass: HOG score threshold (lower = more recall, more "
+                                    "false alarms; the astronaut photo has a false alarm at -0.14)",
+                                    ge=-1.0, le=3.0)
+    cnn_max_side: int = param(0, "also run dlib's MMOD CNN detector on the image shrunk to this side in the "
+                              "second pass (0 = off; ~2-9 s on 2 CPU cores at 384 px)", ge=0, le=2048)
+    unprotected: str = param("refuse", "a face found by either pass that cannot be protected (too small, "
+                             "not matched by the first pass, or the search could not change it): refuse = "
+                             "422 unprotected_face naming its box, nothing published; blur = pixelate it "
+                             "(restorable with the rest)", choices=("refuse", "blur"))
     evaluator_view: str = param("chip5_pad25", "view used by /verify and reported identity_distance "
                                 "(the standard face_recognition pipeline)", choices=VIEWS)
 
@@ -33,7 +44,7 @@ class FacesConfig:
 class SearchConfig:
     """Momentum black-box search over the appearance space (OUR RECONSTRUCTION of the paper's
     momentum-based latent optimization with ensemble identity losses)."""
-    steps: int = param(24, "search iterations per sample", ge=1, le=500)
+    steps: int = param(10, "search iterations per sample (2 evaluations each)", ge=1, le=500)
     step_size: float = param(0.15, "sign-step size eta in parameter space", gt=0)
     probe: float = param(0.15, "SPSA probe radius c", gt=0)
     momentum: float = param(0.9, "MI-FGSM momentum mu", ge=0, lt=1)
@@ -59,6 +70,9 @@ class SearchConfig:
     detect_slack: float = param(0.1, "the face's HOG score must stay this far above the detection "
                                 "threshold for a sample to be accepted (and is penalized below it)", ge=0)
     detect_weight: float = param(3.0, "weight of the detection-score penalty in the loss", ge=0)
+    min_change: float = param(0.3, "a face whose returned change term is below this counts as not "
+                              "protected (faces.unprotected decides); morph: shape distance / 0.1 + "
+                              "texture term, classical/diffusion: 1 - SSIM", ge=0)
     verify_candidates: int = param(8, "most-changed feasible candidates re-checked with full-image "
                                    "detection (the in-loop check runs on a crop, whose HOG scores differ)",
                                    ge=1, le=32)
@@ -84,6 +98,24 @@ class ClassicalConfig:
 
 
 @dataclass
+class MorphConfig:
+    """The CPU landmark-morph backend (serving/sider/morph.py): the face's shape moves toward the
+    mean shape of k donors of other identities, per facial component; optional Poisson-blended
+    donor texture. OUR RECONSTRUCTION (k-Same + Delaunay morph), not the paper's generator."""
+    donors_dir: str = param("data/sider_faces", "folder of photos of other people (one face per identity is "
+                            "kept); relative paths are tried from the current directory, then the repo root")
+    donors_k: int = param(2, "donors averaged per sample (k-Same); the seed draws them among the most "
+                          "distant shapes", ge=1, le=8)
+    max_fraction: float = param(1.0, "largest move of a component toward the donors' shape "
+                                "(1 = all the way)", gt=0, le=1.5)
+    max_texture: float = param(0.6, "largest donor-texture blend fraction (0 = geometry only)", ge=0, le=1)
+    texture_weight: float = param(0.5, "weight of the texture fraction in the change term", ge=0)
+    warp: str = param("tps", "landmark warp: tps (thin-plate spline, smooth) or delaunay (piecewise affine "
+                      "on Delaunay triangles)", choices=("tps", "delaunay"))
+    feather_px: float = param(6.0, "feathering of the inner-face mask for the texture blend", ge=0)
+
+
+@dataclass
 class DiffusionConfig:
     """Diffusion backend (GPU): DDIM inversion of the head crop in a VAE latent, then recomposition
     along a low-dimensional latent offset found by the same momentum search."""
@@ -106,7 +138,15 @@ class CryptoConfig:
     argon2_memory_kib: int = param(65536, "Argon2id memory cost in KiB", ge=8192, le=1048576)
     argon2_iterations: int = param(3, "Argon2id passes", ge=1, le=10)
     scrypt_log2_n: int = param(15, "scrypt cost n = 2**this", ge=10, le=20)
-    min_password_bytes: int = param(8, "shorter passwords are a 422", ge=1)
+    min_password_bytes: int = param(12, "protect: shorter passphrases are a 422 weak_password", ge=1)
+    min_password_bits: float = param(40.0, "protect: passphrases whose estimated entropy (crypto."
+                                     "estimate_entropy_bits, a crude character-class estimate; OUR "
+                                     "policy) is below this are a 422 weak_password", ge=0)
+    pepper_file: str = param("", "optional server-side pepper: a file of >= 16 secret bytes the deployment "
+                             "holds; the key becomes HMAC(pepper, KDF(password)), so a leaked image cannot "
+                             "be attacked offline, but restoring needs this server (or the file)")
+    max_concurrent_kdf: int = param(2, "KDF runs at once per replica (each holds its memory cost)", ge=1, le=64)
+    kdf_wait_s: float = param(30.0, "a request waiting longer than this for a KDF slot gets 429", gt=0)
     max_password_bytes: int = param(1024, "longer passwords are a 422", ge=8, le=65536)
 
 
@@ -124,7 +164,9 @@ class LimitsConfig:
 @dataclass
 class SiderConfig:
     """SIDeR service."""
-    backend: str = param("classical", "anonymization backend", choices=("classical", "diffusion"))
+    backend: str = param("morph", "anonymization backend: morph (CPU, landmark morph toward donors; the "
+                         "default), classical (CPU colour/texture, kept for comparison), diffusion (local "
+                         "diffusers weights)", choices=("morph", "classical", "diffusion"))
     default_gamma: float = param(0.5, "semantic-visual balancing factor when the request gives none",
                                  ge=0, le=1)
     head_scale: float = param(1.7, "edited region = face box scaled by this (covers forehead, cheeks); "
@@ -132,6 +174,7 @@ class SiderConfig:
     faces: FacesConfig = section(FacesConfig)
     search: SearchConfig = section(SearchConfig)
     classical: ClassicalConfig = section(ClassicalConfig)
+    morph: MorphConfig = section(MorphConfig)
     diffusion: DiffusionConfig = section(DiffusionConfig)
     crypto: CryptoConfig = section(CryptoConfig)
     limits: LimitsConfig = section(LimitsConfig)

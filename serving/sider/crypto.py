@@ -8,22 +8,30 @@ invertible network whose details are unpublished).
 
 Every header field is authenticated, and the AAD binds the token to the exact protected pixels,
 so a token cannot be replayed onto another image and any flipped pixel or token bit fails the tag.
-`open_token` always runs a KDF (with the server's own parameters when the token is unreadable)
-and raises one `RestoreFailed` for every failure, so neither the message nor the timing tells a
-wrong password from a tampered image or a garbage token.
+`open_token` accepts only the server's OWN KDF and parameters: a token that asks for another KDF or
+another cost runs the decoy KDF at the server's cost and fails like a wrong password. It always
+runs exactly one KDF and raises one `RestoreFailed` for every failure, so neither the message nor
+the timing tells a wrong password from a tampered image or a garbage token. KDF runs are gated
+(`KdfGate`: at most `crypto.max_concurrent_kdf` at once). An optional server-side pepper makes the
+key HMAC-SHA256(pepper, KDF(password)).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import math
 import os
 import struct
-from dataclasses import dataclass
+import threading
+from pathlib import Path
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from edgeray.errors import UserError
 from serving.sider.config import CryptoConfig
 
 MAGIC = b"SDR1"
@@ -55,20 +63,18 @@ class KdfParams:
     a: int  # argon2: memory KiB | scrypt: log2 n
     b: int  # argon2: iterations | scrypt: r
     c: int  # argon2: lanes      | scrypt: p
+    pepper: bytes = field(default=b"", repr=False)   # server-side secret, never in a token or a log
 
     @classmethod
-    def from_config(cls, cfg: CryptoConfig, argon2_ok: bool) -> "KdfParams":
+    def from_config(cls, cfg: CryptoConfig, argon2_ok: bool, pepper: bytes = b"") -> "KdfParams":
         if cfg.kdf == "argon2id" and argon2_ok:
-            return cls(KDF_ARGON2ID, cfg.argon2_memory_kib, cfg.argon2_iterations, 1)
-        return cls(KDF_SCRYPT, cfg.scrypt_log2_n, 8, 1)
+            return cls(KDF_ARGON2ID, cfg.argon2_memory_kib, cfg.argon2_iterations, 1, pepper)
+        return cls(KDF_SCRYPT, cfg.scrypt_log2_n, 8, 1, pepper)
 
     def acceptable(self, own: "KdfParams") -> bool:
-        """Bounds for parameters read from a token: no one makes us spend more than 4x our own cost."""
-        if self.kdf == KDF_ARGON2ID:
-            return 8192 <= self.a <= 4 * max(own.a, 65536) and 1 <= self.b <= 10 and self.c == 1
-        if self.kdf == KDF_SCRYPT:
-            return 10 <= self.a <= 20 and self.b == 8 and self.c == 1
-        return False
+        """A token's parameters are accepted only when they are exactly the server's own: nobody
+        chooses our KDF or its cost from an unauthenticated header."""
+        return (self.kdf, self.a, self.b, self.c) == (own.kdf, own.a, own.b, own.c)
 
     def describe(self) -> dict:
         if self.kdf == KDF_ARGON2ID:
@@ -76,12 +82,77 @@ class KdfParams:
         return {"kdf": "scrypt", "n": 2 ** self.a, "r": self.b, "p": self.c}
 
 
-def derive_key(password: bytes, salt: bytes, params: KdfParams) -> bytes:
-    if params.kdf == KDF_ARGON2ID:
-        from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-        return Argon2id(salt=salt, length=32, iterations=params.b, lanes=params.c,
-                        memory_cost=params.a).derive(password)
-    return Scrypt(salt=salt, length=32, n=2 ** params.a, r=params.b, p=params.c).derive(password)
+def derive_key(password: bytes, salt: bytes, params: KdfParams, gate: "KdfGate | None" = None) -> bytes:
+    with gate or _NO_GATE:
+        if params.kdf == KDF_ARGON2ID:
+            from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+            key = Argon2id(salt=salt, length=32, iterations=params.b, lanes=params.c,
+                           memory_cost=params.a).derive(password)
+        else:
+            key = Scrypt(salt=salt, length=32, n=2 ** params.a, r=params.b, p=params.c).derive(password)
+    return hmac.new(params.pepper, key, hashlib.sha256).digest() if params.pepper else key
+
+
+class KdfBusy(Exception):
+    """No KDF slot became free within the wait (HTTP 429)."""
+
+
+class KdfGate:
+    """At most `limit` KDF runs at once; a caller waits up to `wait_s`, then KdfBusy."""
+
+    def __init__(self, limit: int, wait_s: float):
+        self._sem, self.wait_s = threading.BoundedSemaphore(limit), wait_s
+
+    def __enter__(self):
+        if not self._sem.acquire(timeout=self.wait_s):
+            raise KdfBusy()
+        return self
+
+    def __exit__(self, *exc):
+        self._sem.release()
+        return False
+
+
+class _Ungated:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_GATE = _Ungated()
+
+
+def read_pepper(path: str) -> bytes:
+    """The pepper file's bytes ('' = no pepper); a missing or short file is a config error."""
+    if not path:
+        return b""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"sider.crypto.pepper_file={path!r} cannot be read ({exc.strerror})") from None
+    if len(data) < 16:
+        raise UserError(f"sider.crypto.pepper_file={path!r} holds {len(data)} bytes; at least 16 random "
+                        f"bytes are needed (e.g. head -c 32 /dev/urandom > pepper.bin)")
+    return data
+
+
+def estimate_entropy_bits(text: str) -> float:
+    """A crude passphrase-strength estimate (OUR policy, no dictionary): log2 of the character pool
+    the text draws from (lower, upper, digits, ASCII symbols/space, other) times its effective length,
+    where runs of one character count once and the length is capped at 3x the distinct characters."""
+    if not text:
+        return 0.0
+    pool = 0
+    pool += 26 if any(c.islower() and c.isascii() for c in text) else 0
+    pool += 26 if any(c.isupper() and c.isascii() for c in text) else 0
+    pool += 10 if any(c.isdigit() and c.isascii() for c in text) else 0
+    pool += 33 if any(c.isascii() and not c.isalnum() for c in text) else 0
+    pool += 100 if any(not c.isascii() for c in text) else 0
+    collapsed = [c for i, c in enumerate(text) if i == 0 or c != text[i - 1]]
+    length = min(len(collapsed), 3 * len(set(text)))
+    return length * math.log2(max(pool, 2))
 
 
 @dataclass(frozen=True)
@@ -109,8 +180,9 @@ class Header:
         return cls(KdfParams(kdf, a, b, c), salt, nonce, carrier, bits, (t, l, bo, r), (h, w))
 
 
-def seal(password: bytes, plaintext: bytes, header: Header, cover_digest: bytes) -> bytes:
-    key = derive_key(password, header.salt, header.params)
+def seal(password: bytes, plaintext: bytes, header: Header, cover_digest: bytes,
+         gate: KdfGate | None = None) -> bytes:
+    key = derive_key(password, header.salt, header.params, gate)
     head = header.pack()
     return head + AESGCM(key).encrypt(header.nonce, plaintext, head + VERSION + cover_digest)
 
@@ -119,23 +191,25 @@ def new_header(params: KdfParams, carrier: int, lsb_bits: int, region: tuple, si
     return Header(params, os.urandom(16), os.urandom(12), carrier, lsb_bits, tuple(region), tuple(size))
 
 
-def open_token(password: bytes, token: bytes, own: KdfParams, cover_digest_for) -> tuple[Header, bytes]:
+def open_token(password: bytes, token: bytes, own: KdfParams, cover_digest_for,
+               gate: KdfGate | None = None) -> tuple[Header, bytes]:
     """Decrypt; `cover_digest_for(header)` hashes the protected pixels the way the header says.
-    Raises RestoreFailed for every failure, after running a KDF in every case."""
+    Raises RestoreFailed for every failure, after running exactly one KDF at the server's own
+    parameters in every case."""
     try:
         header = Header.unpack(token)
         usable = header.params.acceptable(own)
     except (ValueError, struct.error):
         header, usable = None, False
     if not usable:
-        derive_key(password, os.urandom(16), own)  # same work as a real attempt
+        derive_key(password, os.urandom(16), own, gate)  # the decoy: same work as a real attempt
         raise RestoreFailed()
-    key = derive_key(password, header.salt, header.params)
+    key = derive_key(password, header.salt, own, gate)   # own params (equal to the header's) + pepper
     try:
         digest = cover_digest_for(header)
         head = token[:HEADER_SIZE]
         return header, AESGCM(key).decrypt(header.nonce, token[HEADER_SIZE:], head + VERSION + digest)
-    except (InvalidTag, ValueError):
+    except Exception:   # InvalidTag, a bad size or region: one failure for all
         raise RestoreFailed() from None
 
 

@@ -54,7 +54,7 @@ class DiffusionBackend:
         self.timesteps = [i * stride for i in range(n_edit)]  # ascending: the inversion order
         self.scale = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
 
-    def generator(self, image: np.ndarray, region: Region, seed: int) -> "DiffusionGenerator":
+    def generator(self, image: np.ndarray, region: Region, seed: int, face=None) -> "DiffusionGenerator":
         return DiffusionGenerator(self, image, region, np.random.default_rng(seed))
 
     @torch.no_grad()

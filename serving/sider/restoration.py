@@ -83,7 +83,8 @@ def cover_digest(pixels: np.ndarray, header: crypto.Header) -> bytes:
 
 
 def protect_payload(original: np.ndarray, protected: np.ndarray, region: tuple, password: bytes,
-                    params: crypto.KdfParams, embed: str) -> tuple[np.ndarray, bytes]:
+                    params: crypto.KdfParams, embed: str, gate: crypto.KdfGate | None = None
+                    ) -> tuple[np.ndarray, bytes]:
     """Seal the original region under the password. Returns (pixels to publish, token)."""
     top, left, bottom, right = region
     crop_png = _lossless(np.ascontiguousarray(original[top:bottom, left:right]))
@@ -99,22 +100,46 @@ def protect_payload(original: np.ndarray, protected: np.ndarray, region: tuple, 
     else:
         plaintext = struct.pack("<I", len(crop_png)) + crop_png
     header = crypto.new_header(params, carrier, lsb_bits, region, protected.shape[:2])
-    token = crypto.seal(password, plaintext, header, cover_digest(protected, header))
+    token = crypto.seal(password, plaintext, header, cover_digest(protected, header), gate)
     if embed == "lsb":
         protected = _write_lsb(cover(protected, header), token, header)
     return protected, token
 
 
-def restore(pixels: np.ndarray, token: bytes, password: bytes, own: crypto.KdfParams) -> np.ndarray:
-    """The original image; crypto.RestoreFailed on any failure (one error for all)."""
-    header, plaintext = crypto.open_token(password, token, own, lambda h: cover_digest(pixels, h))
-    (n,) = struct.unpack_from("<I", plaintext)
-    crop = np.asarray(Image.open(io.BytesIO(plaintext[4:4 + n])).convert("RGB"))
+def restore(pixels: np.ndarray, token: bytes, password: bytes, own: crypto.KdfParams,
+            gate: crypto.KdfGate | None = None) -> np.ndarray:
+    """The original image; crypto.RestoreFailed on any failure (one error for all).
+
+    Anyone can mint a valid token for their own upload, so the decrypted payload is not trusted:
+    the region must lie inside the image, the crop must be a WebP whose declared size equals the
+    region BEFORE it is decoded (no decompression bomb is ever allocated), and the in-pixel
+    carrier's saved bits must be there."""
+    header, plaintext = crypto.open_token(password, token, own, lambda h: cover_digest(pixels, h), gate)
+    try:
+        return _apply_payload(pixels, header, plaintext)
+    except Exception:
+        raise crypto.RestoreFailed() from None
+
+
+def _apply_payload(pixels: np.ndarray, header: crypto.Header, plaintext: bytes) -> np.ndarray:
     top, left, bottom, right = header.region
+    h, w = pixels.shape[:2]
+    if not (0 <= top < bottom <= h and 0 <= left < right <= w) or tuple(header.size) != (h, w):
+        raise ValueError("region outside the image")
+    (n,) = struct.unpack_from("<I", plaintext)
+    if not 0 < n <= len(plaintext) - 4:
+        raise ValueError("bad crop length")
+    with Image.open(io.BytesIO(plaintext[4:4 + n]), formats=["WEBP"]) as img:   # reads the header only
+        if img.size != (right - left, bottom - top):
+            raise ValueError("crop size differs from the region")
+        crop = np.asarray(img.convert("RGB"))
     out = pixels.copy()
     out[top:bottom, left:right] = crop
     if header.carrier == crypto.CARRIER_LSB:
-        bits = np.unpackbits(np.frombuffer(plaintext[4 + n:], dtype=np.uint8))[:LOCATOR_BITS]
+        saved = plaintext[4 + n:]
+        if len(saved) * 8 < LOCATOR_BITS:
+            raise ValueError("saved locator bits missing")
+        bits = np.unpackbits(np.frombuffer(saved, dtype=np.uint8))[:LOCATOR_BITS]
         flat = out.reshape(-1)
         flat[:LOCATOR_BITS] = (flat[:LOCATOR_BITS] & 0xFE) | bits
     return out

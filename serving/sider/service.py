@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import threading
+import unicodedata
 import warnings
 
 import numpy as np
@@ -18,9 +18,9 @@ from PIL import Image
 
 from edgeray.errors import UserError
 from serving.sider import crypto, restoration
-from serving.sider.anonymize import Anonymizer, ClassicalBackend
+from serving.sider.anonymize import Anonymizer, ClassicalBackend, blur_face, psnr, ssim
 from serving.sider.config import SiderConfig
-from serving.sider.faces import FaceStack, NoFaceError
+from serving.sider.faces import FaceStack, NoFaceError, box_iou
 
 API_VERSION = "sider/1"
 
@@ -36,10 +36,17 @@ def restore_failed() -> ApiError:
                                             "is not the one that was protected")
 
 
-def build_backend(cfg: SiderConfig):
+def busy() -> ApiError:
+    return ApiError(429, "busy", "too many password operations in progress on this replica; retry shortly")
+
+
+def build_backend(cfg: SiderConfig, faces: FaceStack):
     if cfg.backend == "diffusion":
         from serving.sider.diffusion import DiffusionBackend
         return DiffusionBackend(cfg.diffusion)
+    if cfg.backend == "morph":
+        from serving.sider.morph import MorphBackend
+        return MorphBackend(cfg.morph, faces, threshold=cfg.faces.threshold)
     return ClassicalBackend(cfg.classical)
 
 
@@ -47,10 +54,12 @@ class SiderService:
     def __init__(self, cfg: SiderConfig):
         self.cfg = cfg
         self.faces = FaceStack(cfg.faces)
-        self.backend = build_backend(cfg)
+        self.backend = build_backend(cfg, self.faces)
         self.anonymizer = Anonymizer(self.faces, self.backend, cfg.search, cfg.head_scale)
-        self.kdf = crypto.KdfParams.from_config(cfg.crypto, crypto.argon2_available())
-        self._lock = threading.Lock()  # dlib's network keeps per-call buffers: one computation at a time
+        self.kdf = crypto.KdfParams.from_config(cfg.crypto, crypto.argon2_available(),
+                                                crypto.read_pepper(cfg.crypto.pepper_file))
+        # at most this many KDF runs at once (each holds the KDF's memory); others wait, then 429
+        self._kdf_gate = crypto.KdfGate(cfg.crypto.max_concurrent_kdf, cfg.crypto.kdf_wait_s)
 
     # ------------------------------------------------------------------ inputs
 
@@ -86,20 +95,34 @@ class SiderService:
             raise ApiError(422, "invalid_image", f"{name} is truncated or corrupt") from None
         return pixels, dict(getattr(img, "text", {}) or {})
 
-    def check_password(self, password: str | bytes | None) -> bytes:
-        raw = password.encode("utf-8") if isinstance(password, str) else (password or b"")
+    def check_password(self, password: str | bytes | None, policy: bool = False) -> bytes:
+        """NFC-normalized UTF-8 bytes (so NFC and NFD spellings of one password are one key). With
+        `policy` (protect), the passphrase policy applies too: min bytes and estimated entropy."""
+        if isinstance(password, bytes):
+            try:
+                password = password.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(422, "invalid_password", "password must be UTF-8 text") from None
+        text = unicodedata.normalize("NFC", password or "")
+        raw = text.encode("utf-8")
         c = self.cfg.crypto
-        if not (c.min_password_bytes <= len(raw) <= c.max_password_bytes):
-            raise ApiError(422, "invalid_password", f"password must be {c.min_password_bytes} to "
-                                                    f"{c.max_password_bytes} bytes (UTF-8)")
+        if not 1 <= len(raw) <= c.max_password_bytes:
+            raise ApiError(422, "invalid_password", f"password must be 1 to {c.max_password_bytes} bytes (UTF-8)")
+        if policy:
+            bits = crypto.estimate_entropy_bits(text)
+            if len(raw) < c.min_password_bytes or bits < c.min_password_bits:
+                raise ApiError(422, "weak_password", f"passphrase too weak: {len(raw)} bytes, about {bits:.0f} "
+                                                     f"bits estimated; at least {c.min_password_bytes} bytes "
+                                                     f"and {c.min_password_bits} bits are required (use "
+                                                     f"several unrelated words or mixed character classes)")
         return raw
 
     # ------------------------------------------------------------------ endpoints
 
     def protect(self, image: bytes, password: str | bytes, n_samples: int = 1, gamma: float | None = None,
-                seed: int = 0, embed: str = "chunk") -> dict:
+                seed: int = 0, embed: str = "none") -> dict:
         pixels, _ = self.decode_image(image)
-        secret = self.check_password(password)
+        secret = self.check_password(password, policy=True)
         if not 1 <= n_samples <= self.cfg.limits.max_samples:
             raise ApiError(422, "invalid_request", f"n_samples must be 1..{self.cfg.limits.max_samples}")
         gamma = self.cfg.default_gamma if gamma is None else gamma
@@ -107,38 +130,86 @@ class SiderService:
             raise ApiError(422, "invalid_request", "gamma must be in [0, 1]")
         if embed not in restoration.EMBED_MODES:
             raise ApiError(422, "invalid_request", f"embed must be one of {', '.join(restoration.EMBED_MODES)}")
-        with self._lock:
-            faces = self.faces.detect(pixels)
-            if not faces:
-                raise ApiError(422, "no_face_detected", "no face detected in the image")
-            if len(faces) > self.cfg.faces.max_faces:
-                raise ApiError(422, "too_many_faces", f"{len(faces)} faces detected; the limit is "
-                                                      f"{self.cfg.faces.max_faces}")
-            samples = self.anonymizer.anonymize(pixels, faces, n_samples, gamma, seed)
+        faces, unhandled = self.find_faces(pixels)
+        if len(faces) > self.cfg.faces.max_faces:
+            raise ApiError(422, "too_many_faces", f"{len(faces)} faces detected; the limit is "
+                                                  f"{self.cfg.faces.max_faces}")
+        working, blurred = self._handle_unprotected(pixels, unhandled, "could not be protected (too small or "
+                                                    "found only by the second detection pass)")
+        if faces:
+            samples = self.anonymizer.anonymize(working, faces, n_samples, gamma, seed)
+        else:   # every face was blurred under faces.unprotected=blur
+            samples = [None] * n_samples
         out = []
         for sample in samples:
-            region = _union_bbox(sample.regions)
+            regions, changed = list(blurred), working
+            if sample is not None:
+                failed = [f.box for f, c in zip(faces, sample.changes) if c < self.cfg.search.min_change]
+                changed, more = self._handle_unprotected(sample.image, failed, "could not be changed by the "
+                                                         "search while keeping its identity")
+                regions += sample.regions + more
+            region = _union_bbox(regions)
             try:
-                published, token = restoration.protect_payload(pixels, sample.image, region, secret,
-                                                               self.kdf, embed)
+                published, token = restoration.protect_payload(pixels, changed, region, secret, self.kdf,
+                                                               embed, self._kdf_gate)
             except restoration.CarrierError as exc:
                 raise ApiError(422, "carrier_too_small", str(exc)) from None
-            if embed == "lsb":  # the carrier bits change pixels: report what is published
-                with self._lock:
-                    sample = self.anonymizer.measure(pixels, published, sample.regions, faces[0],
-                                                     sample.ensemble_distances)
-            png = restoration.encode_png(published, token if embed == "chunk" else None)
-            out.append({"image_b64": base64.b64encode(png).decode("ascii"),
-                        "restore_token": base64.b64encode(token).decode("ascii"),
-                        "identity_distance": _rounded(sample.identity_distance),
-                        "identity_kept": sample.identity_kept,
-                        "ensemble_distances": sample.ensemble_distances,
-                        "ssim_face": round(sample.ssim_face, 4), "psnr_face": _rounded(sample.psnr_face),
-                        "ssim_vs_orig": round(sample.ssim_vs_orig, 4),
-                        "psnr_vs_orig": _rounded(sample.psnr_vs_orig),
-                        "region": list(region)})
-        return {"samples": out, "faces": [f.as_dict() for f in faces], "backend": self.backend.name,
-                "gamma": gamma, "embed": embed, "kdf": self.kdf.describe()["kdf"], "version": API_VERSION}
+            except crypto.KdfBusy:
+                raise busy() from None
+            out.append(self._sample_json(pixels, published, token, embed, faces, sample, regions, region))
+        return {"samples": out, "faces": [f.as_dict() for f in faces], "blurred": [list(b) for b in unhandled],
+                "backend": self.backend.name, "gamma": gamma, "embed": embed,
+                "kdf": self.kdf.describe()["kdf"], "version": API_VERSION}
+
+    def find_faces(self, pixels: np.ndarray) -> tuple[list, list[tuple[int, int, int, int]]]:
+        """(faces to protect, boxes of faces that cannot be): the first pass's faces at least
+        faces.min_face_px wide; smaller ones and second-pass boxes that overlap no protected face are
+        the unprotected ones. 422 no_face_detected only when neither pass finds anything."""
+        found = self.faces.detect(pixels, min_px=0)
+        faces = [f for f in found if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= self.cfg.faces.min_face_px]
+        unhandled = [f.box for f in found if f not in faces]
+        for box, _ in self.faces.candidates(pixels):
+            if not any(_covers(f.box, box) for f in faces) and not any(_covers(b, box) for b in unhandled):
+                unhandled.append(box)
+        if not faces and not unhandled:
+            raise ApiError(422, "no_face_detected", "no face detected in the image")
+        return faces, unhandled
+
+    def _handle_unprotected(self, image: np.ndarray, boxes: list, why: str) -> tuple[np.ndarray, list]:
+        """Fail closed: refuse (422 unprotected_face, nothing published) or blur each box."""
+        if not boxes:
+            return image, []
+        if self.cfg.faces.unprotected == "refuse":
+            where = "; ".join(f"box (left, top, right, bottom) = {tuple(int(v) for v in b)}" for b in boxes)
+            raise ApiError(422, "unprotected_face", f"{len(boxes)} face(s) {why}: {where}. Nothing was "
+                                                    f"published. Crop them out, or set "
+                                                    f"sider.faces.unprotected=blur to pixelate them")
+        regions = []
+        for box in boxes:
+            image, region = blur_face(image, box)
+            regions.append(region)
+        return image, regions
+
+    def _sample_json(self, pixels, published, token, embed, faces, sample, regions, region) -> dict:
+        if sample is not None and faces:
+            # measure what is published (the in-pixel carrier and any blur change pixels)
+            sample = self.anonymizer.measure(pixels, published, sample.regions, faces[0],
+                                             sample.ensemble_distances, sample.changes) if (
+                embed == "lsb" or len(regions) > len(sample.regions)) else sample
+        png = restoration.encode_png(published, token if embed == "chunk" else None)
+        crop = (slice(region[0], region[2]), slice(region[1], region[3]))
+        return {"image_b64": base64.b64encode(png).decode("ascii"),
+                "restore_token": base64.b64encode(token).decode("ascii"),
+                "identity_distance": _rounded(sample.identity_distance) if sample else None,
+                "identity_kept": bool(sample.identity_kept) if sample else False,
+                "ensemble_distances": sample.ensemble_distances if sample else [],
+                "changes": [round(c, 4) for c in sample.changes] if sample else [],
+                "morph": sample.details if sample else [],
+                "ssim_face": round(ssim(published[crop], pixels[crop]), 4),
+                "psnr_face": _rounded(psnr(published[crop], pixels[crop])),
+                "ssim_vs_orig": round(ssim(published, pixels), 4),
+                "psnr_vs_orig": _rounded(psnr(published, pixels)),
+                "region": list(region)}
 
     def restore(self, image: bytes, password: str | bytes, restore_token: str | None = None) -> dict:
         pixels, chunks = self.decode_image(image)
@@ -152,9 +223,11 @@ class SiderService:
         else:
             token = restoration.chunk_token(chunks) or restoration.lsb_token(pixels) or b""
         try:
-            original = restoration.restore(pixels, token, secret, self.kdf)
+            original = restoration.restore(pixels, token, secret, self.kdf, self._kdf_gate)
         except crypto.RestoreFailed:
             raise restore_failed() from None
+        except crypto.KdfBusy:
+            raise busy() from None
         png = restoration.encode_png(original)
         return {"image_b64": base64.b64encode(png).decode("ascii"), "bit_exact": True,
                 "version": API_VERSION}
@@ -162,11 +235,10 @@ class SiderService:
     def verify(self, image_a: bytes, image_b: bytes) -> dict:
         a, _ = self.decode_image(image_a, "image_a")
         b, _ = self.decode_image(image_b, "image_b")
-        with self._lock:
-            try:
-                distance = self.faces.distance(a, b)
-            except NoFaceError:
-                raise ApiError(422, "no_face_detected", "no face detected in one of the images") from None
+        try:
+            distance = self.faces.distance(a, b)
+        except NoFaceError:
+            raise ApiError(422, "no_face_detected", "no face detected in one of the images") from None
         threshold = self.cfg.faces.threshold
         return {"distance": round(distance, 4), "same_identity": distance < threshold,
                 "threshold": threshold, "model": "dlib_resnet_v1", "view": self.cfg.faces.evaluator_view}
@@ -177,6 +249,12 @@ class SiderService:
                                                       "max_side": self.cfg.limits.max_side,
                                                       "formats": self.cfg.limits.formats},
                 "version": API_VERSION}
+
+
+def _covers(face_box, box) -> bool:
+    """A detection `box` is the face `face_box` when they overlap or its centre lies inside."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return box_iou(face_box, box) > 0.3 or (face_box[0] <= cx <= face_box[2] and face_box[1] <= cy <= face_box[3])
 
 
 def _union_bbox(regions) -> tuple[int, int, int, int]:

@@ -1,0 +1,116 @@
+"""SIDeR morph backend and evaluators, pure parts (no dlib, no Ray): Procrustes geometry, the
+piecewise-affine warp, Poisson blending, LBPH, the pair metrics and the naturalness measures."""
+
+import numpy as np
+import pytest
+from skimage import data
+
+from serving.sider import evaluation as E
+from serving.sider import morph as M
+
+
+def _shape(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(30, 120, (68, 2))
+
+
+def _rotate(points, angle, scale, shift):
+    c, s = np.cos(angle), np.sin(angle)
+    return scale * points @ np.array([[c, -s], [s, c]]).T + shift
+
+
+def test_procrustes_ignores_position_scale_rotation():
+    a = _shape()
+    assert M.procrustes_distance(a, _rotate(a, 0.4, 1.7, [12, -5])) == pytest.approx(0.0, abs=1e-9)
+    b = _shape(1)
+    assert M.procrustes_distance(a, b) > 0.3
+    fitted = M.similarity_fit(_rotate(a, -0.3, 0.5, [3, 3]), a)
+    assert np.allclose(fitted, a, atol=1e-8)
+
+
+def test_target_shape_moves_each_component_by_its_fraction():
+    a, b = _shape(), _shape(1)
+    t = M.target_shape(a, b, {"mouth": 0.5, "jaw": 1.0})
+    mouth, jaw, eyes = list(M.COMPONENTS["mouth"]), list(M.COMPONENTS["jaw"]), list(M.COMPONENTS["eyes"])
+    assert np.allclose(t[mouth], (a[mouth] + b[mouth]) / 2)
+    assert np.allclose(t[jaw], b[jaw]) and np.allclose(t[eyes], a[eyes])
+    assert sorted(i for idx in M.COMPONENTS.values() for i in idx) == list(range(68))
+
+
+def test_piecewise_affine_map_identity_translation_and_fold():
+    h, w = 90, 110
+    pts = np.array([[30, 30], [80, 30], [55, 60], [40, 70], [70, 72]], float)
+    ident = M.piecewise_affine_map(pts, pts, h, w)
+    yy, xx = np.mgrid[0:h, 0:w]
+    assert np.allclose(ident[0], yy, atol=1e-6) and np.allclose(ident[1], xx, atol=1e-6)
+    moved = M.piecewise_affine_map(pts, pts + [3, 0], h, w)       # points move 3 px right
+    # a pixel at a moved landmark samples the source 3 px to its left; the border stays pinned
+    assert moved[1][60, 58] == pytest.approx(55, abs=0.6)
+    assert np.allclose(moved[:, 0, :], ident[:, 0, :]) and np.allclose(moved[:, :, -1], ident[:, :, -1])
+    folded = pts.copy()
+    folded[[0, 1]] = folded[[1, 0]]                                 # two landmarks swap places: a fold
+    assert M.piecewise_affine_map(pts, folded, h, w) is None
+
+
+def test_poisson_blend_takes_features_not_colour():
+    base = data.astronaut()[100:200, 150:250].astype(np.float64)
+    weight = np.zeros(base.shape[:2])
+    weight[20:80, 20:80] = 1.0
+    assert np.allclose(M.poisson_blend(base, base + 40.0, weight), base, atol=1e-6)   # a tint is dropped
+    assert np.allclose(M.poisson_blend(base, base * 0 + 7, np.zeros_like(weight)), base)
+    other = data.astronaut()[300:400, 300:400].astype(np.float64)
+    blended = M.poisson_blend(base, other, weight)
+    inner = (slice(30, 70), slice(30, 70))
+    # inside, the blend carries the source's structure (its gradients)...
+    grad = lambda x: np.diff(x[inner].mean(-1), axis=1)               # noqa: E731
+    assert np.corrcoef(grad(blended).ravel(), grad(other).ravel())[0, 1] > 0.9
+    # ...and the border keeps the base's values
+    assert np.allclose(blended[0], base[0]) and np.allclose(blended[:, -1], base[:, -1])
+
+
+def test_hull_mask_is_inside_the_points():
+    pts = np.array([[20, 20], [60, 20], [60, 50], [20, 50]], float)
+    hard = M.hull_mask(pts, 70, 80, 0)
+    assert hard[35, 40] == 1 and hard[5, 5] == 0 and hard.sum() == pytest.approx(41 * 31, rel=0.1)
+    soft = M.hull_mask(pts, 70, 80, 4)
+    assert 0 < soft[22, 40] < 1 and soft[35, 40] == pytest.approx(1, abs=0.05) and soft[5, 5] == 0
+
+
+def test_lbph_matcher_tells_faces_apart():
+    lbph = E.LbphMatcher()
+    astro = data.astronaut()[60:210, 160:310]
+    rng = np.random.default_rng(0)
+    noisy = np.clip(astro + rng.normal(0, 4, astro.shape), 0, 255).astype(np.uint8)
+    other = data.coffee()[100:250, 200:350]
+    fa, fn, fo = lbph.features(astro), lbph.features(noisy), lbph.features(other)
+    assert lbph.distance(fa, fa) == 0.0
+    assert lbph.distance(fa, fn) < lbph.distance(fa, fo)
+    assert fa.shape == (8 * 8 * 59,) and np.allclose(fa.reshape(64, 59).sum(1), 1.0)
+
+
+def test_pair_metrics():
+    impostor = np.linspace(0.6, 1.6, 100)
+    t = E.threshold_at_far(impostor, 0.01)
+    assert E.far_at(impostor, t) <= 0.01 and E.far_at(impostor, t + 0.02) > 0.01
+    assert E.tar_at([0.3, 0.5, 0.7, 0.9], 0.6) == 0.5
+    assert np.isnan(E.tar_at([], 0.6))
+    assert E.rank1(np.array([0.5, 0.2, 0.9]), ["a", "b", "c"], "b")
+    assert not E.rank1(np.array([0.5, 0.2, 0.9]), ["a", "b", "c"], "a")
+
+
+def test_naturalness_measures():
+    face = data.astronaut()[60:210, 160:310]
+    assert E.gradient_ssim(face, np.clip(face.astype(int) + 30, 0, 255).astype(np.uint8)) > 0.95  # colour-blind
+    rng = np.random.default_rng(1)
+    speckled = np.clip(face + rng.normal(0, 20, face.shape), 0, 255).astype(np.uint8)
+    assert E.noise_energy(speckled) > 2 * E.noise_energy(face)
+    assert E.gradient_ssim(face, speckled) < 0.7
+    stats = E.colour_stats(face)
+    assert len(stats["mean"]) == 3 and all(s > 0 for s in stats["std"])
+    assert E.landmark_distance(_shape(), _shape()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_onnx_evaluator_says_what_it_needs(tmp_path):
+    from edgeray.errors import UserError
+    with pytest.raises(UserError, match="onnxruntime|not a file"):
+        E.OnnxMatcher(tmp_path / "missing.onnx")
