@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgeray.config import param, section
-from edgeray.errors import UserError
 from rl.envs.crp import CRPEnvSection
-from rl.loop import LoopSection
+from rl.leed.config import TrainSection  # independent PPO: the same settings as LEED's (set in configs/crp*.yaml)
 
 CRP_METHODS = ("rl-crp", "rl-no-crp")
 
@@ -21,26 +20,6 @@ CRP_METHODS = ("rl-crp", "rl-no-crp")
 class PolicySection:
     """Each edge server's network (pipelines/selection/crp_policy.py): one per server, no sharing."""
     hidden: list[int] = param([64, 64], "hidden layer sizes of the per-client encoder")
-
-
-@dataclass
-class TrainSection(LoopSection):
-    """Independent PPO per edge server (plus the loop's seed, stop_iters, checkpoint_every, torch_threads)."""
-    env_steps_per_iter: int = param(1200, "env steps per iteration (train_batch_size_per_learner); a round is "
-                                    "k steps", ge=32)
-    minibatch_size: int = param(300, "PPO minibatch size", ge=8)
-    num_epochs: int = param(4, "PPO epochs per iteration", ge=1)
-    lr: float = param(5e-4, "learning rate", gt=0)
-    gamma: float = param(0.95, "discount per pick step", gt=0, le=1)
-    gae_lambda: float = param(0.95, "GAE lambda", ge=0, le=1)
-    clip_param: float = param(0.2, "PPO clip", gt=0)
-    entropy_coeff: float = param(0.01, "entropy bonus", ge=0)
-    num_env_runners: int = param(0, "remote env runners (0 = sample in the driver)", ge=0)
-
-    def validate(self) -> None:
-        if self.minibatch_size > self.env_steps_per_iter:
-            raise UserError(f"train.minibatch_size={self.minibatch_size} must be <= "
-                            f"train.env_steps_per_iter={self.env_steps_per_iter}")
 
 
 @dataclass
