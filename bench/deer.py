@@ -108,8 +108,9 @@ def summarize(out: Path, complete: bool, planned: int, load_start, seeds: int) -
     from rl.deer.config import variant_of
     from rl.loop import load_run
 
-    finished = [load_run(d, ExperimentConfig, REPLAY_METHODS)
-                for d in sorted((out / "runs").iterdir()) if (d / "metrics.jsonl").is_file()]
+    # finished = its last checkpoint was written (a run killed midway is left out)
+    finished = [load_run(d, ExperimentConfig, REPLAY_METHODS) for d in sorted((out / "runs").iterdir())
+                if (d / "checkpoints" / "progress.json").is_file()]
     summary = summarize_runs(finished)
     summary["plots"] = plot_returns(finished, out)
     post = post_shift_summary(finished, random_returns=random_returns(finished))
@@ -163,15 +164,20 @@ def main() -> int:
     parser.add_argument("--budget-min", type=float, default=None, help="start no new run after this many minutes")
     parser.add_argument("--out", help="results folder (default bench/results/deer or deer-quick)")
     parser.add_argument("--summarize-only", action="store_true", help="only summarize finished runs")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed+seeds-1")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the finished runs in --out and skip the (variant, env, seed) they already cover")
     args = parser.parse_args()
     if args.seeds is not None and args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    if args.first_seed < 0:
+        parser.error("--first-seed must be >= 0")
 
     root = Path(__file__).resolve().parents[1]
     out = Path(args.out) if args.out else root / "bench" / "results" / ("deer-quick" if args.quick else "deer")
     envs = args.envs or ("ns-cartpole",)
     seeds = args.seeds or (1 if args.quick else 4)
-    jobs = plan(envs, seeds)
+    jobs = [(seed + args.first_seed, env, variant) for seed, env, variant in plan(envs, seeds)]
     load_start = list(os.getloadavg())
     steps = {env: load_config(ExperimentConfig, None, overrides(env, 0, "per", args.quick)) for env in envs}
     total = sum(steps[env].train.stop_iters * steps[env].train.env_steps_per_iter for _, env, _ in jobs)
@@ -185,9 +191,15 @@ def main() -> int:
     from edgeray.connect import connect
     from rl.cli import METHODS as RL_METHODS
 
-    if (out / "runs").exists():
+    if (out / "runs").exists() and not args.append:
         shutil.rmtree(out / "runs")
-    (out / "runs").mkdir(parents=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if args.append:  # a run counts as done when its last checkpoint was written
+        have = {d.name.rsplit("-s", 1)[0] + "-s" + d.name.rsplit("-s", 1)[1].split("-")[0]
+                for d in (out / "runs").iterdir() if (d / "checkpoints" / "progress.json").is_file()}
+        skipped = [j for j in jobs if f"{j[2]}-{j[1]}-s{j[0]}" in have]
+        jobs = [j for j in jobs if f"{j[2]}-{j[1]}-s{j[0]}" not in have]
+        print(f"append: {len(skipped)} planned runs already done, {len(jobs)} to run", flush=True)
     t0 = time.time()
     connection = connect(num_cpus=2, log_to_driver=False)
     done = 0

@@ -45,7 +45,10 @@ def test_deer_trains_two_iterations(ray_session, env):
         assert results[-1]["deer"]["change_points"] == buffer.change_steps
         assert all(r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner.has_q_snapshot()))
         learner_stats = results[-1]["learners"]["default_policy"]
-        assert "deer_doe_abs_mean" in learner_stats and learner_stats["deer_doe_abs_mean"] >= 0
+        assert "deer_doe_abs_mean" in learner_stats and "deer_doe_raw_post" in learner_stats
+        # the frozen snapshot is from the ring, taken at or before the change point, not at detection
+        (frozen_at,) = {r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner.frozen_at)}
+        assert frozen_at <= buffer.change_steps[-1] < results[-1]["env_runners"]["num_env_steps_sampled_lifetime"]
         assert results[-1]["env_runners"]["num_env_steps_sampled_lifetime"] >= 400
     finally:
         algo.stop()
