@@ -57,7 +57,7 @@ def test_diffusion_backend_protects_and_restores(tiny_weights):
     assert service.health()["backend"] == "diffusion"
     buf = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buf, format="PNG")
-    out = service.protect(buf.getvalue(), "password123", n_samples=1, gamma=0.5, seed=0, embed="chunk")
+    out = service.protect(buf.getvalue(), "otter lamp quartz 91", n_samples=1, gamma=0.5, seed=0, embed="chunk")
     sample = out["samples"][0]
     assert out["backend"] == "diffusion" and sample["ssim_face"] < 1.0
     import base64
@@ -67,7 +67,7 @@ def test_diffusion_backend_protects_and_restores(tiny_weights):
     outside = np.ones(pixels.shape[:2], bool)
     outside[top:bottom, left:right] = False
     assert np.array_equal(pixels[outside], data.astronaut()[outside])
-    restored = service.restore(protected, "password123")
+    restored = service.restore(protected, "otter lamp quartz 91")
     original = np.asarray(Image.open(io.BytesIO(base64.b64decode(restored["image_b64"]))).convert("RGB"))
     assert np.array_equal(original, data.astronaut())
 
