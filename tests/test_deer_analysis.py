@@ -58,7 +58,9 @@ def test_detection_stats_count_hits_delays_and_false_alarms():
     out = detection_stats([900, 1300, 2500, 5000], [1000, 3000], window=200, hit_steps=400)
     # 900 hits 1000 (within the change-point estimate's window); 1300 is a second alarm for it;
     # 3000 is missed (2500 is too early, 5000 too late)
-    assert out == {"hits": 1, "shifts": 2, "delays": [-100], "false_alarms": 3}
+    assert out == {"hits": 1, "shifts": 2, "delays": [-100], "declare_delays": [], "false_alarms": 3}
+    declared = detection_stats([900, 1300], [1000], window=200, hit_steps=400, declared=[2000, 2500])
+    assert declared["declare_delays"] == [1000] and declared["false_alarms"] == 1
 
 
 def test_paired_bootstrap_gain_and_interval():

@@ -85,15 +85,20 @@ def post_shift_auc(evals: list[dict], shifts: list[int], end_step: int, auc_step
     return out
 
 
-def detection_stats(detected: list[int], shifts: list[int], *, window: int, hit_steps: int) -> dict:
-    """Hits, delays and false alarms of detected change points against the true shifts."""
-    used, delays = set(), []
+def detection_stats(detected: list[int], shifts: list[int], *, window: int, hit_steps: int,
+                    declared: list[int] | None = None) -> dict:
+    """Hits, delays and false alarms of detected change points against the true shifts. `delays`:
+    estimated change point - shift; `declare_delays` (with `declared`, the env step at which each
+    change was declared): declaration step - shift."""
+    used, delays, declare_delays = set(), [], []
     for s in shifts:
         hits = [i for i, c in enumerate(detected) if s - window <= c <= s + hit_steps and i not in used]
         if hits:
             used.add(hits[0])
             delays.append(detected[hits[0]] - s)
-    return {"hits": len(delays), "shifts": len(shifts), "delays": delays,
+            if declared is not None:
+                declare_delays.append(declared[hits[0]] - s)
+    return {"hits": len(delays), "shifts": len(shifts), "delays": delays, "declare_delays": declare_delays,
             "false_alarms": len(detected) - len(used)}
 
 
@@ -319,7 +324,9 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
             key = (cfg.env.name, e["magnitude"])
             best[key] = max(best[key], float(np.mean(e["returns"])))
         detected = rows[-1].get("deer", {}).get("change_points", [])
-        per_run.append((cfg.env.name, variant_of(method, cfg), cfg.train.seed, aucs, detected, shifts, cfg))
+        declared = [next(r["env_steps"] for r in rows if c in r.get("deer", {}).get("change_points", []))
+                    for c in detected]
+        per_run.append((cfg.env.name, variant_of(method, cfg), cfg.train.seed, aucs, (detected, declared), shifts, cfg))
     scores = defaultdict(dict)  # variant -> {(env, seed): normalized mean AUC}
     detection = defaultdict(list)
     for env, variant, seed, aucs, detected, shifts, cfg in per_run:
@@ -330,8 +337,9 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
         if normed:
             scores[variant][(env, seed)] = float(np.mean(normed))
         if variant == "deer":
-            detection[env].append(detection_stats(detected, shifts, window=cfg.deer.detector.window,
-                                                  hit_steps=hit_steps or cfg.env.shift_every // 2))
+            detection[env].append(detection_stats(detected[0], shifts, window=cfg.deer.detector.window,
+                                                  hit_steps=hit_steps or cfg.env.shift_every // 2,
+                                                  declared=detected[1]))
 
     def paired(a: str, b: str) -> dict | None:
         keys = sorted(set(scores.get(a, {})) & set(scores.get(b, {})))
@@ -345,7 +353,8 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
         per_env[env] = {v: float(np.mean([x for (e, _), x in scores[v].items() if e == env]))
                         for v in VARIANTS if any(e == env for e, _ in scores.get(v, {}))}
     all_det = [d for ds in detection.values() for d in ds]
-    delays = [x for d in all_det for x in d["delays"]]
+    delays = [x for d in all_det for x in d["declare_delays"]]
+    errors = [x for d in all_det for x in d["delays"]]
     return {
         "normalized_auc": per_env,
         "deer_vs_per": paired("deer", "per"), "oracle_vs_per": paired("deer-oracle", "per"),
@@ -356,6 +365,7 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
             "hit_rate": float(sum(d["hits"] for d in all_det) / max(1, sum(d["shifts"] for d in all_det))),
             "false_alarms_per_run": float(np.mean([d["false_alarms"] for d in all_det])) if all_det else float("nan"),
             "delay_steps_median": float(np.median(delays)) if delays else float("nan"),
+            "change_point_error_median": float(np.median(errors)) if errors else float("nan"),
             "per_env": {env: {"hit_rate": float(sum(d["hits"] for d in ds) / max(1, sum(d["shifts"] for d in ds))),
                               "false_alarms_per_run": float(np.mean([d["false_alarms"] for d in ds]))}
                         for env, ds in detection.items()},
