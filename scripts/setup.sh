@@ -45,4 +45,16 @@ for asset in scripts/assets/*.sh; do
   [ -e "$asset" ] || continue
   bash "$asset" || { say "asset step $asset failed"; exit 1; }
 done
+# Prometheus (the dashboard's metric charts; tests/test_prometheus_e2e.py): Debian's package, as root only.
+if ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing prometheus (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }; } \
+      || say "apt-get install prometheus failed: edgeray runs without it (no metric charts; its test is skipped)"
+  else
+    say "prometheus is not installed (as root: apt-get install prometheus): edgeray runs without it (no metric charts)"
+  fi
+fi
 say "ready"
