@@ -39,7 +39,8 @@ log = logging.getLogger("ray.serve")
 
 
 class ProtectJson(BaseModel):
-    image_b64: str = Field(description="PNG/JPEG/WebP file, base64")
+    image_b64: str = Field(description="PNG/JPEG/WebP file, base64; at least 64x64 px, at most limits.max_side "
+                           "per side; every face in it must be protectable (else 422 unprotected_face)")
     password: str = Field(min_length=1, description="passphrase: at least crypto.min_password_bytes (12) UTF-8 "
                           "bytes and crypto.min_password_bits (40) estimated bits, NFC-normalized; only "
                           "sent in the body, never logged")
@@ -60,8 +61,8 @@ class RestoreJson(BaseModel):
 
 
 class VerifyJson(BaseModel):
-    image_a_b64: str
-    image_b_b64: str
+    image_a_b64: str = Field(description="PNG/JPEG/WebP, base64, at least 64x64 px, with a detectable face")
+    image_b_b64: str = Field(description="PNG/JPEG/WebP, base64, at least 64x64 px, with a detectable face")
 
 
 def _multipart_schema(fields: dict, files: tuple, required: tuple = ()) -> dict:
