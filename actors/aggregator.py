@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,7 @@ class AggregatorRun:
                      self.run, spec.refs, rnd, [global_ref],
                      [ClientJob(c, instructions[c], spec.population.profiles[c].resource_class,
                                 self.clock.link(rnd, c), budget_s) for c in clients],
-                     spec.pool, budget_s, settings.inflight_per_actor, settings.actor_retries)
+                     self._live_pool(), budget_s, settings.inflight_per_actor, settings.actor_retries)
                  for e, clients in sorted(by_edge.items())}
         results = self._collect_edges(rnd, calls, by_edge)
         if stranded:
@@ -195,6 +196,7 @@ class AggregatorRun:
             "clients_completed": len(reports),
             "clients_failed": len(failures),
             "actor_failures": sum(r.actor_failures for r in results),
+            "clients_by_node": dict(sorted(Counter(rep.node for rep in reports).items())),
             "clients_dropout": plan.count("dropout"),
             "clients_straggler": plan.count("straggler"),
             "conflicts": resolution.conflicts if resolution else 0,
@@ -264,6 +266,21 @@ class AggregatorRun:
                         break
                     time.sleep(0.2)
         return live
+
+    def _live_pool(self) -> dict[str, list]:
+        """The pool actors the GCS reports alive. One that is restarting with no room to start (its
+        node was lost and the others are full) would hold every call sent to it until the round's
+        timeout; a class with no live actor keeps them all, so its calls wait for a restart."""
+        from ray._private.state import actors as actor_table   # one GCS lookup per actor, ~1 ms
+
+        def alive(actor) -> bool:
+            try:
+                return actor_table(actor_id=actor._actor_id.hex()).get("State") == "ALIVE"
+            except Exception:   # the GCS did not answer: assume alive, the edge's retries cover it
+                return True
+
+        live = {cls: [a for a in actors if alive(a)] for cls, actors in self.spec.pool.items()}
+        return {cls: live[cls] or actors for cls, actors in self.spec.pool.items()}
 
     def _collect_edges(self, rnd: int, calls: dict, by_edge: dict) -> list[EdgeResult]:
         """Each edge's result; an edge that dies or overruns degrades the round instead of failing

@@ -144,7 +144,8 @@ class ClientWorker:
             store_calls += 1
         meter = exchange or MeteredExchange(None, run, cid, 0.0)
         report = ClientReport(cid, payload_bytes(update), time.perf_counter() - started, update_s, os.getpid(),
-                              store_calls, meter.calls, meter.up_bytes, meter.down_bytes, meter.wall_s)
+                              store_calls, meter.calls, meter.up_bytes, meter.down_bytes, meter.wall_s,
+                              self.node_id[:12])
         return update, report
 
     def evaluate(self, run: str, refs: RunRefs, global_params: dict, lo: int, hi: int) -> dict:

@@ -121,7 +121,11 @@ class FLRun:
         self.refs = RunRefs(binding=ray.put(RunBinding(strategy, prepared.task, cfg.seed)),
                             train=ray.put({"x": data.x_train, "y": data.y_train}),
                             test=ray.put({"x": data.x_test, "y": data.y_test}), partition=ray.put(parts))
-        self.store = ClientStateStore.options(name=self.run, namespace=NAMESPACE).remote()
+        # The store and the aggregator stay on the driver's node: a lost worker node takes neither
+        # the clients' state nor the global weights with it.
+        on_this_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.store = ClientStateStore.options(name=self.run, namespace=NAMESPACE,
+                                              scheduling_strategy=on_this_node).remote()
 
         def named(kind: str) -> dict:
             return warm_options(fingerprint, kind) if warm else {}
@@ -141,8 +145,7 @@ class FLRun:
                           for e in range(cfg.runtime.num_edge_servers)]
             node = ray.get_runtime_context().get_node_id()
             self.aggregator_actor = AggregatorActor.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                **named(f"aggregator-{node[:12]}")).remote(idle_exit_s=idle_exit_s)
+                scheduling_strategy=on_this_node, **named(f"aggregator-{node[:12]}")).remote(idle_exit_s=idle_exit_s)
             return [a.pid.remote() for a in (*self.clients(), *self.edges, self.aggregator_actor)]
 
         for attempt in (1, 2):

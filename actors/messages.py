@@ -96,6 +96,7 @@ class ClientReport:
     exchange_up_bytes: int = 0       # their requests, metered on the exact objects sent
     exchange_down_bytes: int = 0     # their replies
     exchange_wall_s: float = 0.0     # wall time waiting for them
+    node: str = ""                   # the Ray node that trained it (first 12 hex digits of its id)
 
 
 @dataclass(frozen=True)

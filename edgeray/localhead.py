@@ -90,3 +90,61 @@ class LocalHead:
                 pass
         # Ray's daemons may have left the process group: end whatever names our temp dir.
         subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
+
+
+class LocalNode:
+    """A second Ray node on this machine (``ray start --address``), with its own resources, ports and
+    temp dir: what a worker machine of a cluster is, for tests and for trying a cluster on a laptop.
+    ``kill()`` ends its raylet with SIGKILL, as a lost machine would; ``stop()`` ends whatever is left.
+    """
+
+    def __init__(self, head: LocalHead, *, num_cpus: int, node_manager_port: int, object_manager_port: int,
+                 metrics_port: int, agent_port: int, min_worker_port: int, max_worker_port: int,
+                 resources: dict | None = None):
+        self.head, self.num_cpus, self.resources = head, num_cpus, resources or {}
+        self.ports = dict(node_manager_port=node_manager_port, object_manager_port=object_manager_port,
+                          metrics_export_port=metrics_port, dashboard_agent_listen_port=agent_port,
+                          min_worker_port=min_worker_port, max_worker_port=max_worker_port)
+        self.temp_dir = tempfile.mkdtemp(prefix="ern-", dir="/tmp")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> "LocalNode":
+        import json
+
+        ray = str(Path(sys.executable).with_name("ray"))
+        cmd = [ray, "start", "--block", f"--address=127.0.0.1:{self.head.gcs_port}", f"--num-cpus={self.num_cpus}",
+               f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+               *[f"--{name.replace('_', '-')}={port}" for name, port in self.ports.items()]]
+        if self.resources:
+            cmd.append(f"--resources={json.dumps(self.resources)}")
+        log = open(Path(self.temp_dir) / "ray-start.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=client_env())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (Path(self.temp_dir) / "ray-start.log").read_text()[-2000:]
+                raise UserError(f"ray start --address exited with {self.proc.returncode}: "
+                                f"{tail.strip().splitlines()[-1]}")
+            if "Ray runtime started" in (Path(self.temp_dir) / "ray-start.log").read_text():  # registered
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise UserError(f"the Ray node did not start within {timeout_s:.0f}s")
+
+    def raylet_pids(self) -> list[int]:
+        found = subprocess.run(["pgrep", "-f", f"raylet.*{self.temp_dir}"], capture_output=True, text=True)
+        return [int(p) for p in found.stdout.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the raylet: the node is gone for the cluster, its workers die with it."""
+        for pid in self.raylet_pids():
+            os.kill(pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
