@@ -1,29 +1,37 @@
-"""Benchmark: SVD (steering-vector decoding, arXiv 2509.15888) against its baselines.
+"""Benchmark: SVD (steering-vector decoding, arXiv 2509.15888) against its PEFT warm start on
+real multiple-choice benchmarks, SmolLM2-135M-Instruct on CPU.
 
-For each of three multiple-choice tasks generated in code (serving/svd/mctasks.py: compare,
-parity, addition; fixed seeds, >= 500 test items each in the full run):
-  1. warm-start a LoRA adapter on the train split and calibrate mu_bar on the calib split, with
-     the very function the Serve deployment runs as a Ray task (`run_warm_start`);
-  2. score every test item's options by summed log-probability under four decoders, all from
-     ONE mixed-adapter forward per batch: base (p_theta), warm-start (p_phi), warm-start + min-p
-     0.1 (the confidence mask alone, mu = 0), warm-start + SVD (mu_bar, alpha 0.1, lambda = -inf);
-     the prediction is the best option (an option with a masked token scores -inf; when every
-     option is masked the warm-start choice stands);
-  3. accuracy with a percentile bootstrap interval, and paired bootstrap intervals of
-     SVD - warm-start and SVD - min-p.
-Then decode tokens/s of plain (adapted model, one pass) vs SVD decoding (one pass over doubled
-rows) in the same process, greedy, fixed length, batch 1 and 4, alternated and repeated.
+Data: the validation splits that scripts/assets/mc_data.sh extracts (serving/svd/mcdata.py),
+each cut with a fixed seed into warm-start train / calibration / test. Per warm-start method
+(prompt tuning, LoRA, IA3) and seed:
+  1. ONE adapter is warm-started on the union of the benchmarks' train splits (OUR CUT: the
+     paper warm-starts one adapter per task; a shared adapter costs one training run instead of
+     one per benchmark), with the very functions the Serve task runs (`make_peft_model`,
+     `warm_start`);
+  2. at each checkpoint of the warm-start step sweep, mu_bar is calibrated PER BENCHMARK on its
+     calibration split (`calibrate`: every estimator with its sign; the ratio form of Eq. 46 is
+     the default; EOS and whitespace-only tokens left out);
+  3. every test item is scored under base / warm start / warm start + SVD (one decoder per mu
+     estimator), cloze format (length-normalised) and, with --letter, the letter format
+     (one answer token decides; the fallbacks to the warm start are counted)
+     (serving/svd/mceval.py).
+Statistics: per item, SVD - warm start averaged over the seeds; paired bootstrap 95 % intervals
+per benchmark and for the mean over the MC benchmarks (TruthfulQA MC1/MC2 reported apart).
+Then decode tokens/s, plain vs SVD, in the same process (the LoRA adapter of the first seed).
 
-Writes bench/results/svd/{rows.jsonl,summary.json,accuracy.png}; prints one JSON line per task
-and, last, the summary line with svd_minus_warmstart_acc, svd_minus_minp_acc, decode_speed_ratio.
-`--quick` runs smaller splits and shorter decodes (< 2 min) with the same keys.
+Writes bench/results/svd/{summary.json,rows.jsonl,gain_vs_warmstart.png}; prints one JSON line
+per checkpoint and, last, the summary line (svd_minus_warmstart_acc, svd_minus_warmstart_ci_low,
+truthfulqa_mc1_gain, benchmarks_used, fallback_rate, decode_speed_ratio, ...). `--quick` runs
+a small grid (< 2 min) with the same keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -35,65 +43,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgeray.config import load_config, to_dict  # noqa: E402
-from serving.svd.decoding import DecodeRequest, SVDEngine, option_logprobs  # noqa: E402
-from serving.svd.mctasks import GENERATORS, make_task  # noqa: E402
-from serving.svd.model import SMOLLM2_GGUF, TINY, load_model, resolve_source  # noqa: E402
-from serving.svd.warmstart import TaskSpec, new_task_record, read_task, run_warm_start, write_task  # noqa: E402
+from edgeray.config import load_config  # noqa: E402
+from serving.svd.decoding import DecodeRequest, SVDEngine  # noqa: E402
+from serving.svd.mcdata import (MC_DIR, cloze_item, letter_item, load_benchmark, split_questions,  # noqa: E402
+                                truthfulqa_mc1_options)
+from serving.svd.mceval import evaluate, paired_bootstrap  # noqa: E402
+from serving.svd.model import SMOLLM2_GGUF, load_model, resolve_source  # noqa: E402
+from serving.svd.warmstart import TaskSpec, calibrate, make_peft_model, warm_start  # noqa: E402
 
-CONDITIONS = ("base", "warmstart", "minp", "svd")
-
-
-def bootstrap_interval(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def predict(scores: list[float], fallback: int) -> int:
-    if all(s == float("-inf") for s in scores):
-        return fallback
-    return int(np.argmax(scores))
-
-
-def score_task(engine: SVDEngine, task, items, alpha: float, batch_rows: int) -> dict[str, np.ndarray]:
-    """Per condition, a 0/1 correctness array over the items."""
-    tok = engine.tokenizer
-    correct = {c: [] for c in CONDITIONS}
-    batch: list = []
-
-    def flush():
-        prompts, options, owners = [], [], []
-        for index, item in batch:
-            ids = tok(item.prompt, add_special_tokens=False).input_ids
-            for option in item.options:
-                prompts.append(ids)
-                options.append(tok(option, add_special_tokens=False).input_ids)
-                owners.append(index)
-        phi, theta, targets = engine.option_logits(task, prompts, options)
-        row = 0
-        for _, item in batch:
-            n = len(item.options)
-            rows = range(row, row + n)
-            scores = {
-                "base": [option_logprobs(phi[r], theta[r], targets[r], use_base=True) for r in rows],
-                "warmstart": [option_logprobs(phi[r], theta[r], targets[r]) for r in rows],
-                "minp": [option_logprobs(phi[r], theta[r], targets[r], 0.0, alpha, "neg_inf") for r in rows],
-                "svd": [option_logprobs(phi[r], theta[r], targets[r], task.mu_bar, alpha, "neg_inf") for r in rows],
-            }
-            warm = predict(scores["warmstart"], 0)
-            for condition, values in scores.items():
-                correct[condition].append(predict(values, warm) == item.answer)
-            row += n
-        batch.clear()
-
-    for index, item in enumerate(items):
-        batch.append((index, item))
-        if sum(len(i.options) for _, i in batch) >= batch_rows:
-            flush()
-    if batch:
-        flush()
-    return {c: np.array(v, dtype=float) for c, v in correct.items()}
+FULL_BENCHMARKS = "piqa,arc_easy,sciq,siqa,openbookqa,commonsense_qa,truthfulqa"
+ALL_BENCHMARKS = "piqa,hellaswag,arc_easy,arc_challenge,boolq,sciq,siqa,openbookqa,winogrande,commonsense_qa,truthfulqa"
+DEFAULT_LR = {"prompt_tuning": 3e-2, "lora": 1e-3, "ia3": 1e-2}
+ESTIMATORS = ("ratio", "mean", "median")
+DEFAULT_DECODER = "svd:ratio"
 
 
 def decode_speed(engine: SVDEngine, task, prompts: list[list[int]], tokens: int, repeats: int) -> dict:
@@ -107,118 +69,251 @@ def decode_speed(engine: SVDEngine, task, prompts: list[list[int]], tokens: int,
             produced = sum(sum(t is not None for t in step) for step in engine.generate(requests))
             rates[mode].append(produced / (time.perf_counter() - started))
     plain, svd = statistics.median(rates["plain"]), statistics.median(rates["svd"])
-    return {"plain_tok_s": plain, "svd_tok_s": svd, "ratio": svd / plain, "raw": rates}
+    return {"plain_tok_s": plain, "svd_tok_s": svd, "ratio": svd / plain}
+
+
+def load_splits(names: list[str], n_train: int, n_calib: int, n_test: int, seed: int) -> dict:
+    splits = {}
+    for name in names:
+        questions = load_benchmark(name, ROOT / MC_DIR)
+        splits[name] = split_questions(questions, n_train, n_calib, n_test, seed)
+    return splits
+
+
+def train_examples(splits: dict, seed: int) -> list[dict]:
+    examples = [cloze_item(q).as_example() for split in splits.values() for q in split["train"]]
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def evaluate_checkpoint(peft_model, tokenizer, source: str, spec: TaskSpec, splits: dict, args, ckpt_dir: Path,
+                        task_id: str) -> dict:
+    """Calibrate per benchmark, save the adapter, score every benchmark's test split."""
+    calib = {name: calibrate(peft_model, tokenizer, spec, [cloze_item(q).as_example() for q in split["calib"]])
+             for name, split in splits.items()}
+    peft_model.save_pretrained(ckpt_dir / "adapter")
+    engine = SVDEngine(*load_model(source), model_name="bench", model_loader=lambda: load_model(source))
+    # one task in the engine; each benchmark passes its own calibrated mu values to `evaluate`
+    task = engine.load_task({"id": task_id, "peft_type": spec.peft.type, "adapter_path": str(ckpt_dir / "adapter"),
+                             "mu_bar": 0.0, "alpha": spec.alpha})
+    results = {}
+    for name, split in splits.items():
+        c = calib[name]
+        mus = {est: c[f"mu_{est}"] for est in ESTIMATORS}
+        questions = split["test"]
+        extra = {}
+        if name == "truthfulqa":
+            extra = {"mc1_options": [truthfulqa_mc1_options(q, ROOT / MC_DIR) for q in questions],
+                     "true_options": [q.true_options for q in questions]}
+        cloze = evaluate(engine, task, [cloze_item(q) for q in questions], "cloze", mus, spec.alpha,
+                         args.batch_rows, **extra)
+        results[name] = {"cloze": cloze, "calib": c}
+        if args.letter and name != "truthfulqa":
+            results[name]["letter"] = evaluate(engine, task, [letter_item(q) for q in questions], "letter", mus,
+                                               spec.alpha, args.batch_rows)
+        if name == splits_first(splits) and args.speed_task is None and spec.peft.type == "lora":
+            speed_task = dataclasses.replace(task, mu_bar=c["mu_bar"])
+            args.speed_task = (engine, speed_task, [tokenizer(cloze_item(q).prompt).input_ids for q in questions[:4]])
+    return results
+
+
+def splits_first(splits: dict) -> str:
+    return next(iter(splits))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small splits and short decodes (< 2 min)")
-    parser.add_argument("--model", default=SMOLLM2_GGUF, help=f"model source (.gguf, HF dir or {TINY!r})")
-    parser.add_argument("--tasks", default=",".join(GENERATORS), help="comma-separated MC tasks")
-    parser.add_argument("--n-train", type=int, default=None)
-    parser.add_argument("--n-calib", type=int, default=None)
-    parser.add_argument("--n-test", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=None, help="warm-start batch (default 16; 8 quick)")
+    parser.add_argument("--quick", action="store_true", help="a small grid (< 2 min), the same keys")
+    parser.add_argument("--model", default=SMOLLM2_GGUF, help="model source (.gguf or HF dir)")
+    parser.add_argument("--benchmarks", default=None, help=f"comma-separated; full run: {FULL_BENCHMARKS}; "
+                                                           f"available: {ALL_BENCHMARKS}")
+    parser.add_argument("--methods", default=None, help="comma-separated PEFT methods: prompt_tuning,lora,ia3")
+    parser.add_argument("--seeds", type=int, default=None, help="warm-start seeds (full 3)")
+    parser.add_argument("--steps", default=None, help="warm-start checkpoints in optimizer steps, e.g. 4,12")
+    parser.add_argument("--n-train", type=int, default=None, help="train questions per benchmark")
+    parser.add_argument("--n-calib", type=int, default=None, help="calibration questions per benchmark")
+    parser.add_argument("--n-test", type=int, default=None, help="test questions per benchmark")
+    parser.add_argument("--batch-size", type=int, default=8, help="warm-start batch size")
+    parser.add_argument("--batch-rows", type=int, default=32, help="rows per scoring forward")
+    parser.add_argument("--letter", action="store_true", help="also score the letter format")
     parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "svd"))
     args = parser.parse_args(argv)
-    n_train = args.n_train or (16 if args.quick else 256)
-    n_calib = args.n_calib or (8 if args.quick else 64)
-    n_test = args.n_test or (40 if args.quick else 500)
-    decode_tokens, repeats = (16, 3) if args.quick else (32, 3)
-    batch_size = args.batch_size or (8 if args.quick else 16)
+    quick = args.quick
+    names = (args.benchmarks or ("piqa,sciq,truthfulqa" if quick else FULL_BENCHMARKS)).split(",")
+    methods = (args.methods or ("prompt_tuning,lora" if quick else "prompt_tuning,lora,ia3")).split(",")
+    seeds = args.seeds or (1 if quick else 3)
+    steps = sorted(int(s) for s in (args.steps or ("2" if quick else "4,12")).split(","))
+    n_train = args.n_train or (4 if quick else 24)
+    n_calib = args.n_calib or (4 if quick else 8)
+    n_test = args.n_test or (5 if quick else 40)
+    for m in methods:
+        if m not in DEFAULT_LR:
+            parser.error(f"unknown method {m!r}; choose from {', '.join(DEFAULT_LR)}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
-    (out / "tasks").mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    load_before = os.getloadavg()
+    out.mkdir(parents=True, exist_ok=True)
+    started, load_before = time.time(), os.getloadavg()
     source = resolve_source(args.model)
+    splits = load_splits(names, n_train, n_calib, n_test, args.split_seed)
+    args.speed_task = None
 
-    rows, per_task, speed = [], {}, None
-    for name in args.tasks.split(","):
-        split = make_task(name, n_train, n_calib, n_test, seed=args.seed)
-        spec = load_config(TaskSpec, data={"calib_frac": n_calib / (n_train + n_calib),
-                                           "epochs": args.epochs, "lr": args.lr, "batch_size": batch_size,
-                                           "alpha": args.alpha, "seed": args.seed})
-        task_id = f"bench-{name}{'-quick' if args.quick else ''}"
-        examples = [item.as_example() for item in split["train"] + split["calib"]]
-        write_task(out / "tasks", task_id, new_task_record(task_id, spec, args.model, len(examples)))
-        record = run_warm_start(str(out / "tasks"), task_id, source, "float32", to_dict(spec), examples, args.threads)
-        if record["status"] != "ready":
-            raise SystemExit(f"warm-start of {name} failed: {record.get('error')}")
-        engine = SVDEngine(*load_model(source), model_name="bench")
-        task = engine.load_task(read_task(out / "tasks", task_id))
-        t0 = time.time()
-        correct = score_task(engine, task, split["test"], args.alpha, batch_rows=48)
-        score_seconds = time.time() - t0
-        result = {"task": name, "n_test": n_test, "mu_bar": task.mu_bar, "mu_median": record["mu_median"],
-                  "n_calib_tokens": record["n_calib_tokens"], "warmstart_steps": record["steps"],
-                  "train_seconds": record["train_seconds"], "score_seconds": round(score_seconds, 1)}
-        for condition, values in correct.items():
-            low, high = bootstrap_interval(values, args.bootstrap, args.seed)
-            result[f"{condition}_acc"] = float(values.mean())
-            result[f"{condition}_ci"] = [low, high]
-            rows.append({"task": name, "condition": condition, "acc": float(values.mean()), "ci": [low, high]})
-        for other in ("warmstart", "minp"):
-            diff = correct["svd"] - correct[other]
-            result[f"svd_minus_{other}"] = float(diff.mean())
-            result[f"svd_minus_{other}_ci"] = list(bootstrap_interval(diff, args.bootstrap, args.seed))
-        per_task[name] = result
-        print(json.dumps(result), flush=True)
-        if speed is None:   # decode speed once, on the first task's adapter
-            prompts = [engine.tokenizer(i.prompt).input_ids for i in split["test"][:4]]
-            speed = {f"batch{b}": decode_speed(engine, task, prompts[:b], decode_tokens, repeats) for b in (1, 4)}
-            print(json.dumps({"decode": {k: {kk: vv for kk, vv in v.items() if kk != "raw"}
-                                         for k, v in speed.items()}}), flush=True)
-        del engine
+    # runs[(method, step)][seed][benchmark] = {"cloze": ..., "letter": ..., "calib": ...}
+    runs: dict = {}
+    for method in methods:
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            model, tokenizer = load_model(source)
+            spec = load_config(TaskSpec, data={"peft": {"type": method}, "lr": DEFAULT_LR[method],
+                                               "batch_size": args.batch_size, "max_steps": steps[-1],
+                                               "epochs": 20, "alpha": args.alpha, "seed": seed})
+            peft_model = make_peft_model(model, spec.peft)
+            examples = train_examples(splits, seed)
+            t0 = time.time()
 
-    mean = lambda key: float(np.mean([r[key] for r in per_task.values()]))  # noqa: E731
-    summary = {
-        "svd_minus_warmstart_acc": mean("svd_minus_warmstart"),
-        "svd_minus_minp_acc": mean("svd_minus_minp"),
-        "decode_speed_ratio": speed["batch1"]["ratio"],
-        "decode_speed_ratio_batch4": speed["batch4"]["ratio"],
-        "plain_tok_s": speed["batch1"]["plain_tok_s"], "svd_tok_s": speed["batch1"]["svd_tok_s"],
-        **{f"{c}_acc_mean": mean(f"{c}_acc") for c in CONDITIONS},
-        "mu_bar": {name: r["mu_bar"] for name, r in per_task.items()},
-        "tasks": list(per_task), "n_test": n_test, "n_train": n_train, "n_calib": n_calib,
-        "model": args.model, "quick": args.quick, "seconds": round(time.time() - started, 1),
-        "cpu_seconds": round(time.process_time(), 1),
+            def on_step(step, pm, method=method, seed=seed, spec=spec):
+                if step not in steps:
+                    return
+                pm.eval()
+                ckpt = out / "tasks" / f"{method}-s{seed}-k{step}"
+                res = evaluate_checkpoint(pm, tokenizer, source, spec, splits, args, ckpt, ckpt.name)
+                runs.setdefault((method, step), {})[seed] = res
+                line = {"method": method, "seed": seed, "step": step, "elapsed_s": round(time.time() - t0, 1)}
+                for name, r in res.items():
+                    acc = {d: round(float(v.mean()), 4) for d, v in r["cloze"]["correct"].items()}
+                    line[name] = {"cloze": acc, "mu": {e: round(r["calib"][f"mu_{e}"], 4) for e in ESTIMATORS}}
+                print(json.dumps(line), flush=True)
+
+            stats = warm_start(peft_model, tokenizer, spec, examples, on_step=on_step)
+            print(json.dumps({"method": method, "seed": seed, "warm_start": stats}), flush=True)
+            del peft_model, model
+
+    speed = None
+    if args.speed_task is not None:
+        engine, task, prompts = args.speed_task
+        tokens, repeats = (8, 2) if quick else (24, 3)
+        speed = {f"batch{b}": decode_speed(engine, task, prompts[:b], tokens, repeats) for b in (1, 4)}
+
+    summary, rows = summarize(runs, names, methods, steps, seeds, args.bootstrap)
+    best = summary["best"]
+    mc_names = [n for n in names if n != "truthfulqa"]
+    full_grid = {"benchmarks": ALL_BENCHMARKS.split(","), "test_per_benchmark": ">= 1000 where the set allows",
+                 "methods": ["prompt_tuning", "lora", "ia3"], "seeds": 3, "warm_start": "per benchmark"}
+    result = {
+        "svd_minus_warmstart_acc": best["mean"], "svd_minus_warmstart_ci_low": best["ci"][0],
+        "svd_minus_warmstart_ci": best["ci"], "best_method": best["method"], "best_step": best["step"],
+        "truthfulqa_mc1_gain": best.get("truthfulqa_mc1"), "truthfulqa_mc2_gain": best.get("truthfulqa_mc2"),
+        "benchmarks_used": names, "fallback_rate": summary["fallback_rate"],
+        "letter_fallback_rate": summary["letter_fallback_rate"],
+        "neginf_all_masked_rate": summary["neginf_all_masked_rate"],
+        "decode_speed_ratio": speed["batch1"]["ratio"] if speed else None,
+        "decode_speed_ratio_batch4": speed["batch4"]["ratio"] if speed else None,
+        "per_method": summary["per_method"], "mu_signs": summary["mu_signs"],
+        "n_train": n_train, "n_calib": n_calib, "n_test": n_test, "methods": methods, "seeds": seeds,
+        "steps": steps, "mc_benchmarks": mc_names, "quick": quick,
+        "cut": {"issue_grid": full_grid, "ran": {"benchmarks": names, "test_per_benchmark": n_test,
+                                                 "methods": methods, "seeds": seeds,
+                                                 "warm_start": "one shared adapter over all benchmarks"},
+                "why": "a 135M forward pass runs at ~100-300 tokens/s on the shared 2-core machine"},
+        "seconds": round(time.time() - started, 1), "cpu_seconds": round(time.process_time(), 1),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "threads": args.threads,
     }
     with open(out / "rows.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "tasks": per_task, "decode": speed}, indent=1))
-    _plot(per_task, out / "accuracy.png")
-    print(json.dumps(summary), flush=True)
+    (out / "summary.json").write_text(json.dumps({"summary": result, "decode": speed}, indent=1))
+    _plot(rows, out / "gain_vs_warmstart.png")
+    print(json.dumps(result), flush=True)
     return 0
 
 
-def _plot(per_task: dict, path: Path) -> None:
+def summarize(runs: dict, names: list[str], methods: list[str], steps: list[int], seeds: int, resamples: int):
+    """Per (method, step): accuracies, SVD - warm start with paired intervals (items paired,
+    seeds averaged per item), TruthfulQA MC1/MC2 gains, fallbacks and mu signs."""
+    mc_names = [n for n in names if n != "truthfulqa"]
+    per_method, rows = {}, []
+    fallbacks = items = letter_fallbacks = letter_items = neginf = 0
+    mu_signs: dict = {}
+    for (method, step), by_seed in sorted(runs.items()):
+        entry = {"benchmarks": {}}
+        diffs = []
+        for name in names:
+            per_seed = [by_seed[s][name] for s in sorted(by_seed)]
+            cloze = [r["cloze"] for r in per_seed]
+            acc = {d: float(np.mean([c["correct"][d].mean() for c in cloze])) for d in cloze[0]["correct"]}
+            diff = np.mean([c["correct"][DEFAULT_DECODER] - c["correct"]["warmstart"] for c in cloze], axis=0)
+            bench = {"acc": acc, "svd_minus_warmstart": float(diff.mean()),
+                     "mu": {e: [r["calib"][f"mu_{e}"] for r in per_seed] for e in ESTIMATORS},
+                     "n_calib_tokens": [r["calib"]["n_calib_tokens"] for r in per_seed],
+                     "n_calib_tokens_excluded": [r["calib"]["n_calib_tokens_excluded"] for r in per_seed]}
+            for e in ESTIMATORS:
+                mu_signs.setdefault(e, {"positive": 0, "negative": 0})
+                for r in per_seed:
+                    mu_signs[e]["positive" if r["calib"][f"mu_{e}"] > 0 else "negative"] += 1
+            for c in cloze:
+                fallbacks += c["fallbacks"][DEFAULT_DECODER]
+                items += c["n"]
+                neginf += c["neginf_all_masked"] or 0
+            if name == "truthfulqa":
+                mc2 = {d: float(np.mean([c["mc2"][d].mean() for c in cloze])) for d in cloze[0]["mc2"]}
+                mc2_diff = np.mean([c["mc2"][DEFAULT_DECODER] - c["mc2"]["warmstart"] for c in cloze], axis=0)
+                bench["mc2"] = mc2
+                boot = paired_bootstrap([diff, mc2_diff], resamples)["per_benchmark"]
+                entry["truthfulqa_mc1"], entry["truthfulqa_mc1_ci"] = boot[0]["mean"], boot[0]["ci"]
+                entry["truthfulqa_mc2"], entry["truthfulqa_mc2_ci"] = boot[1]["mean"], boot[1]["ci"]
+            else:
+                diffs.append(diff)
+            if "letter" in per_seed[0]:
+                letter = [r["letter"] for r in per_seed]
+                bench["letter_acc"] = {d: float(np.mean([c["correct"][d].mean() for c in letter]))
+                                       for d in letter[0]["correct"]}
+                bench["letter_fallbacks"] = {d: sum(c["fallbacks"][d] for c in letter) for d in letter[0]["fallbacks"]}
+                letter_fallbacks += bench["letter_fallbacks"][DEFAULT_DECODER]
+                letter_items += sum(c["n"] for c in letter)
+            entry["benchmarks"][name] = bench
+            rows.append({"method": method, "step": step, "benchmark": name, "warmstart_acc": acc["warmstart"],
+                         "svd_acc": acc[DEFAULT_DECODER], "base_acc": acc["base"],
+                         "svd_minus_warmstart": float(diff.mean())})
+        if diffs:
+            boot = paired_bootstrap(diffs, resamples)
+            entry["mean"], entry["ci"] = boot["mean"]["mean"], boot["mean"]["ci"]
+            for name, b in zip(mc_names, boot["per_benchmark"]):
+                entry["benchmarks"][name]["svd_minus_warmstart_ci"] = b["ci"]
+            entry["warmstart_acc_mean"] = float(np.mean([entry["benchmarks"][n]["acc"]["warmstart"] for n in mc_names]))
+            entry["base_acc_mean"] = float(np.mean([entry["benchmarks"][n]["acc"]["base"] for n in mc_names]))
+        per_method[f"{method}@{step}"] = entry
+    final = {k: v for k, v in per_method.items() if int(k.split("@")[1]) == steps[-1] and "mean" in v}
+    pool = final or {k: v for k, v in per_method.items() if "mean" in v}
+    if pool:
+        key = max(pool, key=lambda k: pool[k]["mean"])
+        best = {"method": key.split("@")[0], "step": int(key.split("@")[1]), **pool[key]}
+        best = {k: v for k, v in best.items() if k != "benchmarks"}
+    else:
+        best = {"method": None, "step": None, "mean": None, "ci": [None, None]}
+    return ({"per_method": per_method, "best": best, "mu_signs": mu_signs,
+             "fallback_rate": fallbacks / max(items, 1),
+             "letter_fallback_rate": letter_fallbacks / letter_items if letter_items else None,
+             "neginf_all_masked_rate": neginf / max(items, 1)}, rows)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.2
-    for k, condition in enumerate(CONDITIONS):
-        xs = np.arange(len(per_task)) + (k - 1.5) * width
-        acc = [r[f"{condition}_acc"] for r in per_task.values()]
-        err = np.array([[a - r[f"{condition}_ci"][0], r[f"{condition}_ci"][1] - a]
-                        for a, r in zip(acc, per_task.values())]).T
-        ax.bar(xs, acc, width, yerr=err, capsize=2, label=condition)
-    ax.set_xticks(np.arange(len(per_task)), list(per_task))
-    ax.set_ylabel("accuracy (95% bootstrap CI)")
-    ax.set_ylim(0, 1)
-    ax.legend(ncol=4, fontsize=8, loc="lower center")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        ax.scatter([r["warmstart_acc"] for r in mine], [r["svd_minus_warmstart"] for r in mine], label=method, s=18)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("warm-start accuracy (benchmark x checkpoint)")
+    ax.set_ylabel("SVD - warm start (accuracy)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

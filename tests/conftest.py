@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-SERVE_TEST_PORT = 18123
+SERVE_TEST_PORT = int(os.environ.get("EDGERAY_SERVE_TEST_PORT", "18123"))   # another port for a parallel session
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # Ray workers inherit the environment of the first ray.init: let them import test helper modules.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)

@@ -211,3 +211,50 @@ def test_loading_a_lora_task_mid_generation_leaves_plain_rows_unadapted(trained_
     engine.load_task(read_task(tasks_dir, "lora"))       # wraps the model in a PeftModel
     got += list(steps)
     assert got == expected
+
+
+def test_a_stopped_row_leaves_the_batch_at_the_next_step():
+    engine, tok = _lora_engine()
+    task = engine.tasks["default"]
+    prompt = tok("Is 5 odd?").input_ids
+    requests = [DecodeRequest(prompt, 20, task, True, -0.7, 0.1, ignore_eos=True),
+                DecodeRequest(prompt, 20, None, ignore_eos=True)]
+    steps = engine.generate(requests)
+    for _ in range(3):
+        assert all(t is not None for t in next(steps))
+    requests[0].finish = "cancelled"                 # e.g. the client hung up
+    assert next(steps)[0] is None
+    assert engine.last_stats["finish_reason"][0] == "cancelled"
+    requests[1].finish = "stop"                      # e.g. a stop string was reached
+    assert next(steps) == [None, None]
+    with pytest.raises(StopIteration):               # nothing left: the batch ends
+        next(steps)
+
+
+def test_cancelled_warm_start_writes_nothing(tmp_path):
+    import threading
+
+    spec = load_config(TaskSpec, data={"batch_size": 4, "epochs": 3})
+    write_task(tmp_path, "gone", new_task_record("gone", spec, "tiny", 24))
+    cancel = threading.Event()
+    cancel.set()
+    assert run_warm_start(str(tmp_path), "gone", "tiny-random", "float32", to_dict(spec), _examples(),
+                          cancel=cancel)["status"] == "cancelled"
+    assert read_task(tmp_path, "gone")["status"] == "queued"     # untouched; DELETE removes the folder
+
+
+def test_json_mode_decodes_one_object():
+    import json
+
+    from serving.svd.jsonmode import JSONPrefix
+
+    engine, tok = _lora_engine()
+    request = DecodeRequest(tok("Give JSON:").input_ids, 40, None, json_mode=True)
+    ids = [t for step in engine.generate([request]) for t in step if t is not None]
+    text = tok.decode(ids)
+    assert JSONPrefix().feed(text) and text.startswith("{")
+    if request.json_state.complete:
+        assert isinstance(json.loads(text), dict)
+    for prefix, ok in [('{"a": [1, 2.5e3, true, null, {"b": "x\\"y"}]}', True), ("{}", True), (" {", False),
+                       ('{"a" 1', False), ('{"a":01', False), ('{"a":tru', True), ("[1]", False), ("{} ", False)]:
+        assert JSONPrefix().feed(prefix) is ok, prefix

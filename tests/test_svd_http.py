@@ -150,9 +150,18 @@ def test_concurrent_requests_wait_at_most_one_batch(svd_url):
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "svd": {"enabled": True}}, 400, "svd.task"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 30}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "response_format": {"type": "json_schema"}}, 400,
+     "response_format.type"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0]"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages[0].role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400,
+     "tools"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
     ("/svd/tasks", {"train": _examples(3)}, 400, None),
     ("/svd/tasks", {"train": _examples(), "peft": {"type": "bitfit"}}, 400, None),
@@ -177,3 +186,89 @@ def test_malformed_json_and_unknown_task_status(svd_url, client):
     assert httpx.get(svd_url[0] + "/svd/tasks/missing", timeout=30).status_code == 404
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x")
+
+
+def test_stop_n_logprobs_seed_and_json_mode_with_openai_client(client):
+    full = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0).choices[0].text
+    assert len(full) >= 3
+    stop = full[2:4]
+    cut = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0,
+                                              stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == full[:full.index(stop)]
+
+    many = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=1.0, seed=3, n=3,
+                                     logprobs=2)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    again = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert [c.text for c in many.choices] == [c.text for c in again.choices]     # choice i samples with seed + i
+    lp = many.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 1
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert "".join(lp.tokens).startswith(many.choices[0].text)
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=3, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert max(t.logprob for t in content[0].top_logprobs) >= content[0].logprob - 1e-4   # greedy picks the top
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, temperature=0, n=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert chunks[-1].usage.completion_tokens >= 2
+
+    import json
+
+    js = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                        max_tokens=48, temperature=0, response_format={"type": "json_object"})
+    text = js.choices[0].message.content
+    if js.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:                                        # cut by max_tokens: still a prefix of one object
+        from serving.svd.jsonmode import JSONPrefix
+
+        assert JSONPrefix().feed(text)
+
+
+def test_disconnected_stream_leaves_the_server_serving(svd_url):
+    url = svd_url[0] + "/v1/completions"
+    with httpx.stream("POST", url, json={"model": MODEL, "prompt": "long one", "max_tokens": 64, "stream": True,
+                                         "temperature": 0}, timeout=60) as resp:
+        for _ in resp.iter_lines():
+            break                                 # read one event, then hang up
+    ok = httpx.post(url, json={"model": MODEL, "prompt": "after", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_failed_task_can_be_registered_again_and_deleted(svd_url):
+    url = svd_url[0] + "/svd/tasks"
+    bad = {"name": "again", "peft": {"type": "lora", "targets": ["no_such_module"]}, "train": _examples(12)}
+    assert httpx.post(url, json=bad, timeout=30).status_code == 202
+    deadline = time.time() + 120
+    while time.time() < deadline and httpx.get(url + "/again", timeout=30).json()["status"] not in ("failed", "ready"):
+        time.sleep(0.5)
+    record = httpx.get(url + "/again", timeout=30).json()
+    assert record["status"] == "failed" and "no_such_module" in record["error"]
+    good = {"name": "again", "train": _examples(12), "batch_size": 4, "max_steps": 1}
+    resp = httpx.post(url, json=good, timeout=30)
+    assert resp.status_code == 202, resp.text                       # a failed task can be registered again
+    assert httpx.post(url, json=good, timeout=30).status_code == 409  # a live one cannot
+    gone = httpx.delete(url + "/again", timeout=30)
+    assert gone.status_code == 200 and gone.json()["deleted"]
+    assert httpx.get(url + "/again", timeout=30).status_code == 404
+    assert httpx.delete(url + "/again", timeout=30).status_code == 404
+
+
+def test_openapi_declares_request_bodies(svd_url):
+    schema = httpx.get(svd_url[0] + "/openapi.json", timeout=30).json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/svd/score"):
+        op = schema["paths"][path]["post"]
+        assert op["requestBody"]["required"] is True
+        assert {"200", "400", "404"} <= set(op["responses"])
+    fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"stop", "n", "logprobs", "seed", "max_tokens", "response_format", "svd"} <= set(fields)
+    assert "delete" in schema["paths"]["/svd/tasks/{task_id}"]

@@ -1,13 +1,25 @@
-"""The SVD Ray Serve app: an OpenAI-compatible API with steering-vector decoding.
+"""The SVD Ray Serve app: an OpenAI-compatible API with steering-vector decoding
+(arXiv 2509.15888).
 
-Routes (under the app's route prefix, e.g. /svd):
-  POST /v1/completions, /v1/chat/completions   OpenAI shapes, SSE when stream=true, plus an
-        `svd` extension object {"task", "enabled", "mu": "auto" | float, "alpha"}; the
-        response carries "svd": {"task", "mu", "alpha", "mean_masked_vocab"}
+Routes (under the app's route prefix, e.g. /svd); request bodies are pydantic models, so
+/openapi.json declares them, and an unknown field is a 400 naming it:
+  POST /v1/completions, /v1/chat/completions   OpenAI shapes: stop, n, logprobs / top_logprobs,
+        seed, max_tokens, response_format {"type": "json_object"}, stream (SSE, with
+        stream_options.include_usage), plus an `svd` extension object {"task", "enabled",
+        "mu": "auto" | float, "alpha"}; the response carries "svd": {"task", "mu", "alpha",
+        "mean_masked_vocab"}
   GET  /v1/models                              the base model and every ready task
-  POST /svd/tasks                              register + warm-start a task (Ray task) -> 202
-  GET  /svd/tasks, /svd/tasks/{id}             status, mu_bar, calibration statistics
+  POST /svd/tasks                              register + warm-start a task -> 202 (a Ray task when
+        the cluster has a free CPU, else a thread of this replica: `serve.task_placement`); a
+        failed or cancelled task may be registered again
+  GET  /svd/tasks, /svd/tasks/{id}             status, mu_bar (+ every estimator), and for a queued
+        task why it waits (position, CPUs needed / free)
+  DELETE /svd/tasks/{id}                       cancel a warm start and delete the task
   POST /svd/score                              log-probability of multiple-choice options
+
+Requests share decode steps through `@serve.batch` (a request arriving mid-batch waits for that
+batch); a request whose client goes away, or that reaches a stop string, leaves its batch at the
+next decode step. NOT continuous batching: rows do not join a running batch.
 
 Run: `serve run serving.svd.app:app_builder config=configs/svd.yaml [model.source=tiny-random ...]`
 (`app_builder` takes a dict: "config" is a YAML path, every other key a dotted override).
@@ -18,16 +30,19 @@ anything wrong in a request; a 5xx means a server fault.
 # No `from __future__ import annotations`: FastAPI must see the real `Request` annotation.
 import asyncio
 import json
+import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,7 +53,7 @@ from serving.svd.decoding import DecodeRequest, SVDEngine, option_logprobs
 from serving.svd.model import load_model, resolve_source
 from serving.svd.steering import SamplingParams
 from serving.svd.warmstart import (list_tasks, new_task_record, parse_task_request, read_task, run_warm_start,
-                                   write_task)
+                                   task_path, write_task)
 
 
 class APIError(Exception):
@@ -67,11 +82,32 @@ async def _user_error(_, exc: UserError):
     return error_response(400, str(exc))
 
 
+def _param(loc) -> str | None:
+    """A pydantic error location as an OpenAI `param`: messages[0].role, svd.mu, stop, ...
+    (union-member tags such as 'str' or 'list[str]' are dropped)."""
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).isidentifier() and str(part) not in ("str", "int", "float", "bool", "list", "dict"):
+            out += ("." if out else "") + str(part)
+        else:
+            break
+    return out or None
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_, exc: RequestValidationError):
     first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)
+    where = _param(first.get("loc", ()))
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        message = "this field is not supported by this server"
+    elif first.get("type") == "missing":
+        message = "this field is required"
+    return error_response(400, f"{where or 'body'}: {message}", where)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -84,28 +120,101 @@ async def _server_error(_, exc: Exception):
     return error_response(500, f"internal error: {type(exc).__name__}")
 
 
+# ----------------------------------------------------------------------------- request bodies
+# Declared as pydantic models (as vLLM's OpenAI server does), so /openapi.json states every field;
+# an unknown field is a 400 naming it (extra="forbid"). Limits that depend on the config
+# (max_tokens, prompt length) are checked in the handler.
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SVDOptions(_Strict):
+    """The `svd` extension object."""
+
+    task: str | None = Field(None, description="task id to steer with (or use the task id as `model`)")
+    enabled: bool | None = Field(None, description="steer (default: true when a task is given)")
+    mu: Union[Literal["auto"], float] = Field("auto", description='"auto" = the task\'s calibrated mu_bar')
+    alpha: float | None = Field(None, gt=0, le=1, description="confidence-mask alpha (default: the task's)")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object"] = Field(description="json_object constrains the output to one JSON object")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _Generation(_Strict):
+    model: str = Field(min_length=1, description="the base model or a task id (GET /v1/models)")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (the default, as in the paper)")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    n: int = Field(1, ge=1, le=8, description="number of choices")
+    stop: Union[str, list[str], None] = Field(None, description="up to 4 stop strings")
+    seed: int | None = Field(None, description="sampling seed (choice i uses seed + i)")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    svd: SVDOptions | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: Union[str, list[str]] = Field(description="a string (or a list holding one string)")
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probs of each token and this many alternatives")
+    echo: bool = Field(False, description="not served: must be false")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class ScoreRequest(_Strict):
+    prompt: str
+    options: list[str] = Field(min_length=2)
+    task: str | None = None
+    model: str | None = None
+    steer: bool = True
+    mu: Union[Literal["auto"], float, None] = None
+    alpha: float | None = Field(None, gt=0, le=1)
+    mask: Literal["zero", "neg_inf"] | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {400: {"model": ErrorResponse, "description": "bad request (the message and param name the problem)"},
+          404: {"model": ErrorResponse, "description": "unknown model or task"},
+          409: {"model": ErrorResponse, "description": "task not ready, or already exists"}}
+
+
 # ----------------------------------------------------------------------------- request parsing
-
-def _number(body: dict, key: str, default, low: float, high: float, integer: bool = False):
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or float(value).is_integer())
-    if not ok or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise APIError(400, f"{key} must be {kind} between {low} and {high}, got {value!r}", key)
-    return int(value) if integer else float(value)
-
-
-@dataclass
-class Job:
-    """One parsed generation request, as it enters the batch."""
-
-    decode: DecodeRequest
-    svd: dict | None
-    stream: bool
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-
 
 async def _json_body(request: Request) -> dict:
     try:
@@ -117,8 +226,51 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
+@dataclass
+class Job:
+    """One choice of one generation request, as it enters the batch."""
+
+    decode: DecodeRequest
+    svd: dict | None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+
 def _sse(payload: Any) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class ChoiceText:
+    """Incremental detokenization of one choice with stop strings: `add(token)` returns the new
+    text that is safe to send (a suffix that could start a stop string is held back) and
+    whether a stop string was reached (the text is cut before it)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, token: int) -> tuple[str, bool]:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):          # half of a multi-byte character
+            return "", False
+        self.text = text
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = text[:min(hits)], True
+            return self.flush(), True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        safe = len(text) - hold
+        delta = text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return delta, False
+
+    def flush(self) -> str:
+        delta = self.text[self.sent:]
+        self.sent = len(self.text)
+        return delta
+
+
 
 
 @serve.deployment
@@ -140,6 +292,7 @@ class SVDServer:
         model, tokenizer = loader()
         self.engine = SVDEngine(model, tokenizer, model_cfg.name, model_loader=loader)
         self.jobs: dict[str, Any] = {}          # task id -> ObjectRef of its warm-start Ray task
+        self.local: dict[str, threading.Event] = {}   # task id -> cancel flag of an in-replica warm start
         self.created = int(time.time())
         self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
@@ -162,7 +315,21 @@ class SVDServer:
                     record.update(status="failed", error=f"warm-start task died: {type(exc).__name__}")
                     write_task(self.tasks_dir, task_id, record)
                 record = read_task(self.tasks_dir, task_id)
+        if record["status"] == "queued" and task_id in self.jobs:
+            record = {**record, "waiting": self._waiting(task_id)}
         return record
+
+    def _waiting(self, task_id: str) -> dict:
+        """Why a queued task has not started: its place among this replica's queued tasks and
+        the CPUs it needs versus those free in the cluster."""
+        import ray
+
+        queued = [r["id"] for r in list_tasks(self.tasks_dir) if r["status"] == "queued" and r["id"] in self.jobs]
+        free = ray.available_resources().get("CPU", 0.0)
+        return {"position": queued.index(task_id) + 1 if task_id in queued else None,
+                "needs_cpus": self.cfg.serve.task_num_cpus, "free_cpus": free,
+                "reason": "waiting for a free CPU in the cluster" if free < self.cfg.serve.task_num_cpus
+                else "scheduled; starting"}
 
     def _ready_task(self, task_id: str):
         record = self._task_record(task_id)
@@ -170,17 +337,10 @@ class SVDServer:
             raise APIError(409, f"task {task_id!r} is {record['status']}, not ready", "task", "task_not_ready")
         return self.engine.load_task(record)
 
-    def _resolve(self, model: Any, svd: Any):
+    def _resolve(self, model: Any, svd: SVDOptions | None):
         """(task or None, steering fields) from `model` and the `svd` extension object."""
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "model must be a non-empty string; GET /v1/models lists them", "model")
-        if svd is not None and not isinstance(svd, dict):
-            raise APIError(400, "svd must be an object {task, enabled, mu, alpha}", "svd")
-        svd = dict(svd or {})
-        unknown = set(svd) - {"task", "enabled", "mu", "alpha"}
-        if unknown:
-            raise APIError(400, f"unknown svd field(s) {sorted(unknown)}; allowed: task, enabled, mu, alpha", "svd")
-        task_id = svd.get("task")
+        svd = svd or SVDOptions()
+        task_id = svd.task
         if model != self.cfg.model.name:
             if read_task(self.tasks_dir, model) is None:
                 raise APIError(404, f"unknown model {model!r}; GET /v1/models lists them", "model",
@@ -188,22 +348,16 @@ class SVDServer:
             if task_id not in (None, model):
                 raise APIError(400, f"model {model!r} is a task; svd.task must be absent or the same", "svd.task")
             task_id = model
-        if task_id is not None and not isinstance(task_id, str):
-            raise APIError(400, "svd.task must be a string", "svd.task")
         task = self._ready_task(task_id) if task_id else None
-        enabled = svd.get("enabled", task is not None)
-        if not isinstance(enabled, bool):
-            raise APIError(400, "svd.enabled must be true or false", "svd.enabled")
+        enabled = svd.enabled if svd.enabled is not None else task is not None
         if enabled and task is None:
             raise APIError(400, "svd.enabled needs a task: set svd.task or use a task id as model", "svd.task")
-        mu = svd.get("mu", "auto")
+        mu = svd.mu
         if mu == "auto":
             mu = task.mu_bar if task else 0.0
-        elif not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and abs(mu) <= 1e6):
-            raise APIError(400, f"svd.mu must be \"auto\" or a number, got {mu!r}", "svd.mu")
-        alpha = svd.get("alpha", task.alpha if task else self.cfg.svd.alpha)
-        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha <= 1):
-            raise APIError(400, f"svd.alpha must be a number in (0, 1], got {alpha!r}", "svd.alpha")
+        elif abs(mu) > 1e6:
+            raise APIError(400, f"svd.mu must be \"auto\" or a number of size at most 1e6, got {mu!r}", "svd.mu")
+        alpha = svd.alpha if svd.alpha is not None else (task.alpha if task else self.cfg.svd.alpha)
         return task, {"enabled": enabled, "mu": float(mu), "alpha": float(alpha)}
 
     def _encode_prompt(self, text: str) -> list[int]:
@@ -215,40 +369,38 @@ class SVDServer:
                            "prompt")
         return ids
 
-    def _job(self, body: dict, prompt_ids: list[int]) -> Job:
+    def _jobs(self, body: _Generation, prompt_ids: list[int], max_tokens: int | None,
+              top_logprobs: int | None) -> list[Job]:
         limits = self.cfg.serve
-        for key, allowed in (("n", 1), ("best_of", 1)):
-            if body.get(key, allowed) not in (allowed, None):
-                raise APIError(400, f"{key} must be 1 (only one choice per request is served)", key)
-        for key in ("logprobs", "echo", "stop", "logit_bias", "tools", "functions"):
-            if body.get(key) not in (None, False, [], {}):
-                raise APIError(400, f"{key} is not supported by this server", key)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", limits.default_max_tokens, 1,
-                             limits.max_tokens_limit, integer=True)
-        sampling = SamplingParams(
-            temperature=_number(body, "temperature", limits.default_temperature, 0, 2),
-            top_p=_number(body, "top_p", 1.0, 1e-6, 1),
-            top_k=_number(body, "top_k", 0, 0, 1_000_000, integer=True),
-            seed=None if body.get("seed") is None else _number(body, "seed", 0, -2**63, 2**63 - 1, integer=True))
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise APIError(400, "stream must be true or false", "stream")
-        task, svd = self._resolve(body.get("model"), body.get("svd"))
-        decode = DecodeRequest(prompt_ids, max_tokens, task, svd["enabled"], svd["mu"] if svd["enabled"] else 0.0,
-                               svd["alpha"], sampling)
-        info = {"task": task.id, "enabled": svd["enabled"], "mu": svd["mu"], "alpha": svd["alpha"]} if task else None
-        return Job(decode, info, stream)
+        max_tokens = max_tokens if max_tokens is not None else limits.default_max_tokens
+        if max_tokens > limits.max_tokens_limit:
+            raise APIError(400, f"max_tokens must be at most {limits.max_tokens_limit}, got {max_tokens}", "max_tokens")
+        task, svd = self._resolve(body.model, body.svd)
+        jobs = []
+        for i in range(body.n):
+            sampling = SamplingParams(
+                temperature=limits.default_temperature if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                seed=None if body.seed is None else body.seed + i)
+            decode = DecodeRequest(prompt_ids, max_tokens, task, svd["enabled"],
+                                   svd["mu"] if svd["enabled"] else 0.0, svd["alpha"], sampling,
+                                   top_logprobs=top_logprobs,
+                                   json_mode=body.response_format is not None
+                                   and body.response_format.type == "json_object")
+            info = None
+            if task:
+                info = {"task": task.id, "enabled": svd["enabled"], "mu": svd["mu"], "alpha": svd["alpha"]}
+            jobs.append(Job(decode, info))
+        return jobs
 
     # ------------------------------------------------------------------ batched decoding
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=1)
     async def _generate_batch(self, jobs: list[Job]):
-        """Decode a batch in lockstep; yields, per step, one event per job: {"text": delta} while
-        it runs, {"done": ...} when it finishes, then StopIteration."""
+        """Decode a batch in lockstep; yields, per step, one event per job: {"token", "logprob",
+        "top"} while it runs, {"done", ...} when it finishes, then StopIteration."""
         steps = self.engine.generate([job.decode for job in jobs])
-        ids: list[list[int]] = [[] for _ in jobs]
-        sent = [""] * len(jobs)
         finished = [False] * len(jobs)
+        produced = [0] * len(jobs)
         while not all(finished):
             tokens = await asyncio.to_thread(next, steps, None)
             stats = self.engine.last_stats
@@ -259,115 +411,186 @@ class SVDServer:
                     continue
                 token = tokens[i] if tokens is not None else None
                 if token is not None:
-                    ids[i].append(token)
-                    text = self.engine.tokenizer.decode(ids[i], skip_special_tokens=True)
-                    if not text.endswith("\ufffd"):
-                        events.append({"text": text[len(sent[i]):]})
-                        sent[i] = text
-                        continue
-                    events.append({"text": ""})
+                    produced[i] += 1
+                    logprob = stats["logprobs"][i]
+                    events.append({"token": token, "logprob": logprob})
                     continue
                 finished[i] = True
-                text = self.engine.tokenizer.decode(ids[i], skip_special_tokens=True)
-                events.append({"done": True, "text": text[len(sent[i]):], "completion_tokens": len(ids[i]),
+                events.append({"done": True, "completion_tokens": produced[i],
                                "finish_reason": stats["finish_reason"][i] or "length",
                                "mean_masked_vocab": stats["mean_masked_vocab"][i]})
             yield events
 
-    async def _run(self, job: Job):
-        """Async generator of events for one job (through the shared batch)."""
-        async for event in self._generate_batch(job):
-            yield event
+    async def _choices(self, jobs: list[Job]):
+        """(choice index, event) from every job of a request, as they come. When the consumer
+        goes away (client disconnect, cancelled request), every unfinished job is marked
+        cancelled and leaves its batch at the next decode step."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, job: Job):
+            try:
+                async for event in self._generate_batch(job):
+                    await queue.put((i, event))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                await queue.put((i, exc))
+                return
+            await queue.put((i, None))
+
+        pumps = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
+        remaining = len(jobs)
+        try:
+            while remaining:
+                i, event = await queue.get()
+                if event is None:
+                    remaining -= 1
+                    continue
+                if isinstance(event, BaseException):
+                    raise event
+                yield i, event
+        finally:
+            for job in jobs:
+                if job.decode.finish is None:
+                    job.decode.finish = "cancelled"
+            del pumps
 
     def _svd_field(self, job: Job, done: dict | None) -> dict | None:
         if job.svd is None:
             return None
         return {**job.svd, "mean_masked_vocab": done["mean_masked_vocab"] if done else None}
 
-    async def _respond(self, job: Job, kind: str):
-        n_prompt = len(job.decode.prompt_ids)
-        created = int(time.time())
-        model = job.svd["task"] if job.svd else self.cfg.model.name
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + job.id
+    def _logprob_entry(self, kind: str, token: int, logprob) -> dict:
+        tok = self.engine.tokenizer
+        text = tok.decode([token])
+        value, alternatives = logprob
+        if kind == "chat":
+            return {"token": text, "logprob": value, "bytes": list(text.encode()),
+                    "top_logprobs": [{"token": tok.decode([a]), "logprob": lp, "bytes": list(tok.decode([a]).encode())}
+                                     for a, lp in alternatives]}
+        return {"token": text, "logprob": value, "top": {tok.decode([a]): lp for a, lp in alternatives}}
 
-        def choice(text: str, finish: str | None, delta: bool) -> dict:
+    @staticmethod
+    def _logprobs_body(kind: str, entries: list[dict], offset0: int = 0) -> dict:
+        if kind == "chat":
+            return {"content": entries}
+        offsets, at = [], offset0
+        for e in entries:
+            offsets.append(at)
+            at += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [e["top"] for e in entries], "text_offset": offsets}
+
+    async def _respond(self, jobs: list[Job], kind: str, stops: list[str], stream: bool, want_logprobs: bool,
+                       include_usage: bool):
+        n_prompt = len(jobs[0].decode.prompt_ids)
+        created = int(time.time())
+        model = jobs[0].svd["task"] if jobs[0].svd else self.cfg.model.name
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + jobs[0].id
+        texts = [ChoiceText(self.engine.tokenizer, stops) for _ in jobs]
+        logprobs: list[list[dict]] = [[] for _ in jobs]
+        done: list[dict | None] = [None] * len(jobs)
+
+        def on_event(i: int, event: dict) -> str:
+            """Text to send for this event; stops the job at a stop string."""
+            if event.get("done"):
+                done[i] = event
+                if texts[i].stopped:
+                    event["finish_reason"] = "stop"
+                return texts[i].flush()
+            if texts[i].stopped:
+                return ""
+            if want_logprobs and event["logprob"] is not None:
+                logprobs[i].append(self._logprob_entry(kind, event["token"], event["logprob"]))
+            delta, stopped = texts[i].add(event["token"])
+            if stopped or (jobs[i].decode.json_state is not None and jobs[i].decode.json_state.complete):
+                jobs[i].decode.finish = "stop"
+            return delta
+
+        def usage() -> dict:
+            completion = sum(d["completion_tokens"] for d in done if d)
+            return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
+
+        def choice(i: int, text: str, finish: str | None, delta: bool, lp: list[dict] | None) -> dict:
+            body_lp = self._logprobs_body(kind, lp) if (want_logprobs and lp is not None) else None
             if kind == "chat":
                 body = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-                return {"index": 0, ("delta" if delta else "message"): body, "finish_reason": finish,
-                        "logprobs": None}
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                return {"index": i, ("delta" if delta else "message"): body, "finish_reason": finish,
+                        "logprobs": body_lp}
+            return {"index": i, "text": text, "finish_reason": finish, "logprobs": body_lp}
 
-        if not job.stream:
-            text, done = "", None
-            async for event in self._run(job):
-                text += event["text"]
-                if event.get("done"):
-                    done = event
-            usage = {"prompt_tokens": n_prompt, "completion_tokens": done["completion_tokens"],
-                     "total_tokens": n_prompt + done["completion_tokens"]}
+        if not stream:
+            parts = [""] * len(jobs)
+            async for i, event in self._choices(jobs):
+                parts[i] += on_event(i, event)
             out = {"id": rid, "object": obj, "created": created, "model": model,
-                   "choices": [choice(text, done["finish_reason"], False)], "usage": usage}
-            if job.svd:
-                out["svd"] = self._svd_field(job, done)
+                   "choices": [choice(i, parts[i], done[i]["finish_reason"], False, logprobs[i])
+                               for i in range(len(jobs))], "usage": usage()}
+            if jobs[0].svd:
+                out["svd"] = self._svd_field(jobs[0], done[0])
             return JSONResponse(out)
 
         async def events():
             chunk_obj = obj + ".chunk" if kind == "chat" else obj
             base = {"id": rid, "object": chunk_obj, "created": created, "model": model}
             if kind == "chat":
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None, "logprobs": None}]})
-            async for event in self._run(job):
-                if event["text"]:
-                    yield _sse({**base, "choices": [choice(event["text"], None, True)]})
+                for i in range(len(jobs)):
+                    yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                     "finish_reason": None, "logprobs": None}]})
+            async for i, event in self._choices(jobs):
+                sent_lp = len(logprobs[i])
+                text = on_event(i, event)
+                new_lp = logprobs[i][sent_lp:]
+                if text or (want_logprobs and new_lp):
+                    yield _sse({**base, "choices": [choice(i, text, None, True, new_lp)]})
                 if event.get("done"):
-                    final = {**base, "choices": [choice("", event["finish_reason"], True)],
-                             "usage": {"prompt_tokens": n_prompt, "completion_tokens": event["completion_tokens"],
-                                       "total_tokens": n_prompt + event["completion_tokens"]}}
-                    if job.svd:
-                        final["svd"] = self._svd_field(job, event)
+                    final = {**base, "choices": [choice(i, "", event["finish_reason"], True, None)]}
+                    if jobs[i].svd:
+                        final["svd"] = self._svd_field(jobs[i], event)
                     yield _sse(final)
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": usage()})
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    # ------------------------------------------------------------------ OpenAI routes
-    @api.post("/v1/completions")
-    async def completions(self, request: Request):
-        body = await _json_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "prompt must be a string (or a list holding one string)", "prompt")
-        return await self._respond(self._job(body, self._encode_prompt(prompt)), "completion")
+    @staticmethod
+    def _stops(stop) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise APIError(400, "stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
+        return stops
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        body = await _json_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    # ------------------------------------------------------------------ OpenAI routes
+    @api.post("/v1/completions", responses=ERRORS)
+    async def completions(self, body: CompletionRequest):
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt must be a string or a list holding exactly one string", "prompt")
+            prompt = prompt[0]
+        if body.echo:
+            raise APIError(400, "echo is not supported by this server", "echo")
+        jobs = self._jobs(body, self._encode_prompt(prompt), body.max_tokens, body.logprobs)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await self._respond(jobs, "completion", self._stops(body.stop), body.stream, body.logprobs is not None,
+                                   include_usage)
+
+    @api.post("/v1/chat/completions", responses=ERRORS)
+    async def chat_completions(self, body: ChatCompletionRequest):
         clean = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise APIError(400, f"messages[{i}] must be an object with role system, user or assistant",
-                               f"messages[{i}]")
-            content = message.get("content")
-            if isinstance(content, list):   # OpenAI content parts: only text is served
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise APIError(400, f"messages[{i}].content parts must all be {{type: text, text: str}}",
-                                   f"messages[{i}].content")
-                content = "".join(p["text"] for p in content)
-            if not isinstance(content, str):
-                raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-            clean.append({"role": message["role"], "content": content})
+        for message in body.messages:
+            content = message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
+            clean.append({"role": message.role, "content": content})
         if not any(m["content"].strip() for m in clean):
             raise APIError(400, "the prompt is empty: every message has empty content", "messages")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         text = self.engine.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-        return await self._respond(self._job(body, self._encode_prompt(text)), "chat")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        jobs = self._jobs(body, self._encode_prompt(text), max_tokens,
+                          (body.top_logprobs or 0) if body.logprobs else None)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await self._respond(jobs, "chat", self._stops(body.stop), body.stream, body.logprobs, include_usage)
 
     @api.get("/v1/models")
     async def models(self):
@@ -381,7 +604,7 @@ class SVDServer:
         return {"object": "list", "data": data}
 
     # ------------------------------------------------------------------ SVD routes
-    @api.post("/svd/tasks", status_code=202)
+    @api.post("/svd/tasks", status_code=202, responses=ERRORS)
     async def create_task(self, request: Request):
         import ray
 
@@ -391,64 +614,92 @@ class SVDServer:
             raise APIError(404, f"unknown base_model {spec.base_model!r}; this server serves {self.cfg.model.name!r}",
                            "base_model", "model_not_found")
         task_id = spec.name or f"task-{uuid.uuid4().hex[:12]}"
-        if task_id == self.cfg.model.name or read_task(self.tasks_dir, task_id) is not None:
-            raise APIError(409, f"task {task_id!r} already exists", "name", "task_exists")
+        existing = read_task(self.tasks_dir, task_id)
+        if task_id == self.cfg.model.name or (existing is not None and existing["status"] not in ("failed",
+                                                                                                   "cancelled")):
+            raise APIError(409, f"task {task_id!r} already exists ({existing['status'] if existing else 'the model'}); "
+                                "DELETE /svd/tasks/{id} removes it", "name", "task_exists")
+        if existing is not None:                       # re-registering a failed or cancelled task
+            self._forget(task_id)
         record = new_task_record(task_id, spec, self.cfg.model.name, len(examples))
-        write_task(self.tasks_dir, task_id, record)
-        remote = ray.remote(num_cpus=self.cfg.serve.task_num_cpus, max_retries=0)(run_warm_start)
-        self.jobs[task_id] = remote.remote(self.tasks_dir, task_id, self.source, self.cfg.model.dtype,
-                                           to_dict(spec), examples, self.cfg.serve.num_threads)
+        free = ray.available_resources().get("CPU", 0.0)
+        args = (self.tasks_dir, task_id, self.source, self.cfg.model.dtype, to_dict(spec), examples,
+                self.cfg.serve.num_threads)
+        if self.cfg.serve.task_placement == "replica" or (self.cfg.serve.task_placement == "auto"
+                                                          and free < self.cfg.serve.task_num_cpus):
+            # no free CPU for a Ray task: train in this replica (it holds a CPU) instead of waiting
+            record["runs_in"] = "replica"
+            write_task(self.tasks_dir, task_id, record)
+            cancel = threading.Event()
+            self.local[task_id] = cancel
+            threading.Thread(target=run_warm_start, args=args, kwargs={"cancel": cancel}, daemon=True).start()
+        else:
+            record["runs_in"] = "ray_task"
+            write_task(self.tasks_dir, task_id, record)
+            remote = ray.remote(num_cpus=self.cfg.serve.task_num_cpus, max_retries=0)(run_warm_start)
+            self.jobs[task_id] = remote.remote(*args)
         status_url = str(request.url).rstrip("/") + f"/{task_id}"
-        return JSONResponse({"task": task_id, "status": "queued", "status_url": status_url}, 202,
-                            headers={"Location": status_url})
+        return JSONResponse({"task": task_id, "status": "queued", "runs_in": record["runs_in"],
+                             "status_url": status_url}, 202, headers={"Location": status_url})
+
+    def _forget(self, task_id: str) -> None:
+        """Unload a task from the engine and remove its files."""
+        self.engine.tasks.pop(task_id, None)
+        if self.engine.peft is not None and task_id in getattr(self.engine.peft, "peft_config", {}):
+            with self.engine.lock:
+                if len(self.engine.peft.peft_config) > 1:
+                    self.engine.peft.delete_adapter(task_id)
+        self.jobs.pop(task_id, None)
+        shutil.rmtree(task_path(self.tasks_dir, task_id), ignore_errors=True)
+
+    @api.delete("/svd/tasks/{task_id}", responses=ERRORS)
+    async def delete_task(self, task_id: str):
+        """Cancel a queued or running warm start and delete the task (any status)."""
+        import ray
+
+        record = self._task_record(task_id)
+        was = record["status"]
+        if task_id in self.jobs and was in ("queued", "running"):
+            ray.cancel(self.jobs[task_id], force=True)
+        if task_id in self.local:
+            self.local.pop(task_id).set()        # the in-replica warm start stops at its next step
+        self._forget(task_id)
+        return {"task": task_id, "deleted": True, "was": was}
 
     @api.get("/svd/tasks")
     async def tasks(self):
         return {"object": "list", "data": [self._public(r) for r in list_tasks(self.tasks_dir)]}
 
-    @api.get("/svd/tasks/{task_id}")
+    @api.get("/svd/tasks/{task_id}", responses=ERRORS)
     async def task(self, task_id: str):
         return self._public(self._task_record(task_id))
 
     @staticmethod
     def _public(record: dict) -> dict:
         keys = ("status", "base_model", "peft_type", "mu_bar", "mu_mean", "mu_median", "mu_ratio", "n_calib_tokens",
-                "n_train", "n_calib", "steps", "loss_first", "loss_last", "train_seconds", "alpha", "adapter_path",
-                "error", "created", "finished")
+                "n_calib_tokens_excluded", "n_train", "n_calib", "steps", "loss_first", "loss_last", "train_seconds",
+                "alpha", "adapter_path", "error", "created", "finished", "runs_in", "waiting")
         return {"task": record["id"], **{k: record[k] for k in keys if k in record}}
 
-    @api.post("/svd/score")
-    async def score(self, request: Request):
-        body = await _json_body(request)
-        unknown = set(body) - {"task", "model", "prompt", "options", "steer", "mu", "alpha", "mask"}
-        if unknown:
-            raise APIError(400, f"unknown field(s) {sorted(unknown)}; allowed: task, model, prompt, options, steer, "
-                                "mu, alpha, mask")
-        prompt, options = body.get("prompt"), body.get("options")
-        if not isinstance(prompt, str):
-            raise APIError(400, "prompt must be a string", "prompt")
-        if (not isinstance(options, list) or not 2 <= len(options) <= self.cfg.serve.max_score_options
-                or not all(isinstance(o, str) and o for o in options)):
+    @api.post("/svd/score", responses=ERRORS)
+    async def score(self, body: ScoreRequest):
+        if len(body.options) > self.cfg.serve.max_score_options or not all(body.options):
             raise APIError(400, f"options must be a list of 2 to {self.cfg.serve.max_score_options} non-empty strings",
                            "options")
-        steer = body.get("steer", True)
-        if not isinstance(steer, bool):
-            raise APIError(400, "steer must be true or false", "steer")
-        mask = body.get("mask", self.cfg.svd.score_mask)
-        if mask not in ("zero", "neg_inf"):
-            raise APIError(400, f"mask must be zero or neg_inf, got {mask!r}", "mask")
-        svd = {"enabled": steer, **{k: body[k] for k in ("task", "mu", "alpha") if k in body}}
-        task, resolved = self._resolve(body.get("model", self.cfg.model.name), svd)
-        prompt_ids = self._encode_prompt(prompt)
-        option_ids = [self.engine.tokenizer(o, add_special_tokens=False).input_ids for o in options]
-        phi, theta, targets = await asyncio.to_thread(self.engine.option_logits, task, [prompt_ids] * len(options),
+        mask = body.mask or self.cfg.svd.score_mask
+        svd = SVDOptions(task=body.task, enabled=body.steer, mu="auto" if body.mu is None else body.mu,
+                         alpha=body.alpha)
+        task, resolved = self._resolve(body.model or self.cfg.model.name, svd)
+        prompt_ids = self._encode_prompt(body.prompt)
+        option_ids = [self.engine.tokenizer(o, add_special_tokens=False).input_ids for o in body.options]
+        phi, theta, targets = await asyncio.to_thread(self.engine.option_logits, task, [prompt_ids] * len(option_ids),
                                                       option_ids)
-        mu, alpha = (resolved["mu"], resolved["alpha"]) if steer else (0.0, 0.0)
+        mu, alpha = (resolved["mu"], resolved["alpha"]) if body.steer else (0.0, 0.0)
         scores = [option_logprobs(p, t, y, mu, alpha, mask) for p, t, y in zip(phi, theta, targets)]
         best = max(range(len(scores)), key=lambda i: scores[i])
-        return {"task": task.id if task else None, "steer": steer, "mu": mu, "alpha": alpha, "mask": mask,
+        return {"task": task.id if task else None, "steer": body.steer, "mu": mu, "alpha": alpha, "mask": mask,
                 "scores": [s if s != float("-inf") else None for s in scores], "best": best,
-                "best_option": options[best]}
+                "best_option": body.options[best]}
 
 
 def app_builder(args: dict):

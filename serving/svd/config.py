@@ -48,6 +48,9 @@ class ServeSection:
     tasks_dir: str = param("runs/svd_tasks", "where tasks persist (adapter + mu_bar + task.json); "
                                             "relative paths are taken from the repo root")
     task_num_cpus: float = param(1.0, "Ray CPUs of one warm-start task", ge=0)
+    task_placement: str = param("auto", "where warm starts run: ray_task, replica (a thread of the serving "
+                                        "replica), or auto (a Ray task when the cluster has task_num_cpus free, "
+                                        "else the replica)", choices=("auto", "ray_task", "replica"))
     min_task_examples: int = param(8, "fewest train examples POST /svd/tasks accepts", ge=2)
     max_task_examples: int = param(20000, "most train examples POST /svd/tasks accepts", ge=2)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from edgeray.errors import UserError
+from serving.svd.jsonmode import JSONPrefix, constrained_choice
 from serving.svd.steering import CACHE_KEY, SamplingParams, pick_tokens, steer_logits
 
 BASE = "__base__"
@@ -53,6 +54,11 @@ class DecodeRequest:
     alpha: float = 0.1
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False          # benchmarks: always produce max_tokens tokens
+    top_logprobs: int | None = None   # record the chosen token's log-prob (+ this many alternatives)
+    json_mode: bool = False           # response_format json_object: constrained to one JSON object
+    json_state: JSONPrefix | None = None   # its recognizer (made by `generate`)
+    finish: str | None = None         # set by the caller mid-generation ("stop", "cancelled"): the
+                                      # row leaves the batch at the next step
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -218,11 +224,13 @@ class SVDEngine:
             if r.sampling.seed is not None:
                 gen = torch.Generator().manual_seed(r.sampling.seed)
             generators.append(gen)
+        for r in requests:
+            r.json_state = JSONPrefix() if r.json_mode else None
         masked_total = torch.zeros(n)
         produced = torch.zeros(n, dtype=torch.long)
         done = torch.zeros(n, dtype=torch.bool)
         finish_reason: list[str | None] = [None] * n
-        self.last_stats = {"mean_masked_vocab": [0.0] * n, "finish_reason": finish_reason}
+        self.last_stats = {"mean_masked_vocab": [0.0] * n, "finish_reason": finish_reason, "logprobs": [None] * n}
         with self.lock:
             groups = self._groups(requests)
             phi, theta = self._combine(groups, n, lambda g, idx: g.prefill([requests[i].prompt_ids for i in idx]))
@@ -235,8 +243,25 @@ class SVDEngine:
                 logits = logits.clone()
                 logits[rows] = steer_rows
             tokens = pick_tokens(logits, [r.sampling for r in requests], generators)
+            for i, r in enumerate(requests):
+                if r.json_mode and not done[i]:
+                    tokens[i] = constrained_choice(logits[i], r.json_state, self._token_text, r.sampling.temperature,
+                                                   generators[i])
+            wants = [i for i, r in enumerate(requests) if r.top_logprobs is not None and not done[i]]
+            step_logprobs = [None] * n
+            if wants:
+                logp = torch.log_softmax(logits[wants].float(), dim=-1)
+                for k, i in enumerate(wants):
+                    alternatives = []
+                    if requests[i].top_logprobs:
+                        top = torch.topk(logp[k], requests[i].top_logprobs)
+                        alternatives = list(zip(top.indices.tolist(), top.values.tolist()))
+                    step_logprobs[i] = (float(logp[k, tokens[i]]), alternatives)
+            self.last_stats["logprobs"] = step_logprobs
             out = []
             for i, r in enumerate(requests):
+                if not done[i] and r.finish:          # stopped by the caller (stop string, disconnect)
+                    done[i], finish_reason[i] = True, r.finish
                 if done[i]:
                     out.append(None)
                     continue
@@ -266,6 +291,10 @@ class SVDEngine:
                 theta = torch.empty_like(phi)
             phi[index], theta[index] = group_phi, group_theta
         return phi, theta
+
+    def _token_text(self, token: int) -> str:
+        """A token's text alone (special tokens give their literal text, which JSON mode refuses)."""
+        return self.tokenizer.decode([token])
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()

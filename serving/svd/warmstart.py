@@ -232,7 +232,11 @@ def calibrate(peft_model, tokenizer, spec: TaskSpec, calib: list[dict], batch_si
             "mu_positive_share": float((num > 0).float().mean()) if num.numel() else None}
 
 
-def train_task(model, tokenizer, spec: TaskSpec, examples: list[dict]):
+class TaskCancelled(Exception):
+    """Raised inside a warm start whose task was deleted (DELETE /svd/tasks/{id})."""
+
+
+def train_task(model, tokenizer, spec: TaskSpec, examples: list[dict], on_step=None):
     """Warm-start + calibration in memory: (peft_model, metadata)."""
     torch.manual_seed(spec.seed)
     shuffled = list(examples)
@@ -240,7 +244,7 @@ def train_task(model, tokenizer, spec: TaskSpec, examples: list[dict]):
     n_train, n_calib = split_sizes(len(shuffled), spec.calib_frac)
     peft_model = make_peft_model(model, spec.peft)
     started = time.time()
-    stats = warm_start(peft_model, tokenizer, spec, shuffled[:n_train])
+    stats = warm_start(peft_model, tokenizer, spec, shuffled[:n_train], on_step=on_step)
     calibration = calibrate(peft_model, tokenizer, spec, shuffled[n_train:])
     meta = {"n_train": n_train, "n_calib": n_calib, "train_seconds": round(time.time() - started, 2),
             **stats, **calibration}
@@ -282,22 +286,33 @@ def new_task_record(task_id: str, spec: TaskSpec, model_name: str, n_examples: i
 
 
 def run_warm_start(tasks_dir: str, task_id: str, model_source: str, dtype: str, spec_dict: dict,
-                   examples: list[dict], num_threads: int = 2) -> dict:
-    """The Ray task: load the base model, warm-start, calibrate, persist. Failures are recorded
-    in task.json (status "failed") rather than lost with the worker."""
+                   examples: list[dict], num_threads: int = 2, cancel=None) -> dict:
+    """The Ray task (or, without a free CPU, a thread of the replica): load the base model,
+    warm-start, calibrate, persist. Failures are recorded in task.json (status "failed") rather
+    than lost with the worker. `cancel` (a threading.Event) stops it at the next optimizer step
+    and nothing more is written (the task's folder has been deleted)."""
     from serving.svd.model import load_model
 
     torch.set_num_threads(num_threads)
     record = read_task(tasks_dir, task_id)
+    if record is None or (cancel is not None and cancel.is_set()):     # deleted before it started
+        return {"id": task_id, "status": "cancelled"}
     record.update(status="running", started=time.time())
     write_task(tasks_dir, task_id, record)
     try:
         spec = load_config(TaskSpec, data=spec_dict)
         model, tokenizer = load_model(model_source, dtype)
-        peft_model, meta = train_task(model, tokenizer, spec, examples)
+        def check(_step, _model):
+            if cancel is not None and cancel.is_set():
+                raise TaskCancelled(task_id)
+
+        peft_model, meta = train_task(model, tokenizer, spec, examples, on_step=check)
+        check(0, None)
         adapter_dir = task_path(tasks_dir, task_id) / "adapter"
         peft_model.save_pretrained(adapter_dir)
         record.update(status="ready", finished=time.time(), adapter_path=str(adapter_dir), **meta)
+    except TaskCancelled:
+        return {**record, "status": "cancelled"}
     except Exception as exc:  # recorded for GET /svd/tasks/{id}; the task itself stays inspectable
         record.update(status="failed", finished=time.time(), error=f"{type(exc).__name__}: {exc}"[:500])
     write_task(tasks_dir, task_id, record)
