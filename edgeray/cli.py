@@ -1,7 +1,7 @@
 """The `edgeray` command line.
 
-    edgeray main [--config FILE] [--set key=value ...]   (local head + Ray Jobs + dashboard)
-    edgeray down                                          (stop the head `main` started)
+    edgeray main [--config FILE] [--set key=value ...] [--no-serve]   (head + dashboard + Serve apps + FL job)
+    edgeray down                                          (stop what `main` started)
     edgeray run <strategy> --config FILE [--set key=value ...] [--resume RUN_DIR] [--address ADDR]
     edgeray rl <train|eval> <method> ...          (see `edgeray rl --help`)
     edgeray serve <app> ...                        (see `edgeray serve --help`)
@@ -18,8 +18,9 @@ from edgeray.errors import UserError
 USAGE = """usage: edgeray <command> ...
 
 commands:
-  main             start a local Ray head, submit the FL job through Ray Jobs, follow it (edgeray main --help)
-  down             stop the Ray head that `edgeray main` started
+  main             the service: a local Ray head with the dashboard, the Serve apps (SVD at /v1, SIDeR at
+                   /sider; --no-serve skips them), the FL job through Ray Jobs, followed (edgeray main --help)
+  down             stop what `edgeray main` started (head, Prometheus, Serve apps, jobs)
   run <strategy>   run a federated / split learning method in this process (edgeray run --help)
   rl ...           train and evaluate RLlib methods (edgeray rl --help)
   serve ...        start the Ray Serve HTTP apps (edgeray serve --help)

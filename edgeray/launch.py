@@ -214,12 +214,24 @@ def stop_head() -> int:
     if not state:
         print("no edgeray-started Ray head is running")
         return 0
+    import psutil
+
     _stop_prometheus(state)
+    try:   # the head's whole tree (GCS, raylet, dashboard, and the workers: Serve, jobs, the warm pool)
+        tree = psutil.Process(state["pid"]).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
     try:
         os.killpg(state["pid"], signal.SIGTERM)
     except ProcessLookupError:
         pass
-    time.sleep(3)
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    for proc in alive:   # a worker renames itself (ray::ServeReplica...), so only its pid finds it
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
     # Ray's daemons may have left the process group: end only what names our own temp dir.
     subprocess.run(["pkill", "-9", "-f", state["temp_dir"]], check=False)
     STATE.unlink(missing_ok=True)
@@ -347,7 +359,10 @@ def _stop_prometheus(state: dict) -> None:
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
-            pass
+            return
+        deadline = time.monotonic() + 20
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------- Ray Jobs and Serve
@@ -372,19 +387,23 @@ def _job_client(address: str):
         raise UserError(f"cannot reach the Ray Jobs API at {address}: {' '.join(str(exc).split())[:300]}") from None
 
 
-def cluster_resources(address: str) -> tuple[float, float]:
-    """(CPUs, GPUs) of the cluster behind the dashboard ``address``, from its nodes."""
-    try:
-        nodes = _get_json(f"{address}/nodes?view=summary")["data"]["summary"]
-    except (urllib.error.URLError, KeyError, ValueError) as exc:
-        raise UserError(f"cannot read the cluster's resources from {address}: {exc}") from None
-    cpus = gpus = 0.0
-    for node in nodes:
-        if node.get("raylet", {}).get("state") != "ALIVE":
-            continue
-        total = node["raylet"].get("resourcesTotal", {})
-        cpus, gpus = cpus + total.get("CPU", 0.0), gpus + total.get("GPU", 0.0)
-    return cpus, gpus
+def cluster_resources(address: str, timeout_s: float = 180.0) -> tuple[float, float]:
+    """(CPUs, GPUs) of the live nodes of the cluster behind the dashboard ``address`` (Ray's
+    state API); waits for the first node, which registers seconds after the dashboard answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            nodes = _get_json(f"{address}/api/v0/nodes?limit=1000", timeout=30)["data"]["result"]["result"]
+        except (urllib.error.URLError, KeyError, ValueError, TimeoutError) as exc:
+            raise UserError(f"cannot read the cluster's nodes from {address}: {exc}") from None
+        alive = [n for n in nodes if n.get("state") == "ALIVE"]
+        if alive or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if not alive:
+        raise UserError(f"the cluster at {address} has no live node after {timeout_s:.0f}s")
+    return (sum(n.get("resources_total", {}).get("CPU", 0.0) for n in alive),
+            sum(n.get("resources_total", {}).get("GPU", 0.0) for n in alive))
 
 
 def deploy_serve(address: str, deploy: dict, path: Path, timeout_s: float) -> dict:

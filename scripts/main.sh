@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up what is missing, start a local Ray head with the dashboard, submit FedAvg on
-# MNIST through Ray Jobs and follow it (extra args go to `edgeray main`, e.g. --set rounds=5).
+# The service: set up what is missing, then `edgeray main`: a local Ray head with the dashboard (and
+# Prometheus when installed), the Serve apps (SVD's OpenAI API at /v1, SIDeR at /sider) and FedAvg on
+# MNIST through Ray Jobs, followed to the end. Extra args go to `edgeray main` (e.g. --set rounds=5,
+# --no-serve). `edgeray down` (or .venv/bin/edgeray down) stops it all.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"

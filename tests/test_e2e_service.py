@@ -117,7 +117,8 @@ def test_main_brings_up_serve_and_the_job_then_down_stops_it(tmp_path):
                               text=True, timeout=180, env=env)
     assert down.returncode == 0 and "stopped the Ray head" in down.stdout, down.stdout + down.stderr
     assert not (tmp_path / "state" / "head.json").exists()
-    assert not any(_port_open(p) for p in (GCS, DASHBOARD, SERVE, PROMETHEUS))
+    still_open = [p for p in (GCS, DASHBOARD, SERVE, PROMETHEUS) if _port_open(p)]
+    assert not still_open, still_open
     again = subprocess.run([sys.executable, "-m", "edgeray.cli", "down"], cwd=ROOT, capture_output=True, text=True,
                            timeout=60, env=env)
     assert again.returncode == 0 and "no edgeray-started Ray head is running" in again.stdout
