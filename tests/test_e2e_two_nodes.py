@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -122,3 +123,69 @@ def test_resume_after_driver_kill_matches_uninterrupted_on_two_nodes(head, worke
     for a, b in zip(want, got):
         assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1e-6)
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
+
+
+def test_serve_app_with_a_replica_on_each_node_keeps_answering_when_one_node_dies(head, worker_node, tmp_path):
+    """SVD (tiny model) with two replicas, at most one per node, deployed with `serve deploy`: requests
+    keep being answered while the worker node's raylet is SIGKILLed."""
+    import os
+    import threading
+
+    port = 18131
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps({   # JSON is YAML
+        "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "svd-two-nodes", "route_prefix": "/", "import_path": "serving.svd.app:app_builder",
+                          "args": {"config": str(ROOT / "configs" / "svd_tiny.yaml"), "serve.num_cpus": 0.25},
+                          "deployments": [{"name": "SVDServer", "num_replicas": 2, "max_replicas_per_node": 1}]}]}))
+    serve = [str(Path(sys.executable).with_name("serve"))]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    deployed = subprocess.run([*serve, "deploy", str(config), "-a", head.dashboard_url], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stderr[-2000:]
+
+    def complete() -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
+                                         data=json.dumps({"model": "tiny", "prompt": "1 2 3", "max_tokens": 2}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except OSError:
+            return 0
+
+    def replica_nodes() -> set[str]:
+        apps = _api(head, "/api/serve/applications/")["applications"]
+        deployment = apps.get("svd-two-nodes", {}).get("deployments", {}).get("SVDServer", {})
+        return {r["node_id"] for r in deployment.get("replicas", []) if r["state"] == "RUNNING"}
+
+    try:
+        deadline = time.time() + 300
+        while len(replica_nodes()) < 2 or complete() != 200:
+            assert time.time() < deadline, f"two replicas on two nodes never ran: {replica_nodes()}"
+            time.sleep(2)
+        statuses, stop = [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                statuses.append(complete())
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        before = len(statuses)
+        worker_node.kill()
+        time.sleep(20)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        after = statuses[before:]
+        assert len(after) >= 10, f"only {len(after)} requests finished after the node died"
+        assert after.count(200) >= 0.9 * len(after), f"status counts after the kill: {sorted(set(after))}"
+        assert set(after[-10:]) == {200}                               # the survivor carries the load
+    finally:
+        subprocess.run([*serve, "shutdown", "-a", head.dashboard_url, "-y"], env=env, capture_output=True,
+                       timeout=120)
