@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import random
 import statistics
 import sys
@@ -129,6 +130,10 @@ def main(argv=None) -> int:
                                                            f"available: {ALL_BENCHMARKS}")
     parser.add_argument("--methods", default=None, help="comma-separated PEFT methods: prompt_tuning,lora,ia3")
     parser.add_argument("--seeds", type=int, default=None, help="warm-start seeds (full 3)")
+    parser.add_argument("--seed-start", type=int, default=0, help="first warm-start seed (run seeds in parallel "
+                                                                  "processes, then --summarize their outputs)")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="DIR",
+                        help="no training: build the summary from the checkpoints/ of these earlier --out dirs")
     parser.add_argument("--steps", default=None, help="warm-start checkpoints in optimizer steps, e.g. 4,12")
     parser.add_argument("--n-train", type=int, default=None, help="train questions per benchmark")
     parser.add_argument("--n-calib", type=int, default=None, help="calibration questions per benchmark")
@@ -164,8 +169,19 @@ def main(argv=None) -> int:
 
     # runs[(method, step)][seed][benchmark] = {"cloze": ..., "letter": ..., "calib": ...}
     runs: dict = {}
-    for method in methods:
-        for seed in range(seeds):
+    speed = None
+    if args.summarize:
+        for folder in args.summarize:
+            for path in sorted(Path(folder, "checkpoints").glob("*.pkl")):
+                method, seed, step = path.stem.rsplit("-", 2)
+                runs.setdefault((method, int(step[1:])), {})[int(seed[1:])] = pickle.loads(path.read_bytes())
+            if Path(folder, "checkpoints", "speed.json").is_file():
+                speed = json.loads(Path(folder, "checkpoints", "speed.json").read_text())
+        methods = sorted({m for m, _ in runs})
+        steps = sorted({s for _, s in runs})
+        seeds = max(len(v) for v in runs.values())
+    for method in ([] if args.summarize else methods):
+        for seed in range(args.seed_start, args.seed_start + seeds):
             torch.manual_seed(seed)
             model, tokenizer = load_model(source)
             spec = load_config(TaskSpec, data={"peft": {"type": method}, "lr": DEFAULT_LR[method],
@@ -182,6 +198,8 @@ def main(argv=None) -> int:
                 ckpt = out / "tasks" / f"{method}-s{seed}-k{step}"
                 res = evaluate_checkpoint(pm, tokenizer, source, spec, splits, args, ckpt, ckpt.name)
                 runs.setdefault((method, step), {})[seed] = res
+                (out / "checkpoints").mkdir(exist_ok=True)
+                (out / "checkpoints" / f"{method}-s{seed}-k{step}.pkl").write_bytes(pickle.dumps(res))
                 line = {"method": method, "seed": seed, "step": step, "elapsed_s": round(time.time() - t0, 1)}
                 for name, r in res.items():
                     acc = {d: round(float(v.mean()), 4) for d, v in r["cloze"]["correct"].items()}
@@ -192,11 +210,12 @@ def main(argv=None) -> int:
             print(json.dumps({"method": method, "seed": seed, "warm_start": stats}), flush=True)
             del peft_model, model
 
-    speed = None
     if args.speed_task is not None:
         engine, task, prompts = args.speed_task
         tokens, repeats = (8, 2) if quick else (24, 3)
         speed = {f"batch{b}": decode_speed(engine, task, prompts[:b], tokens, repeats) for b in (1, 4)}
+        (out / "checkpoints").mkdir(exist_ok=True)
+        (out / "checkpoints" / "speed.json").write_text(json.dumps(speed))
 
     summary, rows = summarize(runs, names, methods, steps, seeds, args.bootstrap)
     best = summary["best"]
