@@ -33,6 +33,37 @@ def client_env(**extra) -> dict:
     return {**os.environ, "RAY_AUTH_MODE": "token", **extra}
 
 
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def start_daemon(cmd: list[str], log_path: Path, ready, what: str, timeout_s: float,
+                 env: dict | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own (so it can be ended as a group), its output in
+    ``log_path``, and return once ``ready()`` is true. If it exits first, or is not ready within
+    ``timeout_s``, it is ended and a UserError names ``what`` and the last line of its log."""
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text().strip().splitlines()[-1:]
+            raise UserError(f"{what} exited with {proc.returncode}: {' '.join(tail)[:300]}")
+        if ready():
+            return proc
+        time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    raise UserError(f"{what} was not ready within {timeout_s:.0f}s (its log: {log_path})")
+
+
 class LocalHead:
     def __init__(self, *, gcs_port: int = 6390, dashboard_port: int = 8265, metrics_port: int = 8090,
                  client_port: int = 20201, agent_port: int = 52401, num_cpus: int | None = None,
@@ -63,23 +94,13 @@ class LocalHead:
                "--disable-usage-stats"]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        log = open(Path(self.temp_dir) / "ray-start.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=client_env(**self.extra_env))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = (Path(self.temp_dir) / "ray-start.log").read_text()[-2000:]
-                raise UserError(f"ray start --head exited with {self.proc.returncode}: {tail.strip().splitlines()[-1]}")
-            try:
-                with urllib.request.urlopen(self.dashboard_url, timeout=5) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise UserError(f"the Ray head did not answer on {self.dashboard_url} within {timeout_s:.0f}s")
+        try:
+            self.proc = start_daemon(cmd, Path(self.temp_dir) / "ray-start.log", lambda: answers(self.dashboard_url),
+                                     "ray start --head", timeout_s, client_env(**self.extra_env))
+        except UserError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -117,20 +138,14 @@ class LocalNode:
                *[f"--{name.replace('_', '-')}={port}" for name, port in self.ports.items()]]
         if self.resources:
             cmd.append(f"--resources={json.dumps(self.resources)}")
-        log = open(Path(self.temp_dir) / "ray-start.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=client_env())
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = (Path(self.temp_dir) / "ray-start.log").read_text()[-2000:]
-                raise UserError(f"ray start --address exited with {self.proc.returncode}: "
-                                f"{tail.strip().splitlines()[-1]}")
-            if "Ray runtime started" in (Path(self.temp_dir) / "ray-start.log").read_text():  # registered
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise UserError(f"the Ray node did not start within {timeout_s:.0f}s")
+        log_path = Path(self.temp_dir) / "ray-start.log"
+        try:   # "Ray runtime started" is printed once the node has registered with the head
+            self.proc = start_daemon(cmd, log_path, lambda: "Ray runtime started" in log_path.read_text(),
+                                     "ray start --address", timeout_s, client_env())
+        except UserError:
+            self.stop()
+            raise
+        return self
 
     def raylet_pids(self) -> list[int]:
         found = subprocess.run(["pgrep", "-f", f"raylet.*{self.temp_dir}"], capture_output=True, text=True)
