@@ -43,7 +43,7 @@ def round_trip(comp, a, labels=None, rnd=2, budget=None):
 
 
 COMPRESSORS = [Identity(), Quant(8), Quant(4), Quant(2), RandTopK(0.1, 0.1), ACP(), ACP(scorer="taylor"),
-               NSC(), NSC(unfold_mode="batch"), NSC(unfold_mode="spatial")]
+               NSC(), NSC(unfold_mode="batch", ef_mode="step"), NSC(unfold_mode="spatial", center=False)]
 
 
 @pytest.mark.parametrize("comp", COMPRESSORS, ids=lambda c: f"{c.name}-{getattr(c, 'bits', '')}"
@@ -74,7 +74,8 @@ def expected_bytes(comp, a, up, down):
         return 2 * k + 4 * b * k * hw, 4 * b * k * hw + (4 * k if comp.scorer == "taylor" else 0)
     m = unfold(a, comp.unfold_mode)
     r_up, r_down = up["P"].shape[1], down["P"].shape[1]
-    return 4 * r_up * sum(m.shape), 4 * r_down * sum(m.shape)
+    mean = 4 * m.shape[0] if comp.center else 0                     # the row means
+    return 4 * r_up * sum(m.shape) + mean, 4 * r_down * sum(m.shape) + mean
 
 
 @pytest.mark.parametrize("comp", COMPRESSORS, ids=lambda c: c.name)
@@ -138,6 +139,21 @@ def test_acp_taylor_scores_come_back_with_the_gradient():
     assert "taylor" in down and down["taylor"].shape == (C,)
 
 
+def test_nsc_centering_keeps_the_rank_off_the_mean():
+    """Post-ReLU activations: a large common offset plus a rank-4 signal. On the raw matrix the
+    offset alone holds 95 % of the energy (rank 1); centered, the rank is the signal's."""
+    gen = torch.Generator().manual_seed(2)
+    signal = torch.randn(C, 4, generator=gen) @ torch.randn(4, B * H * W, generator=gen)
+    a = (5.0 + 0.3 * signal).reshape(C, B, H, W).permute(1, 0, 2, 3).contiguous()
+    m = unfold(a, "channel")
+    assert energy_rank(m, 0.95) == 1 and energy_rank(m - m.mean(1, keepdim=True), 0.95) == 4
+    raw, centered = NSC(energy=0.95, center=False), NSC(energy=0.95)
+    assert raw.encode(a, {"seed": 0}, StepInfo())["P"].shape[1] == 1
+    payload = centered.encode(a, {"seed": 0}, StepInfo())
+    assert payload["P"].shape[1] == 4 and payload["mean"].shape == (C,)
+    torch.testing.assert_close(centered.decode(payload, {}, StepInfo()), a, atol=1e-3, rtol=1e-4)
+
+
 def test_nsc_recovers_an_exactly_low_rank_matrix():
     gen = torch.Generator().manual_seed(1)
     left, right = torch.randn(C, 3, generator=gen), torch.randn(3, B * H * W, generator=gen)
@@ -155,7 +171,7 @@ def test_nsc_rank_follows_the_bit_budget():
     comp, m = NSC(energy=1.0), unfold(a, "channel")
     per_rank = 32 * sum(m.shape)
     for r in (1, 4, 9):
-        payload = comp.encode(a, {"seed": 0}, StepInfo(budget_bits=r * per_rank + 8 * 512 + 1))
+        payload = comp.encode(a, {"seed": 0}, StepInfo(budget_bits=r * per_rank + 8 * 512 + 32 * C + 1))
         assert payload["P"].shape[1] == r
     state = {"seed": 0}
     comp.encode(a, state, StepInfo(budget_bits=10.0))            # below one rank: rank 1, counted
@@ -295,5 +311,6 @@ def test_nsc_rank_follows_this_rounds_link():
         _, metrics, metered = client_round(strategy, model, data, {}, link=Link(mbps, mbps))
         ranks[mbps], sizes[mbps] = metrics["nsc_rank"], max(metered)
     per_rank = 32 * (32 + 16 * 12 * 12)                              # fp32 factors of a 32 x 2304 unfolding
-    assert ranks[2.0] == (2e6 * 0.1 - 4096) // per_rank == 2 and ranks[8.0] == (8e6 * 0.1 - 4096) // per_rank == 10
+    header = 4096 + 32 * 32                                          # pickle header and the row means
+    assert ranks[2.0] == (2e6 * 0.1 - header) // per_rank == 2 and ranks[8.0] == (8e6 * 0.1 - header) // per_rank == 10
     assert sizes[8.0] > 3 * sizes[2.0]

@@ -69,7 +69,8 @@ def test_sequential_turns_give_the_same_model_on_one_or_two_actors(ray_session):
 
 @pytest.mark.parametrize("overrides", [
     ["strategy.params.mode=splitfed", "strategy.params.compressor=acp", "strategy.params.acp_warmup_rounds=1"],
-    ["strategy.params.mode=sequential", "strategy.params.compressor=nsc", "clock.link_model=rayleigh"],
+    ["strategy.params.mode=sequential", "strategy.params.compressor=nsc", "strategy.params.nsc_ef_mode=step",
+     "clock.link_model=rayleigh"],
 ], ids=["acp-splitfed", "nsc-sequential"])
 def test_resume_of_a_split_run_equals_the_uninterrupted_run(ray_session, tmp_path, overrides):
     ray = ray_session

@@ -72,11 +72,14 @@ class SplitSettings(StrategySettings):
     nsc_energy: float = param(0.95, "nsc: singular-value energy the rank must hold (eta)", gt=0, le=1)
     nsc_iters: int = param(2, "nsc: alternating orthogonal iterations per step (T)", ge=1)
     nsc_rank_max: int = param(32, "nsc: largest rank", ge=1)
-    nsc_ef_mode: str = param("step", "nsc: residual feedback: none, step (the last step's residual is added to "
-                             "the next), sample (a residual per training sample, added when it comes back)",
+    nsc_ef_mode: str = param("none", "nsc: residual feedback: none, step (the last step's residual is added to "
+                             "the next batch, other samples), sample (a residual per training sample, added when "
+                             "it comes back)",
                              choices=NSC_EF_MODES)
     nsc_unfold: str = param("channel", "nsc: matrix view of the tensor: channel C x (B*H*W), batch B x (C*H*W), "
                             "spatial (B*C) x (H*W)", choices=NSC_UNFOLDS)
     nsc_warm_start: bool = param(True, "nsc: start the iteration from the last step's basis")
+    nsc_center: bool = param(True, "nsc: send the row means of the unfolded matrix apart and choose the rank on "
+                             "the centered matrix (otherwise the mean of post-ReLU activations takes the rank)")
     turn_timeout_s: float = param(60.0, "sequential: how long a client waits for its turn before it takes over "
                                   "(its predecessor failed)", gt=0)
