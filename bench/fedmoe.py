@@ -46,6 +46,8 @@ def config(leg: str, method: str, alpha: float, seed: int, rounds: int, extra=()
     from edgeray.config import load_config
 
     file, overrides = LEGS[leg]
+    if leg == "smollm2" and method == "hfedmoe":   # E=4, top-2: the lowest default tier (0.25·4 = 1) is below top-k
+        overrides = [*overrides, "strategy.params.tiers=[0.5, 1.0]"]
     return load_config(FLConfig, ROOT / "configs" / file, [
         f"strategy.name={method}", f"rounds={rounds}", f"seed={seed}", "data.partition=dirichlet",
         f"data.alpha={alpha}", f"output_dir={OUT / 'runs'}", "runtime.warm_pool=on", "runtime.warm_idle_exit_s=120",
@@ -106,6 +108,28 @@ def edgeray_run(cfg) -> tuple[dict, list[dict]]:
     return summary, runs.read_metrics(run_dir)
 
 
+def finished_run(cfg) -> tuple[dict, list[dict]] | None:
+    """A completed run of the same config under OUT/runs (``--reuse``), or None."""
+    import yaml
+
+    from edgeray import runs
+
+    want = {"name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "strategy": cfg.strategy.name,
+            "params": cfg.strategy.params, "alpha": cfg.data.alpha, "model": cfg.model.args, "data": cfg.data.args}
+    for run_dir in sorted((OUT / "runs").glob(f"{cfg.name}-*"), reverse=True):
+        try:
+            got = yaml.safe_load((run_dir / "config.yaml").read_text())
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+        have = {"name": got["name"], "seed": got["seed"], "rounds": got["rounds"], "strategy": got["strategy"]["name"],
+                "params": got["strategy"]["params"], "alpha": got["data"]["alpha"], "model": got["model"]["args"],
+                "data": got["data"]["args"]}
+        if have == want and summary.get("final_round") == cfg.rounds:
+            return summary, runs.read_metrics(run_dir)
+    return None
+
+
 def rounds_to(rows: list[dict], target: float) -> int | None:
     return next((r["round"] for r in rows if r.get("test_accuracy") is not None and r["round"] > 0
                  and r["test_accuracy"] >= target), None)
@@ -158,6 +182,8 @@ def plots(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="topics leg only, alpha 0.1, 1 seed, 3 rounds (< 2 min)")
+    parser.add_argument("--reuse", action="store_true", help="take runs already completed under bench/results/fedmoe/"
+                        "runs with the same config (the round-time pair and the centralised targets always run)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -171,7 +197,8 @@ def main() -> None:
                [("drug", a, 0, 8) for a in (0.1, 0.5)] + [("smollm2", 0.5, 0, 2)]
         cut = ["3 seeds -> 2 on topics, 1 on drug and smollm2", "rounds 30 -> 10 (topics), 8 (drug), 2 (smollm2)",
                "smollm2: alpha 0.5 only, first 4 of 30 layers kept, seq_len 32",
-               "centralised target: same epochs as rounds, in-process, seed 0 only"]
+               "centralised target: same epochs as rounds, in-process, seed 0 only",
+               "smollm2 (E=4, top-2): HFedMoE tiers [0.5, 1.0] instead of [0.25, 0.5, 1.0]"]
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results, targets, timing = [], {}, {}
@@ -182,7 +209,9 @@ def main() -> None:
                 targets[(leg, alpha)] = max(r["test_accuracy"] for r in central)
             for method in METHODS:
                 cfg = config(leg, method, alpha, seed, rounds)
-                summary, rows = edgeray_run(cfg)
+                timed = (leg, alpha, seed, method) == (*grid[0][:3], "fedavg-moe")
+                done = finished_run(cfg) if args.reuse and not timed else None
+                summary, rows = done or edgeray_run(cfg)
                 trained = [r for r in rows if r["round"] > 0]
                 results.append({
                     "leg": leg, "alpha": alpha, "seed": seed, "method": method,
@@ -194,7 +223,7 @@ def main() -> None:
                     "budget_violations": int(sum(r.get("train_budget_violations", 0) for r in trained)),
                     "backward_expert_tokens": float(sum(r.get("train_backward_expert_tokens", 0) for r in trained)),
                     "median_round_wall_s": summary["median_round_wall_s"], "sim_time_s": summary["sim_time_s"],
-                    "rows": rows})
+                    "reused": done is not None, "rows": rows})
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "rows"}), flush=True)
             if (leg, alpha, seed) == grid[0][:3]:
                 ref = local_loop(config(leg, "fedavg-moe", alpha, seed, rounds), rounds)
