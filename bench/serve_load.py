@@ -18,7 +18,8 @@ soon as the last answered) for ``--duration`` seconds, never more than ``--max-r
 
 Per endpoint: requests/s, p50/p99 latency, errors by HTTP status and dropped connections
 (connect/read errors, timeouts); the RSS of the Serve processes (controller, proxy, replicas)
-after a warm-up and at the end. Targets (issue 20): zero 5xx and zero dropped connections at 16
+after a warm-up (one request, then one burst of ``--concurrency`` requests per endpoint: the
+working set at that concurrency; the RSS after the single request is reported too) and at the end. Targets (issue 20): zero 5xx and zero dropped connections at 16
 clients for 60 s per endpoint, RSS growth <= 10 %. Last line JSON (errors_5xx, errors_dropped,
 p99_ms_sider_verify, p99_ms_svd_completion, rss_growth_ratio, ...). ``--quick``: 10 s per
 endpoint on SVD's tiny random model, same keys, under 2 minutes. Writes
@@ -46,6 +47,7 @@ RESULTS = ROOT / "bench" / "results"
 GCS, DASHBOARD, METRICS, CLIENT, AGENT, SERVE_PORT = 6403, 8288, 8108, 20214, 52414, 18151
 FACES = ROOT / "data" / "sider_faces"
 PASSWORD = "correct horse battery staple"
+MAX_JOBS = 2000   # pending jobs the submission phase may leave on the head (each is a pending actor)
 
 
 def serve_rss_mb(head_pid: int) -> dict[str, float]:
@@ -101,6 +103,16 @@ async def hold(name: str, make_request, concurrency: int, duration_s: float, max
             "hit_max_requests": sent >= max_requests}
 
 
+async def burst(make_request, n: int) -> list[int]:
+    """``n`` requests at once, each on its own connection; their status codes."""
+    import httpx
+
+    async def one():
+        async with httpx.AsyncClient(timeout=600.0) as http:
+            return (await make_request(http)).status_code
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
 def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -148,9 +160,10 @@ def main() -> None:
         base = f"http://127.0.0.1:{SERVE_PORT}"
         model = httpx.get(f"{base}/v1/models", timeout=60).json()["data"][0]["id"]
         face_a, face_b = b64(FACES / "obama.jpg"), b64(FACES / "obama2.jpg")
-        protected = httpx.post(f"{base}/sider/protect", json={"image_b64": face_a, "password": PASSWORD, "seed": 0},
+        protected = httpx.post(f"{base}/sider/protect", json={"image_b64": face_b, "password": PASSWORD, "seed": 0},
                                timeout=600)
-        protected.raise_for_status()
+        if protected.status_code != 200:
+            raise SystemExit(f"serve_load: POST /sider/protect answered {protected.status_code}: {protected.text[:300]}")
         sample = protected.json()["samples"][0]
         restore_body = {"image_b64": sample["image_b64"], "password": PASSWORD,
                         "restore_token": sample["restore_token"]}
@@ -167,14 +180,20 @@ def main() -> None:
             "sider_restore": lambda http: http.post(f"{base}/sider/restore", json=restore_body),
             "jobs_submit": lambda http: http.post(f"{head.dashboard_url}/api/jobs/", json=job_body, headers=auth),
         }
-        # warm-up: one request per endpoint, then the baseline RSS
+        # Warm-up: one request per endpoint, then one burst of `concurrency` requests each, so the
+        # baseline RSS holds the working set at this concurrency (thread pools, allocator arenas,
+        # batches); growth after it is what the load adds.
         with httpx.Client(timeout=300) as http:
             warm = {name: make(http).status_code for name, make in phases.items() if name != "jobs_submit"}
+        rss_single = serve_rss_mb(head.proc.pid)
+        for name, make in phases.items():
+            if name != "jobs_submit":
+                asyncio.run(burst(make, args.concurrency))
         rss_start = serve_rss_mb(head.proc.pid)
         rows = []
         for name, make in phases.items():
-            row = asyncio.run(hold(name, lambda http, make=make: make(http), args.concurrency, duration,
-                                   args.max_requests))
+            bound = min(args.max_requests, MAX_JOBS) if name == "jobs_submit" else args.max_requests
+            row = asyncio.run(hold(name, lambda http, make=make: make(http), args.concurrency, duration, bound))
             row["rss_mb"] = round(sum(serve_rss_mb(head.proc.pid).values()), 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -191,6 +210,7 @@ def main() -> None:
         **{f"p50_ms_{n}": by[n]["p50_ms"] for n in phases},
         **{f"rps_{n}": by[n]["rps"] for n in phases},
         **{f"status_{n}": by[n]["status"] for n in phases},
+        "rss_after_one_request_mb": round(sum(rss_single.values()), 1),
         "rss_start_mb": round(start_total, 1), "rss_end_mb": round(end_total, 1),
         "rss_growth_ratio": round(end_total / start_total, 3) if start_total else None,
         "serve_processes": len(rss_end), "serve_cpus": {n: c for n, _, c in serve_cpu_requests(deploy)},
@@ -202,7 +222,7 @@ def main() -> None:
                + "; jobs are submitted but kept PENDING (never-scheduled resource): the API is measured, "
                  "not hundreds of FL runs",
     }
-    (RESULTS / "serve_load.json").write_text(json.dumps({"rows": rows, "rss_start": rss_start, "rss_end": rss_end,
+    (RESULTS / ("serve_load_quick.json" if args.quick else "serve_load.json")).write_text(json.dumps({"rows": rows, "rss_start": rss_start, "rss_end": rss_end,
                                                          "result": result}, indent=1))
     try:
         import matplotlib
@@ -221,7 +241,7 @@ def main() -> None:
         ax.set_title(f"{args.concurrency} clients, {duration:g} s per endpoint, load {os.getloadavg()[0]:.1f}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / "serve_load.png", dpi=120)
+        fig.savefig(RESULTS / ("serve_load_quick.png" if args.quick else "serve_load.png"), dpi=120)
     except ImportError:
         pass
     print(json.dumps(result))

@@ -452,11 +452,13 @@ def endpoint_lines(deploy: dict, apps: dict) -> list[str]:
                       f"api_key='none'); print(c.completions.create(model='{model}', "
                       f"prompt='The capital of France is', max_tokens=16).choices[0].text)\""]
         elif app["import_path"] == "serving.sider.app:app_builder":
-            face = "data/sider_faces/obama.jpg"
+            face = str(ROOT / "data" / "sider_faces" / "obama2.jpg")
             lines += [f"{app['name']}:  {base}{prefix}  (docs {base}{prefix}/docs)",
-                      f"  curl -s {base}{prefix}/protect -F image=@{face} -F 'password=correct horse battery' "
-                      f"-F seed=0 | python -m json.tool | head",
-                      f"  curl -s {base}{prefix}/verify -F image_a=@{face} -F image_b=@data/sider_faces/obama2.jpg"]
+                      f"  curl -s {base}{prefix}/protect -F image=@{face} -F 'password=correct horse battery staple' "
+                      f"-F seed=0 | python -c \"import json, sys; r = json.load(sys.stdin); "
+                      f"print({{k: v for k, v in r['samples'][0].items() if k != 'image_b64'}} if 'samples' in r else r)\"",
+                      f"  curl -s {base}{prefix}/verify -F image_a=@{face} "
+                      f"-F image_b=@{ROOT / 'data' / 'sider_faces' / 'obama.jpg'}"]
         else:
             lines += [f"{app['name']}:  {base}{prefix}/"]
     return lines

@@ -109,6 +109,10 @@ def test_main_brings_up_serve_and_the_job_then_down_stops_it(tmp_path):
         verified = json.loads(subprocess.run(verify, shell=True, cwd=ROOT, capture_output=True, text=True,
                                              timeout=300).stdout)
         assert "distance" in json.dumps(verified), verified
+        protect = next(line.strip() for line in out.splitlines() if "curl -s" in line and "/sider/protect" in line)
+        protect = protect.replace("| python -c", f"| {sys.executable} -c")
+        protected = subprocess.run(protect, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert "'restore_token'" in protected.stdout and "'identity_kept'" in protected.stdout, protected.stdout[-2000:]
         assert httpx.get(f"{base}/sider/health", timeout=30).status_code == 200
         if state.get("prometheus_url"):
             assert httpx.get(f"{state['prometheus_url']}/-/ready", timeout=10).status_code == 200
