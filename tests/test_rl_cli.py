@@ -57,4 +57,5 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
 
 def test_list_names_every_method(capsys):
     assert main(["rl", "list"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["deer", "per", "uniform", "leed", "ippo", "bc-ppo"]
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["deer", "per", "uniform", "leed", "ippo", "bc-ppo", "rl-crp", "rl-no-crp"]
