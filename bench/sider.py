@@ -1,6 +1,6 @@
 """SIDeR benchmark (arXiv 2602.04994): identity kept for machines on cross-photo pairs, changed for people.
 
-    python bench/sider.py            # full: 12 probe photos (10 identities) x 1 seed, Pareto sweep, baselines
+    python bench/sider.py            # full: 12 probe photos (11 with a detectable face, 9 identities) x 1 seed, Pareto, baselines
     python bench/sider.py --quick    # same keys: 2 probes x 1 seed, 3 search steps
 
 Data: data/sider_faces (scripts/assets/sider.sh): obama x5 (obama, obama2, obama3, two partial faces),
