@@ -21,8 +21,9 @@ Per endpoint: requests/s, p50/p99 latency, errors by HTTP status and dropped con
 after a warm-up (one request, then one burst of ``--concurrency`` requests per endpoint: the
 working set at that concurrency; the RSS after the single request is reported too) and at the end. Targets (issue 20): zero 5xx and zero dropped connections at 16
 clients for 60 s per endpoint, RSS growth <= 10 %. Last line JSON (errors_5xx, errors_dropped,
-p99_ms_sider_verify, p99_ms_svd_completion, rss_growth_ratio, ...). ``--quick``: 10 s per
-endpoint on SVD's tiny random model, same keys, under 2 minutes. Writes
+p99_ms_sider_verify, p99_ms_svd_completion, rss_growth_ratio, ...). ``--quick``: 5 s per
+endpoint on SVD's tiny random model, the RSS baseline after one request, same keys, under 2
+minutes on a quiet machine (the head and the apps take most of it). Writes
 bench/results/serve_load.json (rows) and serve_load.png.
 """
 
@@ -119,7 +120,7 @@ def b64(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10 s per endpoint, SVD's tiny model")
+    parser.add_argument("--quick", action="store_true", help="5 s per endpoint, SVD's tiny model")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, help="seconds per endpoint (default 60; --quick 10)")
     parser.add_argument("--max-requests", type=int, default=20000, help="most requests per endpoint")
@@ -127,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.concurrency < 1 or args.max_requests < 1 or (args.duration is not None and args.duration <= 0):
         parser.error("--concurrency, --max-requests and --duration must be positive")
-    duration = args.duration or (10.0 if args.quick else 60.0)
+    duration = args.duration or (5.0 if args.quick else 60.0)
     svd_config = args.svd_config or ("configs/svd_tiny.yaml" if args.quick else "configs/svd.yaml")
     for face in ("obama.jpg", "obama2.jpg"):
         if not (FACES / face).is_file():
@@ -187,7 +188,7 @@ def main() -> None:
             warm = {name: make(http).status_code for name, make in phases.items() if name != "jobs_submit"}
         rss_single = serve_rss_mb(head.proc.pid)
         for name, make in phases.items():
-            if name != "jobs_submit":
+            if name != "jobs_submit" and not args.quick:   # --quick: the baseline is after one request
                 asyncio.run(burst(make, args.concurrency))
         rss_start = serve_rss_mb(head.proc.pid)
         rows = []
@@ -217,8 +218,12 @@ def main() -> None:
         "machine_cpus": cpus, "warmup_status": warm, "concurrency": args.concurrency, "duration_s_per_endpoint": duration,
         "max_requests": args.max_requests, "svd_config": svd_config, "ready_s": round(ready_s, 1),
         "quick": args.quick, "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "cut": ("--quick: 10 s per endpoint (issue: 60 s) on SVD's tiny random model" if args.quick else
-                "none against the issue's grid (16 clients, 60 s per endpoint)")
+        "rss_baseline": "after one request per endpoint" if args.quick else
+                        f"after one request and a burst of {args.concurrency} per endpoint",
+        "cut": ("--quick: 5 s per endpoint (issue: 60 s) on SVD's tiny random model, no warm-up burst" if args.quick
+                else "none against the issue's grid (16 clients, 60 s per endpoint)")
+               + "".join(f"; {r['endpoint']} stopped at its cap of {r['requests']} requests after {r['wall_s']:g} s"
+                         for r in rows if r["hit_max_requests"])
                + "; jobs are submitted but kept PENDING (never-scheduled resource): the API is measured, "
                  "not hundreds of FL runs",
     }
