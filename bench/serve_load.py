@@ -138,8 +138,8 @@ def main() -> None:
     import httpx
     import yaml
 
-    from edgeray.launch import (DEFAULT_SERVE_CONFIG, absolute_configs, cluster_resources, deploy_serve, fit_serve,
-                                load_deploy_config, serve_cpu_requests)
+    from edgeray.launch import (DEFAULT_SERVE_CONFIG, absolute_configs, cluster_resources, deploy_serve,
+                                end_head_tree, fit_serve, load_deploy_config, serve_cpu_requests)
     from edgeray.localhead import LocalHead, auth_token
 
     t0 = time.monotonic()
@@ -200,6 +200,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         rss_end = serve_rss_mb(head.proc.pid)
     finally:
+        end_head_tree(head.proc.pid)   # faster than LocalHead.stop's 30 s wait; stop() then sweeps the rest
         head.stop()
 
     start_total, end_total = sum(rss_start.values()), sum(rss_end.values())

@@ -208,30 +208,36 @@ def start_head(dashboard_port: int, gcs_port: int, metrics_port: int, prometheus
     return state
 
 
-def stop_head() -> int:
-    """`edgeray down`: Prometheus, then the head (and with it Serve, the warm pool, the jobs)."""
-    state = _running_head()
-    if not state:
-        print("no edgeray-started Ray head is running")
-        return 0
+def end_head_tree(pid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM a head's process group, then SIGKILL what of its tree (GCS, raylet, dashboard, and
+    the workers: Serve, jobs, the warm pool) is left after ``grace_s``."""
     import psutil
 
-    _stop_prometheus(state)
-    try:   # the head's whole tree (GCS, raylet, dashboard, and the workers: Serve, jobs, the warm pool)
-        tree = psutil.Process(state["pid"]).children(recursive=True)
+    try:
+        tree = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
     try:
-        os.killpg(state["pid"], signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    _, alive = psutil.wait_procs(tree, timeout=5)
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
     for proc in alive:   # a worker renames itself (ray::ServeReplica...), so only its pid finds it
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=10)
+
+
+def stop_head() -> int:
+    """`edgeray down`: Prometheus, then the head (and with it Serve, the warm pool, the jobs)."""
+    state = _running_head()
+    if not state:
+        print("no edgeray-started Ray head is running")
+        return 0
+    _stop_prometheus(state)
+    end_head_tree(state["pid"])
     # Ray's daemons may have left the process group: end only what names our own temp dir.
     subprocess.run(["pkill", "-9", "-f", state["temp_dir"]], check=False)
     STATE.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeray.launch import PROMETHEUS_MISSING, LocalPrometheus, prometheus_config, session_dir
+from edgeray.launch import PROMETHEUS_MISSING, LocalPrometheus, end_head_tree, prometheus_config, session_dir
 from edgeray.localhead import LocalHead, auth_token, client_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +29,7 @@ def head():
                      num_cpus=2, extra_env={"RAY_metrics_report_interval_ms": "2000",
                                             "RAY_PROMETHEUS_HOST": f"http://127.0.0.1:{PROM_PORT}"}).start()
     yield head
+    end_head_tree(head.proc.pid)   # the head's whole tree in seconds; stop() sweeps what names its temp dir
     head.stop()
 
 
