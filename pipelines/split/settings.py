@@ -60,7 +60,7 @@ class SplitSettings(StrategySettings):
     acp_rho_min: float = param(0.25, "acp: floor on the fraction of channels kept", gt=0, le=1)
     acp_beta: float = param(0.9, "acp: EMA factor of the channel scores", ge=0, lt=1)
     acp_scorer: str = param("fisher", "acp: label-aware channel score: fisher (client, between/within-class "
-                            "variance of pooled channels) or taylor (edge, |sum A*dL/dA| per channel)",
+                            "variance of pooled channels) or taylor (edge, abs of the sum of A*dL/dA per channel)",
                             choices=ACP_SCORERS)
     acp_warmup_rounds: int = param(1, "acp: rounds that send every channel while the scores settle", ge=0)
     acp_reselect: str = param("round", "acp: choose the kept channels once per round or every batch",
