@@ -202,7 +202,8 @@ def main(argv=None) -> dict:
         ray.shutdown()
     by_partition = summarize(results, target)
     head = by_partition["iid"]
-    ours_shares = [s for p in by_partition for m, s in by_partition[p]["shares"].items() if m.startswith(("acp", "nsc"))]
+    ours_shares = [s for p in by_partition for m, s in by_partition[p]["shares"].items()
+                   if m.startswith(("acp", "nsc"))]
     result = {
         "acp_bytes_to_target_ratio": head["acp_bytes_to_target_ratio"],
         "nsc_bytes_to_target_ratio": head["nsc_bytes_to_target_ratio"],

@@ -276,7 +276,8 @@ def test_a_lossless_compressor_trains_like_the_unsplit_model(compressor, extra, 
     for lo in range(0, len(order), 16):
         idx = order[lo:lo + 16]
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(reference(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx])).backward()
+        logits = reference(torch.from_numpy(data.x[idx]))
+        torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.y[idx])).backward()
         optimizer.step()
     want = get_params(reference)
     for key in want:

@@ -13,8 +13,8 @@ from edgeray.config import load_config
 
 pytestmark = pytest.mark.ray
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "split_mnist.yaml"
-DIGITS = ["strategy.name=split", "data.dataset=digits", "data.path=null", "data.num_clients=3", "strategy.clients_per_round=3",
-          "strategy.batch_size=64", "runtime.resource_classes={default: {num_cpus: 0.5, num_actors: 1}}"]
+DIGITS = ["strategy.name=split", "data.dataset=digits", "data.path=null", "data.num_clients=3",
+          "strategy.clients_per_round=3", "strategy.batch_size=64", "runtime.resource_classes={default: {num_cpus: 0.5, num_actors: 1}}"]
 
 
 def make_run(overrides):

@@ -19,8 +19,9 @@ Modes (``mode``):
   each pulls the bottom weights the previous client pushed (the first one: the round's global
   bottom; both exchanges metered, and nothing else is downloaded) and trains against the edge's
   one top model. The clock still times the clients as if they ran in parallel (the round takes
-  the slowest client's time, not the sum): sequential SL's simulated time is a lower bound. At the end of the round the edge sends its last bottom and
-  its top to the aggregator (several edges: averaged, weighted by the examples they trained).
+  the slowest client's time, not the sum): sequential SL's simulated time is a lower bound.
+  At the end of the round the edge sends its last bottom and its top to the aggregator
+  (several edges: averaged, weighted by the examples they trained).
 - ``splitfed`` (SplitFed-v1): clients run in parallel; each has its own copy of the top on its
   edge, copied from the global top at its first step; bottoms are uploaded and averaged (FedAvg),
   the per-client tops are averaged at the end of the edge's round, both weighted by examples.
