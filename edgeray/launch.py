@@ -214,7 +214,8 @@ def end_head_tree(pid: int, grace_s: float = 5.0) -> None:
     import psutil
 
     try:
-        tree = psutil.Process(pid).children(recursive=True)
+        head = psutil.Process(pid)
+        tree = [*head.children(recursive=True), head]
     except psutil.NoSuchProcess:
         tree = []
     try:
