@@ -88,7 +88,7 @@ def plan(envs, seeds):
 
 def overrides(env: str, seed: int, variant: str, quick: bool) -> list[str]:
     return [f"env.name={env}", f"train.seed={seed}", *(QUICK if quick else FULL),
-            *([] if quick else PER_ENV.get(env, [])), *VARIANTS[variant][1]]
+            *[o for o in PER_ENV.get(env, []) if not quick or o.startswith("env.shift_params")], *VARIANTS[variant][1]]
 
 
 def random_returns(finished) -> dict:
@@ -198,6 +198,7 @@ def main() -> int:
     if (out / "runs").exists() and not args.append:
         shutil.rmtree(out / "runs")
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    planned = len(jobs)
     if args.append:  # a run counts as done when its last checkpoint was written
         have = {d.name.rsplit("-s", 1)[0] + "-s" + d.name.rsplit("-s", 1)[1].split("-")[0]
                 for d in (out / "runs").iterdir() if (d / "checkpoints" / "progress.json").is_file()}
@@ -224,7 +225,7 @@ def main() -> int:
         if connection is not None:  # None: this process was connected already, by someone else
             import ray
             ray.shutdown()
-    line = summarize(out, done == len(jobs), len(jobs), load_start, seeds)
+    line = summarize(out, done == len(jobs), planned, load_start, seeds)
     line["bench_wall_s"] = time.time() - t0
     print(json.dumps(line))
     return 0
