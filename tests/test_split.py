@@ -5,6 +5,7 @@ exactly like the unsplit model)."""
 
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +214,20 @@ def test_split_models_and_cut_points():
             check_cut("split-cnn", bad)
     with pytest.raises(UserError, match="model.args.depth"):
         build_split_cnn(ModelSpec("split-cnn", {"depth": 3}, data_info=MNIST))
+
+
+def test_the_driver_checks_the_model_and_cut_without_torch():
+    from actors.config import FLConfig
+    from edgeray.config import load_config
+
+    base = ["strategy.name=split", "data.dataset=digits", "data.path=null"]
+    config = Path(__file__).resolve().parents[1] / "configs" / "split_mnist.yaml"
+    load_config(FLConfig, config, base)
+    for override, words in (("model.args={cut: 5}", "model.args.cut=5 is beyond model split-cnn"),
+                            ("model.name=cnn", "strategy split needs a split model"),
+                            ("model.args={depth: 2}", "no model.args.depth")):
+        with pytest.raises(UserError, match=words):
+            load_config(FLConfig, config, base + [override])
 
 
 @pytest.mark.parametrize("key, value, words", [("acp_tau", 0.0, "acp_tau"), ("acp_rho_min", 1.2, "acp_rho_min"),

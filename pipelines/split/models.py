@@ -39,7 +39,7 @@ class SplitModel(nn.Module):
 
 def _args(spec: ModelSpec) -> int:
     unknown = sorted(set(spec.args) - set(BUILD_ARGS))
-    if unknown:
+    if unknown:   # the driver said so already (SplitSettings.check_task); a direct build says it here
         from edgeray.errors import UserError
         raise UserError(f"model {spec.name} has no model.args.{unknown[0]}; allowed: {', '.join(BUILD_ARGS)}")
     return check_cut(spec.name, spec.args.get("cut", 1))

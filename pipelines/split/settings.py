@@ -1,8 +1,8 @@
 """Settings of split learning (``strategy.params.*``) and the split models' cut points; no torch.
 
 The driver checks a config against ``SplitSettings`` before anything starts (a τ or ρ outside
-(0, 1], bits not in {2, 4, 8}, a budget ≤ 0 fail with the field's name), and ``check_cut`` checks
-``model.args.cut`` against the cut points below, also without torch. See ``strategy.py`` for what
+(0, 1], bits not in {2, 4, 8}, a budget ≤ 0 fail with the field's name), and ``check_task`` checks
+the model and ``model.args.cut`` against the cut points below, also without torch. See ``strategy.py`` for what
 each mode does and ``compressors.py`` for the compressors (which rules are the papers' and which
 are our reconstructions).
 """
@@ -83,3 +83,13 @@ class SplitSettings(StrategySettings):
                              "the centered matrix (otherwise the mean of post-ReLU activations takes the rank)")
     turn_timeout_s: float = param(60.0, "sequential: how long a client waits for its turn before it takes over "
                                   "(its predecessor failed)", gt=0)
+
+    def check_task(self, model_name: str, args: dict, path: str | None) -> None:
+        """Called by the driver before anything starts (no torch): a split model and a cut it has."""
+        if model_name not in SPLIT_CUTS:
+            raise UserError(f"strategy split needs a split model (model.name: {', '.join(SPLIT_CUTS)}), "
+                            f"not {model_name!r}")
+        unknown = sorted(set(args) - {"cut"})
+        if unknown:
+            raise UserError(f"model {model_name} has no model.args.{unknown[0]}; allowed: cut")
+        check_cut(model_name, args.get("cut", 1))
