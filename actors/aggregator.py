@@ -179,11 +179,15 @@ class AggregatorRun:
                                                       rep.upload_bytes + rep.exchange_up_bytes,
                                                       share.get(rep.client_id, 1.0)) for rep in reports}
         served_by = resolution.served_by if resolution else {c: (e,) for e, cs in by_edge.items() for c in cs}
-        edge_round_s = {e: max((completed[c].total_s for c in completed if e in served_by.get(c, ())), default=0.0)
-                        for e in range(len(spec.edges))}
+        in_turn = self.strategy.clients_take_turns()
+        edge_round_s = {}
+        for e in range(len(spec.edges)):
+            times = [completed[c].total_s for c in completed if e in served_by.get(c, ())]
+            edge_round_s[e] = (sum(times) if in_turn else max(times)) if times else 0.0
         edge_upload_s = max((payload_bytes(r.partial) * 8 / (settings.edge_uplink_mbps * 1e6)
                              for r in results if r.reports), default=0.0)
-        sim_round_s = self.clock.round_time(list(completed.values()), settings.clients_per_round, edge_upload_s)
+        sim_round_s = self.clock.round_time(list(completed.values()), settings.clients_per_round, edge_upload_s,
+                                            list(edge_round_s.values()) if in_turn else None)
         sim_now = self.clock.advance(sim_round_s)
         self._observe(rnd, invited, plan, completed, failures, picks, resolution, edge_round_s, sim_round_s)
         round_s = time.perf_counter() - started

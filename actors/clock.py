@@ -87,9 +87,12 @@ class VirtualClock:
         kept = sorted(finishers[:target])
         return RoundPlan(kept, timings, self.round_time([timings[c] for c in kept], target))
 
-    def round_time(self, kept: list[ClientTiming], target: int, edge_upload_s: float = 0.0) -> float:
-        """The server closes the round when `target` clients reported, else at the deadline."""
-        last = max((t.total_s for t in kept), default=0.0)
+    def round_time(self, kept: list[ClientTiming], target: int, edge_upload_s: float = 0.0,
+                   edge_spans: list[float] | None = None) -> float:
+        """The server closes the round when `target` clients reported, else at the deadline. Clients
+        run in parallel, so the slowest one ends the round; with ``edge_spans`` (each edge's clients
+        one after another: the sum of their times per edge) the longest edge does."""
+        last = max(edge_spans, default=0.0) if edge_spans is not None else max((t.total_s for t in kept), default=0.0)
         if len(kept) < target and self.deadline_s is not None:
             last = self.deadline_s
         return last + edge_upload_s

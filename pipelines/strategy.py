@@ -284,6 +284,11 @@ class Strategy:
         stragglers). The metered traffic is what counts in the round's bytes and time."""
         return 0.0, 0.0
 
+    def clients_take_turns(self) -> bool:
+        """True when the clients of one edge run one after another (sequential split learning): the
+        virtual clock then times an edge's round as the sum of its clients' times, not the slowest."""
+        return False
+
     def download_keys(self, instruction: dict, global_params: Params) -> list[str]:
         """Named tensors the client downloads (all by default)."""
         return list(global_params)

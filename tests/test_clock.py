@@ -43,6 +43,23 @@ def test_round_waits_for_deadline_when_too_few_finish():
     assert plan.sim_time_s == pytest.approx(5.0)
 
 
+def test_clients_in_turn_take_the_sum_of_their_times_per_edge():
+    clock = VirtualClock(_profiles([100.0, 50.0, 25.0]), seed=0)
+    kept = [clock.timing(1, c, work_examples=100, down_bytes=0, up_bytes=0) for c in range(3)]   # 1, 2, 4 s
+    assert clock.round_time(kept, target=3) == pytest.approx(4.0)                        # in parallel: slowest
+    assert clock.round_time(kept, target=3, edge_upload_s=0.5, edge_spans=[1.0 + 4.0, 2.0]) == pytest.approx(5.5)
+
+
+def test_sequential_split_learning_declares_its_clients_take_turns():
+    from pipelines.split.settings import SplitSettings
+    from pipelines.split.strategy import SplitLearning
+    from pipelines.fedavg.strategy import FedAvg
+
+    assert SplitLearning(SplitSettings(mode="sequential")).clients_take_turns()
+    assert not SplitLearning(SplitSettings(mode="splitfed")).clients_take_turns()
+    assert not FedAvg().clients_take_turns()
+
+
 def test_dropouts_and_availability_rates_are_seeded():
     n = 4000
     clock = VirtualClock(_profiles([100.0] * n, avail=0.7), seed=3, dropout_prob=0.2)

@@ -73,7 +73,8 @@ def test_job_submit_runs_fedavg_and_exports_metrics(head, tmp_path):
 
 def test_edgeray_main_submits_and_follows_the_job(head, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgeray.cli", "main", "--config", "configs/fedavg_digits.yaml",
-                           "--address", head.dashboard_url, "--set", f"output_dir={tmp_path}", "--set", "rounds=2"],
+                           "--address", head.dashboard_url, "--no-serve", "--set", f"output_dir={tmp_path}",
+                           "--set", "rounds=2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"dashboard:  {head.dashboard_url}" in proc.stdout and "job id:     raysubmit_" in proc.stdout

@@ -73,6 +73,9 @@ class SplitLearning(Strategy):
     # sequential mode serializes its clients by turns (and guards its one top with its own lock)
     server_step_concurrency = "client"
 
+    def clients_take_turns(self) -> bool:
+        return self.settings.mode == "sequential"
+
     def __init__(self, settings: SplitSettings | None = None):
         super().__init__(settings if settings is not None else SplitSettings())
         self.compressor = build_compressor(self.settings)
