@@ -163,7 +163,7 @@ def summarize(out: Path, complete: bool, planned: int, load_start, seeds: int) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ns-cartpole, 1 seed, 3 short iterations")
-    parser.add_argument("--seeds", type=int, help="seeds per env (default 4, quick 1)")
+    parser.add_argument("--seeds", type=int, help="seeds per env (default 5, quick 1)")
     parser.add_argument("--envs", nargs="+", choices=ENVS, help="envs (default ns-cartpole)")
     parser.add_argument("--budget-min", type=float, default=None, help="start no new run after this many minutes")
     parser.add_argument("--out", help="results folder (default bench/results/deer or deer-quick)")
@@ -180,7 +180,7 @@ def main() -> int:
     root = Path(__file__).resolve().parents[1]
     out = Path(args.out) if args.out else root / "bench" / "results" / ("deer-quick" if args.quick else "deer")
     envs = args.envs or ("ns-cartpole",)
-    seeds = args.seeds or (1 if args.quick else 4)
+    seeds = args.seeds or (1 if args.quick else 5)
     jobs = [(seed + args.first_seed, env, variant) for seed, env, variant in plan(envs, seeds)]
     load_start = list(os.getloadavg())
     steps = {env: load_config(ExperimentConfig, None, overrides(env, 0, "per", args.quick)) for env in envs}
