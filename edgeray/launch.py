@@ -50,7 +50,7 @@ import yaml
 
 from edgeray.argparse_util import ArgumentParser
 from edgeray.errors import UserError
-from edgeray.localhead import LocalHead, auth_token, client_env
+from edgeray.localhead import LocalHead, answers, auth_token, client_env, start_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/fedavg_mnist.yaml"
@@ -297,23 +297,11 @@ class LocalPrometheus:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "prometheus.yml"
         config.write_text(yaml.safe_dump(prometheus_config(self.temp_dir, self.scrape_interval_s)))
-        log = open(self.data_dir / "prometheus.log", "w")
-        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}"],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = (self.data_dir / "prometheus.log").read_text().strip().splitlines()[-1:]
-                raise UserError(f"prometheus exited with {self.proc.returncode}: {' '.join(tail)[:300]}")
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=5) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise UserError(f"prometheus did not answer on {self.url} within {timeout_s:.0f}s")
+        self.proc = start_daemon([binary, f"--config.file={config}", f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
+                                  f"--web.listen-address=127.0.0.1:{self.port}"],
+                                 self.data_dir / "prometheus.log", lambda: answers(self.url + "/-/ready"), "prometheus",
+                                 max(1.0, deadline - time.monotonic()))
+        return self
 
     def query(self, promql: str) -> list[dict]:
         """The result vector of an instant query through Prometheus' HTTP API."""
