@@ -127,7 +127,9 @@ def test_fl_job_metrics_through_prometheus_http_api(head, prometheus, tmp_path):
         result = prometheus.query(expr)
         if "round_seconds_count" in expr:
             assert float(result[0]["value"][1]) == rounds, expr
-        if "(ray_edgeray_bytes" in expr or "(ray_edgeray_clients_completed" in expr:
+        # A rate() panel needs two scrapes that saw the counter rise: a 3-round job can end
+        # between two scrapes (then the rate is 0 or absent), so only the other panels must show it.
+        if ("(ray_edgeray_bytes" in expr or "(ray_edgeray_clients_completed" in expr) and "rate(" not in expr:
             assert result and float(result[0]["value"][1]) > 0, expr
 
 
