@@ -120,7 +120,7 @@ def test_truncated_checkpoint_falls_back_to_previous(ray_session, tmp_path):
     (["run", "fedavg", "--config", DIGITS, "--set", "runtime.warm_pool=of"],
      "runtime.warm_pool='of' is not allowed; choose one of: auto, on, off"),
     (["run", "fedavg", "--config", DIGITS, "--set", "model.name=transformer"],
-     "model.name='transformer' is not allowed; choose one of: cnn, mlp, causal-lm"),
+     "model.name='transformer' is not allowed; choose one of: cnn, mlp, split-cnn, split-resnet8, causal-lm, moe"),
     (["run", "fedavg", "--config", DIGITS, "--set", "data.partition=groups"],
      "partition=groups needs a data set with a natural key per row"),
     (["run", "fedprox", "--config", DIGITS, "--set", "strategy.mu=0.1"],
