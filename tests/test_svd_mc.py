@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from serving.svd.decoding import LoadedTask, SVDEngine
 from serving.svd.mcdata import (BENCHMARKS, MC_DIR, cloze_item, letter_item, load_benchmark, split_questions,
                                 truthfulqa_mc1_options)
 from serving.svd.mceval import evaluate, paired_bootstrap
@@ -124,17 +123,10 @@ def test_calibration_leaves_format_tokens_out_and_defaults_to_ratio():
 
 @pytest.fixture(scope="module")
 def lora_engine():
-    model, tok = build_tiny_model(0)
-    peft_model = make_peft_model(model, load_config(TaskSpec, data={"peft": {"type": "lora", "r": 4}}).peft)
-    torch.manual_seed(1)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
-    engine = SVDEngine(peft_model.get_base_model(), tok, "tiny")
-    engine.peft = peft_model.eval()
-    task = LoadedTask("default", "lora", -0.5, 0.1, {})
-    engine.tasks["default"] = task
-    return engine, task
+    from test_svd_decoding import _lora_engine   # the same tiny engine with a random (non-zero) LoRA task
+
+    engine, _ = _lora_engine(0)
+    return engine, engine.tasks["default"]
 
 
 def _items(n=10):
