@@ -106,7 +106,7 @@ class LocalHead:
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=10)   # then the sweep below ends what is left
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
         # Ray's daemons may have left the process group: end whatever names our temp dir.
