@@ -131,7 +131,7 @@ class EdgeServerActor(IdleExit):
             return outbox.write(reply)
 
     def run_round(self, run: str, refs: RunRefs, rnd: int, wrapped_global: list, jobs: list[ClientJob],
-                  pool: dict[str, list], timeout_s: float, inflight_per_actor: int, actor_retries: int = 2
+                  pool: dict[str, list], timeout_s: float, inflight_per_actor: int, actor_retries: int
                   ) -> EdgeResult:
         with self.busy():
             bound = self._bound(run, refs)

@@ -47,7 +47,7 @@ class RoundSettings:
     round_timeout_s: float
     inflight_per_actor: int
     edge_uplink_mbps: float
-    actor_retries: int = 2
+    actor_retries: int
     link_model: str = "static"
     link_min_gain: float = 0.05
     link_trace: dict | None = None           # (round, client) -> Link, for link_model "trace"

@@ -11,6 +11,7 @@ Token authentication (on by default in Ray 2.60) stays on: the head starts with
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,8 +131,6 @@ class LocalNode:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120.0) -> "LocalNode":
-        import json
-
         ray = str(Path(sys.executable).with_name("ray"))
         cmd = [ray, "start", "--block", f"--address=127.0.0.1:{self.head.gcs_port}", f"--num-cpus={self.num_cpus}",
                f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
