@@ -255,7 +255,8 @@ def wired(settings, seed=0, n=48, num_clients=1):
     return strategy, model, data
 
 
-def client_round(strategy, model, data, edge_state, cid=0, rnd=1, client_state=None, link=None):
+def client_round(strategy, model, data, edge_state, cid=0, rnd=1, client_state=None, link=None, server_state=None):
+    """One client's round through edge and aggregator; ``server_state`` (a dict) is updated in place."""
     from pipelines.models import get_params
     from pipelines.tasks.vision import classification_loss
 
@@ -271,8 +272,29 @@ def client_round(strategy, model, data, edge_state, cid=0, rnd=1, client_state=N
                         np.random.default_rng(0), classification_loss, exchange, link=link)
     update = strategy.client_update(ctx)
     partial = strategy.end_edge_round(rnd, edge_state, WeightedSum().add(update))
-    new, _, metrics = strategy.aggregate(rnd, global_params, {}, partial)
+    new, new_state, metrics = strategy.aggregate(rnd, global_params, dict(server_state or {}), partial)
+    if server_state is not None:
+        server_state.update(new_state)
     return new, metrics, metered
+
+
+@pytest.mark.parametrize("mode", ["splitfed", "sequential"])
+def test_the_planner_expects_what_the_clients_metered_last_round(mode):
+    from pipelines.models import get_params
+
+    settings = SplitSettings(batch_size=16, mode=mode, compressor="identity")
+    strategy, model, data = wired(settings)
+    state = strategy.init_state(get_params(model))
+    relay = sum(v.nbytes for k, v in get_params(model).items() if k.startswith("bottom."))
+    first = strategy.configure_round(1, state, [0], None)[0]
+    assert strategy.estimate_traffic(first, len(data)) == ((relay, relay) if mode == "sequential" else (0, 0))
+    _, _, metered = client_round(strategy, model, data, {}, server_state=state)
+    down, up = strategy.estimate_traffic(strategy.configure_round(2, state, [0], None)[0], len(data))
+    steps = metered[1:-1] if mode == "sequential" else metered  # not the pull and the push
+    assert len(steps) == 3
+    assert 0 < sum(steps) - (up - (relay if mode == "sequential" else 0)) < 1024 * len(steps)
+    assert down - (relay if mode == "sequential" else 0) == 4 * len(data) * 32 * 12 * 12  # fp32 gradients
+    assert strategy.estimate_traffic(strategy.configure_round(2, state, [0], None)[0], 2 * len(data))[1] > 1.9 * up
 
 
 @pytest.mark.parametrize("compressor, extra", [("identity", {}), ("acp", {"acp_tau": 1.0}),

@@ -46,6 +46,9 @@ def test_runtime_meters_the_payload_formula(ray_session):
     update = 3 * payload_bytes(bottom)
     assert 0 <= row["bytes_up"] - update - up_formula < 1024 * (len(sizes) + 3)
     assert 0 <= row["bytes_down"] - update - down_formula < 1024 * (len(sizes) + 3)
+    # what the clients report to the planner (next round's estimate) is the same traffic, per example
+    assert row["train_exchange_up_bytes_per_example"] * sum(sizes) == pytest.approx(up_formula)
+    assert row["train_exchange_down_bytes_per_example"] * sum(sizes) == pytest.approx(down_formula - 8 * len(sizes))
 
 
 def test_sequential_turns_give_the_same_model_on_one_or_two_actors(ray_session):

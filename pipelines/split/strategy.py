@@ -18,8 +18,8 @@ Modes (``mode``):
 - ``sequential`` (vanilla SL): an edge's clients take turns in the order the edge dispatches them;
   each pulls the bottom weights the previous client pushed (the first one: the round's global
   bottom; both exchanges metered, and nothing else is downloaded) and trains against the edge's
-  one top model. The clock still times the clients as if they ran in parallel (the round takes
-  the slowest client's time, not the sum): sequential SL's simulated time is a lower bound.
+  one top model. The clock times an edge's round as the sum of its clients' times
+  (``clients_take_turns``).
   At the end of the round the edge sends its last bottom and its top to the aggregator
   (several edges: averaged, weighted by the examples they trained).
 - ``splitfed`` (SplitFed-v1): clients run in parallel; each has its own copy of the top on its
@@ -31,6 +31,11 @@ The whole model (bottom, top and ACP's mask) is the run's global state, so evalu
 checkpoints and ``--resume`` work unchanged. Client-side compressor state (ACP scores, NSC
 residuals and bases, random streams) lives in the client state store; the edge-side state (per
 client: the decoder's and the gradient encoder's) lives in the edge state.
+
+The round planner's estimate of a client's exchange traffic (``estimate_traffic``: deadlines and
+stragglers are planned with it) is what the clients metered last round, per example trained,
+plus the sequential relay of the bottom weights: the aggregator keeps it in its state and sends it
+with each instruction (``exchange_estimate``). Round 1 knows only the relay.
 
 Our choices (not from the papers): SGD with momentum on both sides, optimizers re-created each
 round; the order of turns in sequential mode is the edge's dispatch order, and a client whose
@@ -189,8 +194,32 @@ class SplitLearning(Strategy):
         return partial
 
     # ------------------------------------------------------------------ aggregator
+    def init_state(self, global_params):
+        """The first round's traffic estimate: the relayed bottom (sequential mode) and no steps yet."""
+        relay = (sum(np.asarray(v).nbytes for k, v in global_params.items() if k.startswith(BOTTOM))
+                 if self.settings.mode == "sequential" else 0)
+        return {"exchange_estimate": [0.0, 0.0, float(relay), float(relay)]}
+
+    def configure_round(self, rnd, state, client_ids, population):
+        estimate = state.get("exchange_estimate")
+        return {c: ({"exchange_estimate": list(estimate)} if estimate else {}) for c in client_ids}
+
+    def estimate_traffic(self, instruction, num_examples):
+        """(down, up) bytes: last round's metered bytes per example trained times this client's work,
+        plus the relay. Without an estimate in the instruction: none."""
+        estimate = instruction.get("exchange_estimate")
+        if not estimate:
+            return 0.0, 0.0
+        down_per_example, up_per_example, relay_down, relay_up = estimate
+        work = self.work(instruction, num_examples)
+        return down_per_example * work + relay_down, up_per_example * work + relay_up
+
     def aggregate(self, rnd, global_params, state, partial):
         new, state, metrics = super().aggregate(rnd, global_params, state, partial)
+        if "exchange_up_bytes_per_example" in metrics:
+            state = {**state, "exchange_estimate": [float(metrics[k]) for k in (
+                "exchange_down_bytes_per_example", "exchange_up_bytes_per_example",
+                "relay_down_bytes", "relay_up_bytes")]}
         if self.settings.compressor == "acp" and self.settings.acp_eval_mask == "majority":
             new[MASK] = (new[MASK] >= 0.5).astype(new[MASK].dtype)
         edges = [s for c, _, s in partial.stats if c == -1]
@@ -208,8 +237,10 @@ class SplitLearning(Strategy):
             raise RuntimeError("split learning needs the runtime's per-batch exchange (an edge server)")
         model = ctx.model
         model.train()
+        relay_down = relay_up = step_down = step_up = 0
         if s.mode == "sequential":
             relayed = ctx.exchange({"op": "pull"})["bottom"]
+            relay_down = sum(np.asarray(v).nbytes for v in relayed.values())
             with torch.no_grad():
                 params = dict(model.named_parameters())
                 for name, value in relayed.items():
@@ -242,6 +273,8 @@ class SplitLearning(Strategy):
                 if s.compressor == "nsc" and s.nsc_ef_mode == "sample":
                     payload["sid"] = idx.astype(np.int32)
                 reply = ctx.exchange(payload)
+                step_up += payload_formula(payload)
+                step_down += payload_formula(reply)
                 started = time.perf_counter()
                 grad = self.down.decode_down(reply, cstate, info)
                 if not s.compress_down:
@@ -258,10 +291,14 @@ class SplitLearning(Strategy):
         params = {}
         if s.mode == "sequential":
             ctx.exchange({"op": "push", "bottom": bottom, "examples": seen})
+            relay_up = sum(v.nbytes for v in bottom.values())
         else:
             params.update(bottom)
         metrics = {"train_loss": loss_sum / max(seen, 1), "compress_s_per_step": compress_s / max(steps, 1),
-                   "step_s_per_step": step_s / max(steps, 1), "up_ratio": float(np.mean(up_ratio or [0.0]))}
+                   "step_s_per_step": step_s / max(steps, 1), "up_ratio": float(np.mean(up_ratio or [0.0])),
+                   "exchange_down_bytes_per_example": step_down / max(seen, 1),
+                   "exchange_up_bytes_per_example": step_up / max(seen, 1),
+                   "relay_down_bytes": float(relay_down), "relay_up_bytes": float(relay_up)}
         if isinstance(self.compressor, ACP):
             usage = ACP.take_usage(cstate)
             if usage is not None:

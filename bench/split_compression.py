@@ -24,21 +24,24 @@ of the client's step time. "Accuracy at equal bytes": each method's last evaluat
 cumulative bytes equal the smaller of the two methods' totals (linear between evaluations; the
 initial model at 0 bytes).
 
-    python bench/split.py [--quick] [--rounds N]
+    python bench/split_compression.py [--quick] [--rounds N] [--seeds 0 1 2]
 
 Prints one JSON line last: acp_bytes_to_target_ratio, nsc_bytes_to_target_ratio (bytes to the
-target over vanilla SL's), acp_minus_randtopk_acc, nsc_minus_randtopk_acc, acp_minus_quant8_acc,
-nsc_minus_quant8_acc (at equal bytes), acp_capped_bytes_to_target_ratio,
-acp_capped_minus_randtopk_acc, compress_time_share, exchange_time_share (the largest of the ACP
-and NSC rows), per partition under "by_partition", load averages and what was cut. Writes
-bench/results/split{,-quick}.json (rows), split{,-quick}.png.
+target over vanilla SL's, the mean over the seeds where both reached it; per seed under
+``per_seed``), acp_minus_randtopk_acc, nsc_minus_randtopk_acc, acp_minus_quant8_acc,
+nsc_minus_quant8_acc (at equal bytes; the mean over seeds, with a paired bootstrap 95 % interval
+over seeds under ``intervals``), acp_capped_bytes_to_target_ratio, acp_capped_minus_randtopk_acc,
+compress_time_share, exchange_time_share (the largest of the ACP and NSC rows), per partition and
+seed under "by_partition", load averages and what was cut. Writes
+bench/results/split_compression{,-quick}.json (rows), split_compression{,-quick}.png (seed 0).
+The seed sets the model's initialization, the client data split and every random stream; the
+methods of one seed share it (paired).
 
-Cut versus the issue's grid (2 cores shared with other sessions): one seed (no paired intervals);
-5 of 50 clients per round (each ~1.2k samples), not 5 clients of 12k, so a round is ~90 steps;
-at most ``--rounds`` rounds, a configuration stops one round after it reached the target;
-sequential SL's simulated time is the runtime clock's, which times a round's clients as if
-parallel (the slowest client, not the sum). --quick: scikit-learn digits, 5 clients, IID only,
-target 0.9, no ablation rows (their keys are null).
+Cut versus the issue's grid (2 cores): 5 of 50 clients per round (each ~1.2k samples), not 5
+clients of 12k, so a round is ~90 steps; at most ``--rounds`` rounds, a configuration stops one
+round after it reached the target; the ablation rows run on IID, seed 0 only. --quick:
+scikit-learn digits, 5 clients, IID only, one seed, target 0.9, no ablation rows (their keys are
+null). Sequential SL's simulated time is the sum of an edge's clients' times (they take turns).
 """
 
 from __future__ import annotations
@@ -131,21 +134,47 @@ def ratio(a, b):
     return None if a is None or b is None else a / b
 
 
+def summarize_seed(runs: dict, target: float) -> dict:
+    """One partition, one seed: each method's rounds / bytes / time to target, final accuracy,
+    time shares, and ACP's and NSC's ratios to vanilla and accuracy differences at equal bytes."""
+    t = {name: to_target(rows, target) for name, rows in runs.items()}
+    out = {"to_target": t, "final_acc": {n: rows[-1]["test_accuracy"] for n, rows in runs.items()},
+           "shares": {n: shares(rows) for n, rows in runs.items()},
+           "up_ratio": {n: float(np.mean([r["train_up_ratio"] for r in rows if r["round"] > 0]))
+                        for n, rows in runs.items()}}
+    for ours in [m for m in ("acp", "acp_capped", "nsc", "nsc_ef_step") if m in runs]:
+        out[f"{ours}_bytes_to_target_ratio"] = ratio(t[ours]["bytes"], t["vanilla"]["bytes"])
+        out[f"{ours}_sim_time_to_target_ratio"] = ratio(t[ours]["sim_time_s"], t["vanilla"]["sim_time_s"])
+        for base in ("randtopk", "quant8"):
+            budget = min(runs[ours][-1]["bytes_cum"], runs[base][-1]["bytes_cum"])
+            out[f"{ours}_minus_{base}_acc"] = acc_at_bytes(runs[ours], budget) - acc_at_bytes(runs[base], budget)
+            out[f"{ours}_vs_{base}_equal_bytes"] = budget
+    return out
+
+
+HEADLINE = ("acp_bytes_to_target_ratio", "nsc_bytes_to_target_ratio", "acp_sim_time_to_target_ratio",
+            "nsc_sim_time_to_target_ratio", "acp_minus_randtopk_acc", "nsc_minus_randtopk_acc",
+            "acp_minus_quant8_acc", "nsc_minus_quant8_acc", "acp_capped_bytes_to_target_ratio",
+            "acp_capped_minus_randtopk_acc", "nsc_ef_step_bytes_to_target_ratio", "nsc_ef_step_minus_randtopk_acc")
+
+
 def summarize(results: dict, target: float) -> dict:
+    """Per partition: every seed's summary, and over seeds each headline key's mean (over the
+    seeds where it is defined: a ratio is undefined when a method missed the target) with a paired
+    bootstrap 95 % interval of the per-seed values (``intervals``; needs 2 or more seeds)."""
+    from rl.deer.analysis import bootstrap_gain  # paired bootstrap over seeds (numpy only)
+
     by_partition = {}
-    for part, runs in results.items():
-        t = {name: to_target(rows, target) for name, rows in runs.items()}
-        out = {"to_target": t, "final_acc": {n: rows[-1]["test_accuracy"] for n, rows in runs.items()},
-               "shares": {n: shares(rows) for n, rows in runs.items()},
-               "up_ratio": {n: float(np.mean([r["train_up_ratio"] for r in rows if r["round"] > 0]))
-                            for n, rows in runs.items()}}
-        for ours in [m for m in ("acp", "acp_capped", "nsc", "nsc_ef_step") if m in runs]:
-            out[f"{ours}_bytes_to_target_ratio"] = ratio(t[ours]["bytes"], t["vanilla"]["bytes"])
-            out[f"{ours}_sim_time_to_target_ratio"] = ratio(t[ours]["sim_time_s"], t["vanilla"]["sim_time_s"])
-            for base in ("randtopk", "quant8"):
-                budget = min(runs[ours][-1]["bytes_cum"], runs[base][-1]["bytes_cum"])
-                out[f"{ours}_minus_{base}_acc"] = acc_at_bytes(runs[ours], budget) - acc_at_bytes(runs[base], budget)
-                out[f"{ours}_vs_{base}_equal_bytes"] = budget
+    for part, seeds in results.items():
+        per_seed = {seed: summarize_seed(runs, target) for seed, runs in seeds.items()}
+        out = {"per_seed": per_seed, "intervals": {}}
+        for key in HEADLINE:
+            values = [p[key] for p in per_seed.values() if p.get(key) is not None]
+            out[key] = float(np.mean(values)) if values else None
+            out[f"{key}_seeds_defined"] = len(values)
+            if len(values) >= 2:
+                b = bootstrap_gain(np.array(values), np.zeros(len(values)))
+                out["intervals"][key] = [b["diff_ci_low"], b["diff_ci_high"]]
         by_partition[part] = out
     return by_partition
 
@@ -176,66 +205,73 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="digits, 5 clients, IID only (< 2 minutes)")
     parser.add_argument("--rounds", type=int, default=None, help="most rounds per configuration")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; quick: 0)")
+    parser.add_argument("--partitions", nargs="+", choices=sorted(PARTITIONS), default=None,
+                        help="data splits (default: iid dirichlet; quick: iid)")
     args = parser.parse_args(argv)
     import ray
 
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     rounds = args.rounds or (4 if args.quick else 6)
     target = 0.9 if args.quick else 0.97
-    partitions = {"iid": PARTITIONS["iid"]} if args.quick else PARTITIONS
+    names = args.partitions or (["iid"] if args.quick else ["iid", "dirichlet"])
+    if "iid" not in names:
+        parser.error("--partitions must include iid (the headline partition)")
+    partitions = {name: PARTITIONS[name] for name in names}
     base = COMMON + (QUICK if args.quick else FULL) + ["output_dir=/tmp/edgeray-bench-split"]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    loadavg_start = list(os.getloadavg())
     started = time.perf_counter()
     results: dict = {}
     try:
         for part, part_overrides in partitions.items():
             results[part] = {}
-            for name, overrides in COMPRESSORS.items():
-                if name in ABLATIONS and (part != "iid" or args.quick):
-                    continue
-                t0 = time.perf_counter()
-                results[part][name] = run_config(base + part_overrides + overrides, rounds, target)
-                last = results[part][name][-1]
-                print(f"{part:9s} {name:8s} rounds={last['round']} acc={last['test_accuracy']:.4f} "
-                      f"MB={last['bytes_cum'] / 1e6:.1f} sim={last['sim_time_s']:.0f}s "
-                      f"wall={time.perf_counter() - t0:.0f}s", flush=True)
+            for seed in seeds:
+                results[part][seed] = {}
+                for name, overrides in COMPRESSORS.items():
+                    if name in ABLATIONS and (part != "iid" or args.quick or seed != seeds[0]):
+                        continue
+                    t0 = time.perf_counter()
+                    runs = results[part][seed]
+                    runs[name] = run_config(base + part_overrides + overrides + [f"seed={seed}"], rounds, target)
+                    last = runs[name][-1]
+                    print(f"{part:9s} seed={seed} {name:11s} rounds={last['round']} acc={last['test_accuracy']:.4f} "
+                          f"MB={last['bytes_cum'] / 1e6:.1f} sim={last['sim_time_s']:.0f}s "
+                          f"wall={time.perf_counter() - t0:.0f}s", flush=True)
     finally:
         ray.shutdown()
     by_partition = summarize(results, target)
     head = by_partition["iid"]
-    ours_shares = [s for p in by_partition for m, s in by_partition[p]["shares"].items()
-                   if m.startswith(("acp", "nsc"))]
-    result = {
-        "acp_bytes_to_target_ratio": head["acp_bytes_to_target_ratio"],
-        "nsc_bytes_to_target_ratio": head["nsc_bytes_to_target_ratio"],
-        "acp_minus_randtopk_acc": head["acp_minus_randtopk_acc"],
-        "nsc_minus_randtopk_acc": head["nsc_minus_randtopk_acc"],
-        "acp_minus_quant8_acc": head["acp_minus_quant8_acc"],
-        "nsc_minus_quant8_acc": head["nsc_minus_quant8_acc"],
-        "acp_capped_bytes_to_target_ratio": head.get("acp_capped_bytes_to_target_ratio"),
-        "acp_capped_minus_randtopk_acc": head.get("acp_capped_minus_randtopk_acc"),
-        "nsc_ef_step_bytes_to_target_ratio": head.get("nsc_ef_step_bytes_to_target_ratio"),
-        "nsc_ef_step_minus_randtopk_acc": head.get("nsc_ef_step_minus_randtopk_acc"),
+    ours_shares = [s for p in by_partition for per in by_partition[p]["per_seed"].values()
+                   for m, s in per["shares"].items() if m.startswith(("acp", "nsc"))]
+    result = {key: head[key] for key in HEADLINE}
+    result.update({
         "compress_time_share": max(s["compress_time_share"] for s in ours_shares),
         "exchange_time_share": max(s["exchange_time_share"] for s in ours_shares),
+        "intervals": head["intervals"],
+        "per_seed": {key: [head["per_seed"][s].get(key) for s in seeds] for key in HEADLINE[:8]},
         "headline_partition": "iid",
         "target_accuracy": target,
+        "seeds": seeds,
         "by_partition": by_partition,
         "quick": args.quick,
         "rounds_max": rounds,
         "wall_s": time.perf_counter() - started,
+        "loadavg_start": loadavg_start,
         "loadavg": list(os.getloadavg()),
-        "cut": (("quick: digits, 5 clients, IID only, target 0.9, no ablation rows (their keys null)"
+        "cut": (("quick: digits, 5 clients, IID only, one seed, target 0.9, no ablation rows (their keys null)"
                  if args.quick else "5 of 50 MNIST clients per round (~1.2k samples each); ablations (acp_capped, "
-                 "nsc_ef_step) on IID only")
-                + f"; one seed; at most {rounds} rounds, a configuration stops one round after its target; "
-                "sequential SL's simulated time counts a round's clients as parallel"),
-    }
+                 f"nsc_ef_step) on IID, seed {seeds[0]} only; {len(seeds)} seeds")
+                + f"; at most {rounds} rounds, a configuration stops one round after its target"
+                + "".join(f"; {p} not run" for p in sorted(set(PARTITIONS) - set(partitions)))),
+    })
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "split-quick" if args.quick else "split"
-    rows = {p: {n: [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rs]
-                for n, rs in runs.items()} for p, runs in results.items()}
+    stem = "split_compression-quick" if args.quick else "split_compression"
+    rows = {p: {seed: {n: [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rs]
+                       for n, rs in runs.items()} for seed, runs in by_seed.items()}
+            for p, by_seed in results.items()}
     (RESULTS / f"{stem}.json").write_text(json.dumps({"result": result, "rows": rows}, indent=1))
-    plot(results, RESULTS / f"{stem}.png")
+    plot({p: by_seed[seeds[0]] for p, by_seed in results.items()}, RESULTS / f"{stem}.png")
     print(json.dumps(result))
     return result
 
