@@ -1,15 +1,22 @@
-"""SVD decoding and scoring on a served model with any number of warm-started tasks.
+"""SVD decoding and scoring on a served model with any number of warm-started tasks
+(SVDecode, arXiv 2509.15888), with continuous batching.
 
-Per step, for a batch of requests (notes/serving.md §5.2, OUR DESIGN):
-  * LoRA tasks and plain requests form one group decoded with ONE forward per step over the
-    rows [phi rows of every request] + [base rows of the steered requests], using PEFT
-    mixed-adapter batches (`adapter_names=[task, ..., "__base__", ...]`); the KV cache is per
-    row, so the paired rows stay in step.
-  * IA3 and prompt-tuning tasks cannot share a mixed batch: each such task is a group with two
-    cached passes per step (IA3: a merged copy of the model; prompt tuning: the base model with
-    the task's virtual-token embeddings prepended at prefill).
-  * All groups advance in lockstep; the steering step (`steering.steer_logits`) and the
-    request's own greedy / temperature / top-k / top-p choice run on the combined logits.
+Per decode step, for the running batch (notes/serving.md §5.2, OUR DESIGN):
+  * one "mixed" lane decodes with ONE forward the phi rows of LoRA and plain requests and the
+    base (theta) rows of every steered request, using PEFT mixed-adapter batches
+    (`adapter_names=[task, ..., "__base__", ...]`); the KV cache is per row, so a request's
+    phi and theta rows stay in step;
+  * IA3 and prompt-tuning tasks cannot share a mixed batch: the phi rows of each such task are
+    a lane of their own (IA3: a merged copy of the model; prompt tuning: the base model with
+    the task's virtual-token embeddings prepended at prefill);
+  * the steering step (`steering.steer_logits`, per-row mu / alpha / on-off) and each request's
+    own greedy / temperature / top-k / top-p choice run on the combined logits.
+Continuous batching (`DecodeBatch`, `ContinuousBatcher`, OUR DESIGN, in the manner of Orca /
+vLLM iteration-level scheduling but with a padded dense KV cache instead of paged blocks): a
+request arriving mid-generation is prefilled alone at the next step boundary and its KV cache
+is merged into the running lanes (left-padded in time, masked, its own position ids), so its
+greedy tokens equal those of decoding it alone; rows leave when done or cancelled, and the
+cache is trimmed of padding nobody needs any more.
 The teacher-forced counterpart, `option_logits` + `option_logprobs`, scores multiple-choice
 options (POST /svd/score and the bench).
 """
@@ -17,6 +24,7 @@ options (POST /svd/score and the bench).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,35 +73,6 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-class CachedRunner:
-    """Prefill once, then one token per row per step, with a KV cache. `forward` is a callable
-    with the transformers signature; `prefix` (prompt tuning) is prepended as embeddings."""
-
-    def __init__(self, forward, embed=None, prefix: torch.Tensor | None = None):
-        self.forward, self.embed, self.prefix = forward, embed, prefix
-        self.cache = self.mask = self.next_position = None
-
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids}
-        if self.prefix is not None:
-            n = input_ids.shape[0]
-            kwargs = {"inputs_embeds": torch.cat([self.prefix.expand(n, -1, -1).to(self.embed.weight.dtype),
-                                                  self.embed(input_ids)], dim=1)}
-            mask = torch.cat([torch.ones(n, self.prefix.shape[0], dtype=mask.dtype), mask], dim=1)
-        positions = _positions(mask)
-        out = self.forward(attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-        self.cache, self.mask, self.next_position = getattr(out, CACHE_KEY), mask, positions[:, -1:] + 1
-        return out.logits[:, -1, :]
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        out = self.forward(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
-                           use_cache=True, **{CACHE_KEY: self.cache})
-        self.cache = getattr(out, CACHE_KEY)
-        self.next_position = self.next_position + 1
-        return out.logits[:, -1, :]
-
-
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -104,51 +83,365 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-class _OnePassGroup:
-    """LoRA-task and plain requests: phi rows and base rows in one mixed-adapter forward."""
+# ----------------------------------------------------------------------------- KV-cache surgery
+# A lane's cache is a transformers DynamicCache: per layer, keys / values of shape
+# [rows, heads, time, head_dim], time aligned with the lane's 2-D attention mask. Rows are
+# left-padded: a row's real tokens end at the right edge, padding columns are 0 in the mask.
 
-    def __init__(self, engine: "SVDEngine", requests: list[DecodeRequest]):
-        names = [r.task.id if r.task else BASE for r in requests]
-        self.steered = [i for i, r in enumerate(requests) if r.steer]
-        self.n = len(requests)
-        self.runner = CachedRunner(engine.route(names + [BASE] * len(self.steered)))
-        self.pad_id = engine.tokenizer.pad_token_id
-
-    def _split(self, logits):
-        phi = logits[:self.n]
-        theta = phi.clone()
-        theta[self.steered] = logits[self.n:]
-        return phi, theta
-
-    def prefill(self, prompts):
-        rows = prompts + [prompts[i] for i in self.steered]
-        return self._split(self.runner.prefill(*left_pad(rows, self.pad_id)))
-
-    def step(self, tokens):
-        return self._split(self.runner.step(torch.cat([tokens, tokens[self.steered]])))
+def _cache_layers(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer).__name__ != "DynamicLayer" or layer.keys is None for layer in layers):
+        raise RuntimeError("continuous batching needs a full-attention DynamicCache (one DynamicLayer per layer); "
+                           f"got {type(cache).__name__}")
+    return layers
 
 
-class _TwoPassGroup:
-    """Requests of one IA3 or prompt-tuning task: an adapted pass and a base pass."""
+def _pad_time(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad dim -2 (time) of [rows, heads, time, dim] with zeros to `width`."""
+    missing = width - x.shape[-2]
+    return torch.nn.functional.pad(x, (0, 0, missing, 0)) if missing else x
 
-    def __init__(self, engine: "SVDEngine", task: LoadedTask, requests: list[DecodeRequest]):
-        n = len(requests)
-        embed = engine.model.get_input_embeddings()
-        if task.kind == "ia3":
-            self.phi = CachedRunner(task.phi_model)
+
+def merge_caches(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.Tensor:
+    """Append the rows of `other` to `cache` (in place). The shorter of the two is left-padded
+    in time with zero keys / values that its mask hides; returns the merged mask."""
+    width = max(mask.shape[1], other_mask.shape[1])
+    for layer, new in zip(_cache_layers(cache), _cache_layers(other), strict=True):
+        layer.keys = torch.cat([_pad_time(layer.keys, width), _pad_time(new.keys, width)])
+        layer.values = torch.cat([_pad_time(layer.values, width), _pad_time(new.values, width)])
+    pad = torch.nn.functional.pad
+    return torch.cat([pad(mask, (width - mask.shape[1], 0)), pad(other_mask, (width - other_mask.shape[1], 0))])
+
+
+def select_cache_rows(cache, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Keep only `rows` of the cache (in place), then drop leading time columns that every
+    kept row masks out (the padding a longer, departed row needed); returns the new mask."""
+    index = torch.tensor(rows, dtype=torch.long)
+    mask = mask[index]
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    for layer in _cache_layers(cache):
+        layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+    return mask[:, start:]
+
+
+class _Lane:
+    """One cached forward over a changing set of rows (continuous batching). Kinds:
+      * "mixed": the base model / PEFT mixed-adapter batch; row i runs adapter names[i] (a LoRA
+        task, or BASE): the phi rows of LoRA and plain requests and the theta (base) rows of
+        every steered request;
+      * "ia3": a task's merged IA3 copy of the model (phi rows of that task);
+      * "prefix": the base model with a prompt-tuning task's virtual tokens prepended at
+        prefill (phi rows of that task).
+    `owners[k]` is the (row, role) whose logits row k of a forward gives."""
+
+    def __init__(self, engine: "SVDEngine", kind: str, task: LoadedTask | None = None):
+        self.engine, self.kind, self.task = engine, kind, task
+        self.names: list[str] = []
+        self.owners: list[tuple["_Row", str]] = []
+        self.cache = self.mask = self.next_position = None
+
+    def _forward(self, names: list[str]):
+        return self.task.phi_model if self.kind == "ia3" else self.engine.route(names)
+
+    def add(self, prompts: list[list[int]], names: list[str], owners: list[tuple["_Row", str]]) -> torch.Tensor:
+        """Prefill new rows on their own and merge their cache into the lane's; returns their
+        next-token logits [len(prompts), V]."""
+        ids, mask = left_pad(prompts, self.engine.tokenizer.pad_token_id)
+        kwargs = {"input_ids": ids}
+        if self.kind == "prefix":
+            embed = self.engine.model.get_input_embeddings()
+            n, prefix = ids.shape[0], self.task.prefix
+            kwargs = {"inputs_embeds": torch.cat([prefix.expand(n, -1, -1).to(embed.weight.dtype), embed(ids)], 1)}
+            mask = torch.cat([torch.ones(n, prefix.shape[0], dtype=mask.dtype), mask], dim=1)
+        positions = _positions(mask)
+        out = self._forward(names)(attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                   **kwargs)
+        cache = getattr(out, CACHE_KEY)
+        if self.cache is None:
+            self.cache, self.mask, self.next_position = cache, mask, positions[:, -1:] + 1
         else:
-            self.phi = CachedRunner(engine.route([BASE] * n), embed=embed, prefix=task.prefix)
-        self.theta = CachedRunner(engine.route([BASE] * n)) if any(r.steer for r in requests) else None
-        self.pad_id = engine.tokenizer.pad_token_id
+            self.mask = merge_caches(self.cache, self.mask, cache, mask)
+            self.next_position = torch.cat([self.next_position, positions[:, -1:] + 1])
+        self.names += names
+        self.owners += owners
+        return out.logits[:, -1, :]
 
-    def prefill(self, prompts):
-        ids, mask = left_pad(prompts, self.pad_id)
-        phi = self.phi.prefill(ids, mask)
-        return phi, (self.theta.prefill(ids, mask) if self.theta else phi)
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = self._forward(self.names)(input_ids=tokens[:, None], attention_mask=self.mask,
+                                        position_ids=self.next_position, use_cache=True, **{CACHE_KEY: self.cache})
+        self.cache = getattr(out, CACHE_KEY)
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1, :]
 
-    def step(self, tokens):
-        phi = self.phi.step(tokens)
-        return phi, (self.theta.step(tokens) if self.theta else phi)
+    def keep(self, live: set[int]) -> None:
+        """Drop the rows of requests not in `live` (ids of rows still running)."""
+        rows = [k for k, (row, _) in enumerate(self.owners) if id(row) in live]
+        if len(rows) == len(self.owners):
+            return
+        self.owners = [self.owners[k] for k in rows]
+        self.names = [self.names[k] for k in rows]
+        if rows:
+            self.mask = select_cache_rows(self.cache, self.mask, rows)
+            self.next_position = self.next_position[torch.tensor(rows, dtype=torch.long)]
+        else:
+            self.cache = self.mask = self.next_position = None
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request's state in the running batch."""
+
+    request: DecodeRequest
+    generator: torch.Generator | None
+    phi: torch.Tensor | None = None        # next-token logits of the adapted model (or the base)
+    theta: torch.Tensor | None = None      # of the base model (steered rows only)
+    produced: int = 0
+    masked_total: float = 0.0
+    last_token: int = 0
+
+
+class DecodeBatch:
+    """The running batch of continuous batching, without threads (SVDEngine.generate and
+    ContinuousBatcher drive it). At a decode-step boundary:
+      * `admit(requests)` prefills newcomers alone and merges their KV caches into the running
+        lanes (left padding, a per-row attention mask and per-row position ids keep every row
+        exactly as it would be decoded alone);
+      * `advance()` removes rows the caller stopped (`DecodeRequest.finish`: stop string,
+        disconnect), picks one token per row (steering per row: mu, alpha, steer on / off),
+        removes rows that finished (EOS, max_tokens, a complete JSON object), then runs ONE
+        forward per lane for the rest. It returns (request, event) pairs:
+        {"token", "logprob"} per produced token and {"done", "finish_reason",
+        "completion_tokens", "mean_masked_vocab"} once per request."""
+
+    def __init__(self, engine: "SVDEngine"):
+        self.engine = engine
+        self.lanes: dict[tuple, _Lane] = {}
+        self.rows: list[_Row] = []
+        self.steps = 0                    # forwards run so far (one per decode step)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _lane(self, kind: str, task: LoadedTask | None = None) -> _Lane:
+        key = (kind, task.id if kind != "mixed" else None)
+        if key not in self.lanes:
+            self.lanes[key] = _Lane(self.engine, kind, task)
+        return self.lanes[key]
+
+    @torch.no_grad()
+    def admit(self, requests: list[DecodeRequest]) -> None:
+        plan: dict[int, tuple[_Lane, list]] = {}
+        rows = []
+        for request in requests:
+            row = _Row(request, torch.Generator().manual_seed(request.sampling.seed)
+                       if request.sampling.seed is not None else None)
+            request.json_state = JSONPrefix() if request.json_mode else None
+            task = request.task
+            if task is None or task.kind == "lora":
+                lane, name = self._lane("mixed"), task.id if task else BASE
+            else:
+                lane, name = self._lane("ia3" if task.kind == "ia3" else "prefix", task), BASE
+            plan.setdefault(id(lane), (lane, []))[1].append((row, "phi", name))
+            if request.steer:
+                base = self._lane("mixed")
+                plan.setdefault(id(base), (base, []))[1].append((row, "theta", BASE))
+            rows.append(row)
+        with self.engine.lock:
+            for lane, entries in plan.values():
+                logits = lane.add([row.request.prompt_ids for row, _, _ in entries], [n for _, _, n in entries],
+                                  [(row, role) for row, role, _ in entries])
+                for k, (row, role, _) in enumerate(entries):
+                    setattr(row, role, logits[k])
+        self.rows += rows
+
+    def _remove(self, leaving: list[_Row]) -> None:
+        if not leaving:
+            return
+        gone = {id(row) for row in leaving}
+        self.rows = [row for row in self.rows if id(row) not in gone]
+        live = {id(row) for row in self.rows}
+        for key in list(self.lanes):
+            self.lanes[key].keep(live)
+            if not self.lanes[key].owners:
+                del self.lanes[key]
+
+    def _done(self, row: _Row, reason: str) -> dict:
+        """The final event of a row; `left_at_step` = forwards run before it left the batch."""
+        return {"done": True, "finish_reason": reason, "completion_tokens": row.produced,
+                "mean_masked_vocab": row.masked_total / max(row.produced, 1), "left_at_step": self.steps}
+
+    @torch.no_grad()
+    def advance(self) -> list[tuple[DecodeRequest, dict]]:
+        events = []
+        stopped = [row for row in self.rows if row.request.finish]
+        for row in stopped:
+            events.append((row.request, self._done(row, row.request.finish)))
+        self._remove(stopped)
+        if not self.rows:
+            return events
+        phi = torch.stack([row.phi for row in self.rows]).float()
+        logits = phi
+        steered = [k for k, row in enumerate(self.rows) if row.request.steer]
+        if steered:
+            requests = [self.rows[k].request for k in steered]
+            theta = torch.stack([self.rows[k].theta for k in steered])
+            steer_rows = steer_logits(phi[steered], theta, torch.tensor([r.mu for r in requests]),
+                                      torch.tensor([r.alpha for r in requests]))
+            masked = (torch.isinf(steer_rows).sum(-1) - torch.isinf(phi[steered]).sum(-1)).tolist()
+            for k, m in zip(steered, masked):
+                self.rows[k].masked_total += m
+            logits = phi.clone()
+            logits[steered] = steer_rows
+        tokens = pick_tokens(logits, [row.request.sampling for row in self.rows], [row.generator for row in self.rows])
+        finished = []
+        eos = self.engine.tokenizer.eos_token_id
+        for k, row in enumerate(self.rows):
+            r = row.request
+            if r.json_mode:
+                tokens[k] = constrained_choice(logits[k], r.json_state, self.engine._token_text, r.sampling.temperature,
+                                               row.generator)
+            token = int(tokens[k])
+            row.produced += 1
+            if token == eos and not r.ignore_eos:
+                row.produced -= 1
+                events.append((r, self._done(row, "stop")))
+                finished.append(row)
+                continue
+            logprob = None
+            if r.top_logprobs is not None:
+                logp = torch.log_softmax(logits[k], dim=-1)
+                alternatives = []
+                if r.top_logprobs:
+                    top = torch.topk(logp, r.top_logprobs)
+                    alternatives = list(zip(top.indices.tolist(), top.values.tolist()))
+                logprob = (float(logp[token]), alternatives)
+            events.append((r, {"token": token, "logprob": logprob}))
+            row.last_token = token
+            reason = None
+            if row.produced >= r.max_tokens:
+                reason = "length"
+            elif r.json_state is not None and r.json_state.complete:
+                reason = "stop"
+            if reason:
+                events.append((r, self._done(row, reason)))
+                finished.append(row)
+        self._remove(finished)
+        if self.rows:
+            with self.engine.lock:
+                for lane in self.lanes.values():
+                    logits = lane.step(torch.tensor([row.last_token for row, _ in lane.owners]))
+                    for k, (row, role) in enumerate(lane.owners):
+                        setattr(row, role, logits[k])
+            self.steps += 1
+        return events
+
+
+class ContinuousBatcher:
+    """Continuous batching on a thread: `submit(request, on_event)` queues a request; it joins
+    the running batch at the next decode-step boundary (at most `max_rows` rows run at once;
+    the rest wait in arrival order). `on_event(event)` is called from the batcher thread with
+    every event of that request (`DecodeBatch.advance`), or {"error": exception} when a forward
+    failed. `cancel(request)` makes the row leave at the next boundary: a row is part of at most
+    one more forward after it is cancelled (`stats()["cancel_lag_steps"]` records how many)."""
+
+    def __init__(self, engine: "SVDEngine", max_rows: int = 8, gather_s: float = 0.0):
+        self.engine, self.max_rows, self.gather_s = engine, max_rows, gather_s
+        self.batch = DecodeBatch(engine)
+        self.pending: list[tuple[DecodeRequest, object]] = []
+        self.callbacks: dict[int, object] = {}
+        self.cancelled_at: dict[int, int] = {}
+        self.cancel_lags: list[int] = []
+        self.admitted = 0
+        self.cv = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="svd-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: DecodeRequest, on_event) -> None:
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            self.pending.append((request, on_event))
+            self.cv.notify()
+
+    def cancel(self, request: DecodeRequest) -> None:
+        with self.cv:
+            if request.finish is None:
+                request.finish = "cancelled"
+                self.cancelled_at[id(request)] = self.batch.steps
+            self.cv.notify()
+
+    def stats(self) -> dict:
+        with self.cv:
+            return {"running": len(self.batch), "queued": len(self.pending), "steps": self.batch.steps,
+                    "admitted": self.admitted, "max_rows": self.max_rows,
+                    "cancel_lag_steps_max": max(self.cancel_lags, default=None),
+                    "cancelled_rows": len(self.cancel_lags)}
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join(timeout=30)
+
+    def _take(self) -> list[tuple[DecodeRequest, object]]:
+        """Newcomers for this boundary (caller holds cv); requests cancelled while queued are
+        answered at once."""
+        room = self.max_rows - len(self.batch)
+        take, keep = [], []
+        for request, on_event in self.pending:
+            if request.finish:
+                on_event({"done": True, "finish_reason": request.finish, "completion_tokens": 0,
+                          "mean_masked_vocab": 0.0})
+                self.cancelled_at.pop(id(request), None)
+            elif len(take) < room:
+                take.append((request, on_event))
+            else:
+                keep.append((request, on_event))
+        self.pending = keep
+        return take
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.closed and not self.pending and not len(self.batch):
+                    self.cv.wait()
+                if self.closed:
+                    break
+                idle = not len(self.batch)
+            if idle and self.gather_s > 0:             # an idle batcher waits briefly for company
+                time.sleep(self.gather_s)
+            with self.cv:
+                newcomers = self._take()
+            try:
+                if newcomers:
+                    for request, on_event in newcomers:
+                        self.callbacks[id(request)] = on_event
+                    self.batch.admit([request for request, _ in newcomers])
+                    self.admitted += len(newcomers)
+                events = self.batch.advance()
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+                self._fail(exc)
+                continue
+            for request, event in events:
+                callback = self.callbacks.get(id(request))
+                if event.get("done"):
+                    self.callbacks.pop(id(request), None)
+                    if id(request) in self.cancelled_at:
+                        with self.cv:
+                            self.cancel_lags.append(event["left_at_step"] - self.cancelled_at.pop(id(request)))
+                if callback is not None:
+                    callback(event)
+
+    def _fail(self, exc: Exception) -> None:
+        callbacks = list(self.callbacks.values())
+        self.callbacks.clear()
+        self.cancelled_at.clear()
+        self.batch = DecodeBatch(self.engine)
+        for callback in callbacks:
+            callback({"error": exc})
 
 
 class SVDEngine:
@@ -201,96 +494,29 @@ class SVDEngine:
         return forward
 
     # ------------------------------------------------------------------ generation
-    def _groups(self, requests: list[DecodeRequest]):
-        one_pass = [i for i, r in enumerate(requests) if r.task is None or r.task.kind == "lora"]
-        groups = [(one_pass, _OnePassGroup(self, [requests[i] for i in one_pass]))] if one_pass else []
-        for task_id in dict.fromkeys(r.task.id for r in requests if r.task and r.task.kind != "lora"):
-            index = [i for i, r in enumerate(requests) if r.task and r.task.id == task_id]
-            groups.append((index, _TwoPassGroup(self, requests[index[0]].task, [requests[i] for i in index])))
-        return groups
-
-    @torch.no_grad()
     def generate(self, requests: list[DecodeRequest]):
-        """Yield, per step, one entry per request: a token id, or None once it has finished
-        (EOS or max_tokens). Ends when all have finished. Stats land in `self.last_stats`."""
+        """Decode a fixed set of requests together (a DecodeBatch admitted once). Yields, per
+        step, one entry per request: a token id, or None once it has finished (EOS, max_tokens,
+        or `finish` set by the caller). Ends when all have finished. Per-request stats (finish
+        reason, mean masked vocabulary, this step's log-probs) land in `self.last_stats`."""
+        batch = DecodeBatch(self)
+        batch.admit(requests)
+        index = {id(r): i for i, r in enumerate(requests)}
         n = len(requests)
-        eos = self.tokenizer.eos_token_id
-        mu = torch.tensor([r.mu for r in requests])
-        alpha = torch.tensor([r.alpha for r in requests])
-        steered = torch.tensor([r.steer for r in requests])
-        generators = []
-        for r in requests:
-            gen = None
-            if r.sampling.seed is not None:
-                gen = torch.Generator().manual_seed(r.sampling.seed)
-            generators.append(gen)
-        for r in requests:
-            r.json_state = JSONPrefix() if r.json_mode else None
-        masked_total = torch.zeros(n)
-        produced = torch.zeros(n, dtype=torch.long)
-        done = torch.zeros(n, dtype=torch.bool)
-        finish_reason: list[str | None] = [None] * n
-        self.last_stats = {"mean_masked_vocab": [0.0] * n, "finish_reason": finish_reason, "logprobs": [None] * n}
-        with self.lock:
-            groups = self._groups(requests)
-            phi, theta = self._combine(groups, n, lambda g, idx: g.prefill([requests[i].prompt_ids for i in idx]))
-        for _ in range(max(r.max_tokens for r in requests)):
-            logits = phi.float()
-            if (steered & ~done).any():
-                rows = (steered & ~done).nonzero().squeeze(1)
-                steer_rows = steer_logits(phi[rows], theta[rows], mu[rows], alpha[rows])
-                masked_total[rows] += (torch.isinf(steer_rows).sum(-1) - torch.isinf(phi[rows].float()).sum(-1)).float()
-                logits = logits.clone()
-                logits[rows] = steer_rows
-            tokens = pick_tokens(logits, [r.sampling for r in requests], generators)
-            for i, r in enumerate(requests):
-                if r.json_mode and not done[i]:
-                    tokens[i] = constrained_choice(logits[i], r.json_state, self._token_text, r.sampling.temperature,
-                                                   generators[i])
-            wants = [i for i, r in enumerate(requests) if r.top_logprobs is not None and not done[i]]
-            step_logprobs = [None] * n
-            if wants:
-                logp = torch.log_softmax(logits[wants].float(), dim=-1)
-                for k, i in enumerate(wants):
-                    alternatives = []
-                    if requests[i].top_logprobs:
-                        top = torch.topk(logp[k], requests[i].top_logprobs)
-                        alternatives = list(zip(top.indices.tolist(), top.values.tolist()))
-                    step_logprobs[i] = (float(logp[k, tokens[i]]), alternatives)
-            self.last_stats["logprobs"] = step_logprobs
-            out = []
-            for i, r in enumerate(requests):
-                if not done[i] and r.finish:          # stopped by the caller (stop string, disconnect)
-                    done[i], finish_reason[i] = True, r.finish
-                if done[i]:
-                    out.append(None)
-                    continue
-                produced[i] += 1
-                if int(tokens[i]) == eos and not r.ignore_eos:
-                    done[i], finish_reason[i] = True, "stop"
-                    out.append(None)
-                    continue
-                out.append(int(tokens[i]))
-                if produced[i] >= r.max_tokens:
-                    done[i], finish_reason[i] = True, "length"
-            self.last_stats["mean_masked_vocab"] = (masked_total / produced.clamp_min(1)).tolist()
+        stats = {"mean_masked_vocab": [0.0] * n, "finish_reason": [None] * n, "logprobs": [None] * n}
+        self.last_stats = stats
+        while len(batch):
+            out = [None] * n
+            stats["logprobs"] = [None] * n
+            for request, event in batch.advance():
+                i = index[id(request)]
+                if event.get("done"):
+                    stats["finish_reason"][i] = event["finish_reason"]
+                    stats["mean_masked_vocab"][i] = event["mean_masked_vocab"]
+                else:
+                    out[i] = event["token"]
+                    stats["logprobs"][i] = event["logprob"]
             yield out
-            if bool(done.all()):
-                return
-            feed = tokens.masked_fill(done, eos)
-            with self.lock:
-                phi, theta = self._combine(groups, n, lambda g, idx: g.step(feed[idx]))
-
-    @staticmethod
-    def _combine(groups, n, call):
-        phi = theta = None
-        for index, group in groups:
-            group_phi, group_theta = call(group, index)
-            if phi is None:
-                phi = torch.empty(n, group_phi.shape[-1], dtype=group_phi.dtype)
-                theta = torch.empty_like(phi)
-            phi[index], theta[index] = group_phi, group_theta
-        return phi, theta
 
     def _token_text(self, token: int) -> str:
         """A token's text alone (special tokens give their literal text, which JSON mode refuses)."""
