@@ -144,7 +144,7 @@ def _global():
             A: np.zeros((2, 2), np.float32), B: np.zeros((2, 2), np.float32)}
 
 
-def _update(cid, n, value, usage, importance, experts, a_rows=None, b_cols=None):
+def _update(cid, n, value, usage, importance, experts, a_rows=None, b_cols=None, descriptors=None):
     layout = moe_layout({k: v.shape for k, v in _global().items()})
     full = {R: np.full((2, 2), value, np.float32), D: np.full((1, 2), value, np.float32),
             A: np.full((2, 2), value, np.float32) if a_rows is None else a_rows,
@@ -154,6 +154,8 @@ def _update(cid, n, value, usage, importance, experts, a_rows=None, b_cols=None)
              "gate_kl": 0.0, "load": np.zeros((1, 2)), "trained": np.ones((1, 2), bool), "entropy": 0.5,
              "token_entropy": 0.1, "uploaded_experts": len(experts), "backward_expert_tokens": 1.0,
              "max_trained_experts": 2, "budget": None}
+    if descriptors is not None:
+        stats["descriptors"] = descriptors
     return ClientUpdate(cid, n, {R: full[R], D: full[D], **rows}, stats=stats)
 
 
@@ -195,12 +197,13 @@ def test_fedavg_moe_is_example_weighted():
 def test_fedalign_router_rows_are_weighted_by_routing_mass():
     u1 = _update(1, 10, 1.0, [0.8, 0.2], [0.5, 0.5], [0, 1])
     u2 = _update(2, 30, 3.0, [0.2, 0.8], [0.5, 0.5], [0, 1])
-    new, _, _ = _aggregate(FedAlignMoE(FedAlignMoESettings(semantic_filter=False)), [u1, u2])
+    new, _, _ = _aggregate(FedAlignMoE(FedAlignMoESettings(semantic_filter=False, descriptor="update")), [u1, u2])
     s = np.array([[10 * 0.8, 10 * 0.2], [30 * 0.2, 30 * 0.8]])        # s_i(e) = n_i u_i(e)
     for e in range(2):
         np.testing.assert_allclose(new[R][e], (s[0, e] * 1 + s[1, e] * 3) / s[:, e].sum(), rtol=1e-6)
     np.testing.assert_allclose(new[D], 2.5)
-    plain, _, _ = _aggregate(FedAlignMoE(FedAlignMoESettings(router_weighting="examples")), [u1, u2])
+    plain, _, _ = _aggregate(FedAlignMoE(FedAlignMoESettings(router_weighting="examples", descriptor="update")),
+                             [u1, u2])
     np.testing.assert_allclose(plain[R], 2.5)
 
 
@@ -213,7 +216,7 @@ def test_fedalign_drops_a_misaligned_client():
         a = base_a + 0.01 * rng.normal(size=(2, 2)).astype(np.float32)
         b = sign * base_b + 0.01 * rng.normal(size=(2, 2)).astype(np.float32)
         updates.append(_update(cid, 10, 1.0, [0.5, 0.5], [0.5, 0.5], [0, 1], a_rows=a, b_cols=b))
-    new, _, metrics = _aggregate(FedAlignMoE(FedAlignMoESettings()), updates)
+    new, _, metrics = _aggregate(FedAlignMoE(FedAlignMoESettings(descriptor="update")), updates)
     assert metrics["expert_slices_dropped"] == 2 and metrics["expert_slices_held"] == 12   # client 5, both experts
     aligned_b = np.mean([u.params[B].values for u in updates[:5]], 0)
     layout = moe_layout({k: v.shape for k, v in _global().items()})
@@ -222,8 +225,102 @@ def test_fedalign_drops_a_misaligned_client():
         np.testing.assert_allclose(new[B][:, tb.index([e])],
                                    aligned_b[:, [list(updates[0].params[B].index).index(i) for i in tb.index([e])]],
                                    rtol=1e-5)
-    kept, _, metrics = _aggregate(FedAlignMoE(FedAlignMoESettings(semantic_filter=False)), updates)
+    kept, _, metrics = _aggregate(FedAlignMoE(FedAlignMoESettings(semantic_filter=False, descriptor="update")),
+                                  updates)
     assert metrics["expert_slices_dropped"] == 0
+
+
+def test_fedalign_anchor_hidden_states_drop_a_misaligned_client_and_personalise_by_gamma():
+    # descriptors = hidden-state changes on the anchors; client 5 moves expert 0 the other way,
+    # expert 1 all agree. Rows of client c hold the value c+1 so every mix is checkable by hand.
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(2, 12))
+    n = [10, 20, 30, 40, 50, 60]
+    updates = []
+    for cid in range(6):
+        desc = {0: {e: ((-1.0 if cid == 5 and e == 0 else 1.0) * base[e] + 0.05 * rng.normal(size=12))
+                    .astype(np.float16) for e in range(2)}}
+        updates.append(_update(cid, n[cid], cid + 1.0, [0.5, 0.5], [0.5, 0.5], [0, 1], descriptors=desc))
+    strategy = FedAlignMoE(FedAlignMoESettings(expert_mode="personalised"))
+    new, state, metrics = _aggregate(strategy, updates)
+    assert metrics["expert_slices_held"] == 12 and metrics["expert_slices_dropped"] == 1   # client 5, expert 0
+    layout = moe_layout({k: v.shape for k, v in _global().items()})
+    ta = next(t for t in layout.tensors if t.key == A)
+    np.testing.assert_allclose(new[A][ta.index([0])], sum(n[c] * (c + 1) for c in range(5)) / sum(n[:5]), rtol=1e-6)
+    np.testing.assert_allclose(new[A][ta.index([1])], sum(n[c] * (c + 1) for c in range(6)) / sum(n), rtol=1e-6)
+    # gamma_ij ∝ n_j·1[S_ij >= tau]: for expert 0 the aligned clients mix among themselves, client 5 keeps its own
+    for e in range(2):
+        desc = np.stack([u.stats["descriptors"][0][e].astype(np.float64) for u in updates])
+        sim = desc @ desc.T / np.outer(np.linalg.norm(desc, axis=1), np.linalg.norm(desc, axis=1))
+        off = sim[~np.eye(6, dtype=bool)]
+        tau = off.mean() - off.std()
+        for cid in range(6):
+            mine = state["personal"][cid][A]
+            got = dict(zip(mine["index"].tolist(), mine["values"][:, 0].tolist()))
+            gamma = np.array([n[j] * (sim[cid, j] >= tau or j == cid) for j in range(6)], float)
+            np.testing.assert_allclose(got[ta.index([e])[0]], (gamma * np.arange(1, 7)).sum() / gamma.sum(), rtol=1e-5)
+            if e == 0 and cid == 5:
+                assert got[ta.index([0])[0]] == 6.0          # nobody is close to client 5: it keeps its own
+    assert state["personal"][5][A]["values"][ta.index([0])[0] == state["personal"][5][A]["index"]][0, 0] == 6.0
+    inst = strategy.configure_round(2, state, [5], None)[5]
+    assert inst["personal_experts"] is state["personal"][5]
+    _, global_state, _ = _aggregate(FedAlignMoE(FedAlignMoESettings()), updates)
+    assert "personal" not in global_state
+    assert "personal_experts" not in FedAlignMoE(FedAlignMoESettings()).configure_round(2, state, [5], None)[5]
+
+
+def test_fedalign_client_sends_expert_output_changes_on_the_global_anchor_region(tiny, topics):
+    from pipelines.fedmoe.model import anchor_regions, expert_output
+    model, handover, g = tiny
+    handover.restore()
+    set_params(model, g)
+    torch.manual_seed(0)
+    strategy = FedAlignMoE(FedAlignMoESettings(lr=0.02, batch_size=32, anchor_tokens=6))
+    update = strategy.client_update(_ctx(model, topics, 0, {"p_glob": np.full((2, 8), 1 / 8, np.float32),
+                                                            "lr": 0.02}, np.arange(64)))
+    desc = update.stats["descriptors"]
+    layout = moe_layout({k: v.shape for k, v in g.items()})
+    handover.restore()
+    set_params(model, g)
+    regions = anchor_regions(model, 2, 6)
+    assert all(len(r.inputs) <= 6 for r in regions) and sum(len(r.inputs) for r in regions) > 0
+    trained = insert_rows({**g, **{k: v for k, v in update.params.items() if not isinstance(v, Rows)}},
+                          {k: v for k, v in update.params.items() if isinstance(v, Rows)})
+    set_params(model, trained)
+    uploaded = {(t.layer, e) for t in layout.tensors for e in range(8)
+                if update.stats["usage"][t.layer][e] > 0.01}
+    assert {(layer, e) for layer, d in desc.items() for e in d} == uploaded
+    tap = model.fedmoe_tap
+    changed = 0
+    with torch.no_grad():
+        for r in regions:
+            if (r.layer, r.expert) in uploaded:
+                want = (expert_output(tap.experts[r.layer], r.inputs, r.expert) - r.global_output).reshape(-1)
+                got = torch.from_numpy(desc[r.layer][r.expert].astype(np.float32))
+                torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+                changed += int(want.abs().max() > 1e-3)
+    assert changed > 0
+
+
+def test_a_personalised_client_starts_from_its_own_experts(tiny, topics):
+    model, handover, g = tiny
+    handover.restore()
+    set_params(model, g)
+    layout = moe_layout({k: v.shape for k, v in g.items()})
+    t = layout.tensors[0]
+    idx = t.index([3])
+    values = np.full(np.take(g[t.key], idx, axis=t.axis).shape, 0.5, np.float32)
+    strategy = FedAlignMoE(FedAlignMoESettings(lr=0.0, descriptor="update", gate_reg=0.0))
+    update = strategy.client_update(_ctx(model, topics, 0, {"p_glob": np.full((2, 8), 1 / 8, np.float32), "lr": 0.0,
+                                                            "personal_experts": {t.key: {"index": idx, "values": values,
+                                                                                         "axis": t.axis}}},
+                                         np.arange(32)))
+    sent = update.params[t.key]
+    where = [list(sent.index).index(i) for i in idx]
+    np.testing.assert_array_equal(np.take(sent.values, where, axis=t.axis), values)       # lr 0: it starts there
+    rest = [list(sent.index).index(i) for i in t.index([e for e in range(8) if e != 3]) if i in set(sent.index)]
+    np.testing.assert_array_equal(np.take(sent.values, rest, axis=t.axis),        # the other experts: global
+                                  np.take(g[t.key], np.asarray(sent.index)[rest], axis=t.axis))
 
 
 def test_fedalign_gating_regulariser_pulls_toward_the_global_marginal(tiny, topics):

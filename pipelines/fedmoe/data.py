@@ -15,6 +15,12 @@
   models); ``full`` keeps the tokenizer's ids (the upcycled SmolLM2).
 - ``drug-reviews-instruct``: the same reviews as instruction data for the causal-LM loss:
   "Review: ... Sentiment:" followed by the one-token answer; targets are -100 except the answer.
+
+Public anchors ([R], FedAlign-MoE's semantic descriptors, and the upcycled router's k-means init):
+``info['anchors']`` holds ``anchor_size`` unlabelled input sequences that stand in for a public
+set the server may hold. ``moe-topics`` draws them fresh from the same generator (after the test
+set, so train and test do not change); the drug reviews take the inputs of ``anchor_size`` train
+reviews chosen by ``seed`` (no labels; those reviews also stay in their clients' data).
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ VOCABS = ("compact", "full")
 
 def load_topics(path: str | None = None, seed: int = 0, num_topics: int = 4, topic_vocab: int = 24,
                 shared_vocab: int = 32, seq_len: int = 32, own_share: float = 0.3, other_share: float = 0.15,
-                train_size: int = 2000, test_size: int = 500) -> Dataset:
+                train_size: int = 2000, test_size: int = 500, anchor_size: int = 16) -> Dataset:
     """Sequences of ``seq_len`` tokens; each token is from the sequence's topic with probability
     ``own_share``, from another topic with ``other_share``, else from the shared vocabulary.
     Token 0 is never used (no padding). Label = topic."""
-    if num_topics < 2 or topic_vocab < 1 or shared_vocab < 1 or seq_len < 2:
-        raise UserError("moe-topics needs num_topics >= 2, topic_vocab >= 1, shared_vocab >= 1, seq_len >= 2")
+    if num_topics < 2 or topic_vocab < 1 or shared_vocab < 1 or seq_len < 2 or anchor_size < 0:
+        raise UserError("moe-topics needs num_topics >= 2, topic_vocab >= 1, shared_vocab >= 1, seq_len >= 2, "
+                        "anchor_size >= 0")
     if not (0 < own_share <= 1 and 0 <= other_share and own_share + other_share <= 1):
         raise UserError(f"moe-topics: own_share={own_share}, other_share={other_share} must be shares with "
                         f"0 < own_share and own_share + other_share <= 1")
@@ -65,9 +72,10 @@ def load_topics(path: str | None = None, seed: int = 0, num_topics: int = 4, top
 
     x_train, y_train = draw(train_size)
     x_test, y_test = draw(test_size)
+    x_anchor, _ = draw(anchor_size)      # drawn last: train and test are as without anchors
     return Dataset("moe-topics", x_train, y_train, x_test, y_test,
                    info={"vocab_size": 1 + shared_vocab + num_topics * topic_vocab, "seq_len": seq_len,
-                         "num_classes": num_topics})
+                         "num_classes": num_topics, "anchors": x_anchor})
 
 
 def _reviews(path: str | None) -> tuple[list[dict], list[dict]]:
@@ -102,18 +110,27 @@ def _text(row: dict) -> str:
 
 
 def load_drug_reviews(path: str | None = None, seed: int = 0, seq_len: int = 64, vocab: str = "compact",
-                      tokenizer: str | None = None) -> Dataset:
+                      tokenizer: str | None = None, anchor_size: int = 16) -> Dataset:
     """3-class sentiment of drug reviews, last-token classification (see the module docstring)."""
     x_train, x_test, y_train, y_test, groups, info = _encode(path, seq_len, vocab, tokenizer, instruct=False)
+    info["anchors"] = _anchors(x_train, anchor_size, seed)
     return Dataset("drug-reviews", x_train, y_train, x_test, y_test, info={**info, "num_classes": len(LABELS)},
                    groups=groups)
 
 
 def load_drug_reviews_instruct(path: str | None = None, seed: int = 0, seq_len: int = 64, vocab: str = "full",
-                               tokenizer: str | None = None) -> Dataset:
+                               tokenizer: str | None = None, anchor_size: int = 16) -> Dataset:
     """Instruction form: 'Review: <text> Sentiment:' + the answer token; targets -100 but the answer."""
     x_train, x_test, y_train, y_test, groups, info = _encode(path, seq_len, vocab, tokenizer, instruct=True)
+    info["anchors"] = _anchors(x_train, anchor_size, seed)
     return Dataset("drug-reviews-instruct", x_train, y_train, x_test, y_test, info=info, groups=groups)
+
+
+def _anchors(x_train: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The inputs of ``size`` train reviews (a seeded choice, no labels): the public anchor set [R]."""
+    if not 0 <= size <= len(x_train):
+        raise UserError(f"data.args.anchor_size={size} must be in 0..{len(x_train)}")
+    return x_train[np.sort(np.random.default_rng([seed, 29]).permutation(len(x_train))[:size])]
 
 
 def _encode(path, seq_len, vocab, tokenizer, instruct):

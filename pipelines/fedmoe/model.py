@@ -29,6 +29,7 @@ when asked), with the mask of real (non-padding) tokens: the strategies read rou
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +59,13 @@ class RouterTap:
         self.inputs: dict[int, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
         self.routers: dict[int, nn.Module] = {}
+        self.experts: dict[int, nn.Module] = {}    # the (LoRA-wrapped) fused experts of each MoE layer
         for name, module in model.named_modules():
             m = ROUTER_KEY.search(name + ".weight")
             if m and hasattr(module, "weight") and module.weight.dim() == 2:
                 layer = int(m.group(1))
                 self.routers[layer] = module
+                self.experts[layer] = model.get_submodule(name.rsplit(".", 1)[0]).experts
                 module.register_forward_pre_hook(self._input_hook(layer))
                 module.register_forward_hook(self._output_hook(layer))
         if not self.routers:
@@ -110,6 +113,61 @@ class MoEClassifier(nn.Module):
         else:
             last = ((x != self.pad_id).sum(1) - 1).clamp(min=0)
         return self.head(hidden[torch.arange(x.shape[0], device=x.device), last].float())
+
+
+def expert_output(experts: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s output on the rows of ``x`` (tokens, d) alone, gate weight 1, through the
+    module's own forward (so its LoRA is applied), as float32."""
+    index = torch.full((len(x), 1), expert, dtype=torch.long, device=x.device)
+    return experts(x, index, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)).float()
+
+
+@dataclass
+class AnchorRegion:
+    """Expert ``expert`` of MoE layer ``layer``: the public anchor tokens the global router sends it
+    (``inputs``: their MoE-block inputs under the global model) and the global expert's output there."""
+
+    layer: int
+    expert: int
+    inputs: torch.Tensor
+    global_output: torch.Tensor
+
+
+@torch.no_grad()
+def anchor_regions(model: nn.Module, top_k: int, per_expert: int, device: str = "cpu") -> list[AnchorRegion]:
+    """FedAlign-MoE's region-conditioned anchors [R]: run the public anchor sequences
+    (``model.fedmoe_anchors``, from the data set's ``info['anchors']``) through the model as it is
+    now (the round's global model, before local training); for each layer and expert keep up to
+    ``per_expert`` anchor tokens whose global top-k includes the expert, those with the highest gate
+    probability for it (ties to the earlier token), with the global expert's output on them."""
+    anchors = getattr(model, "fedmoe_anchors", None)
+    if anchors is None or len(anchors) == 0:
+        raise UserError("strategy.params.descriptor=anchor-hidden needs public anchor sequences from the data set "
+                        "(moe-topics and drug-reviews give them as info['anchors']); use descriptor=update")
+    tap = router_tap(model)
+    was_training, keep = model.training, tap.keep_inputs
+    model.eval()
+    tap.keep_inputs = True
+    try:
+        model(torch.as_tensor(np.asarray(anchors), dtype=torch.long, device=device))
+        regions = []
+        for layer in tap.layers:
+            x = tap.inputs[layer]
+            if tap.mask is not None:
+                x = x[tap.mask.to(x.device)]
+            probs = tap.probs(layer)
+            routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, probs.topk(top_k, dim=1).indices, True)
+            for e in range(probs.shape[1]):
+                score = torch.where(routed[:, e], probs[:, e], torch.tensor(-1.0, device=probs.device))
+                order = torch.sort(score, descending=True, stable=True).indices[:per_expert]
+                idx = torch.sort(order[score[order] >= 0]).values
+                inputs = x[idx].detach().clone()
+                out = expert_output(tap.experts[layer], inputs, e) if len(idx) else inputs.float()
+                regions.append(AnchorRegion(layer, e, inputs, out))
+    finally:
+        tap.keep_inputs = keep
+        model.train(was_training)
+    return regions
 
 
 def router_tap(model: nn.Module) -> RouterTap:
@@ -170,6 +228,7 @@ def build_moe(spec: ModelSpec) -> nn.Module:
     model.register_forward_pre_hook(lambda _m, a, kw: tap.see_inputs(kw.get("input_ids", a[0] if a else None)),
                                     with_kwargs=True)
     model.fedmoe_tap = tap
+    model.fedmoe_anchors = info.get("anchors")     # public anchor sequences (FedAlign-MoE's descriptors)
     return model
 
 

@@ -135,7 +135,8 @@ def budget_experts(rho: float, experts: int) -> int:
 
 ROUTER_WEIGHTINGS = ("routing-mass", "examples")
 GATE_REGS = ("batch-marginal", "token")
-DESCRIPTORS = ("update", "weights")
+DESCRIPTORS = ("anchor-hidden", "update", "weights")
+EXPERT_MODES = ("global", "personalised")
 
 
 @dataclass
@@ -150,8 +151,19 @@ class FedAlignMoESettings(MoESettings):
     semantic_beta: float = param(1.0, "β of the adaptive threshold τ_e = M(e) − β·Σ(e) (paper's form; [R] value)",
                                  ge=0)
     semantic_filter: bool = param(True, "aggregate each expert over aligned clients only (False: τ = −∞)")
-    descriptor: str = param("update", "[R] per-expert descriptor compared by cosine: the client's LoRA update "
-                            "B_iA_i − B_gA_g, or its LoRA product B_iA_i", choices=DESCRIPTORS)
+    descriptor: str = param("anchor-hidden", "[R] per-expert descriptor compared by cosine: anchor-hidden = the "
+                            "change of expert e's output (hidden states) on the public anchor tokens the global "
+                            "router sends to e, computed by the client and sent with its stats (moe_fl.md §3b); "
+                            "update = the LoRA update B_iA_i − B_gA_g, weights = B_iA_i, both from the uploaded "
+                            "factors on the server (nothing extra sent)", choices=DESCRIPTORS)
+    anchor_tokens: int = param(8, "[R] anchor-hidden: at most this many anchor tokens per expert (those with the "
+                               "highest global gate probability among the tokens routed to it); each costs d "
+                               "float16 values per uploaded expert", ge=1, le=4096)
+    expert_mode: str = param("global", "global: one aligned expert for all (the global model); personalised "
+                             "[R, the γ_ij(e) reading]: client i also gets expert e = Σ_j γ_ij(e)·E_j(e) with "
+                             "γ_ij ∝ n_j·1[S_ij(e) >= τ_e] over the holders of e, row-normalised, and starts its "
+                             "next round from it (sent with its instruction, metered as download)",
+                             choices=EXPERT_MODES)
     min_usage: float = param(0.01, "[R] a client holds expert e (uploads and may align) when u_i(e) > this",
                              ge=0, le=1)
 

@@ -38,11 +38,21 @@ FedAlign-MoE:
     routing marginal toward the global one and leaves per-token preferences free (``token``: per-token
     KL from the round's frozen global router, an ablation).
   [P form] adaptive threshold τ_e = M(e) − β·Σ(e), the mean and std of the clients' pairwise
-    semantic similarities S_ij(e) for expert e; [R] S_ij(e) = cosine of per-expert descriptors
-    computed on the server from the uploaded LoRA factors (the client's update B_iA_i − B_gA_g by
-    default), so no hidden states are sent; client i is aligned for e when mean_j S_ij(e) >= τ_e and
-    u_i(e) > min_usage; expert e = example-weighted mean over the aligned clients [R]. The
-    personalised γ_ij(e) reading is not implemented.
+    semantic similarities S_ij(e) for expert e; [R] S_ij(e) = cosine of per-expert descriptors.
+    ``descriptor=anchor-hidden`` (default): the hidden states the review says the paper transmits,
+    on public anchors so no private input is involved: every client runs the public anchor
+    sequences (``info['anchors']`` of the data set) through the round's global model before it
+    trains; the region of expert e is the anchor tokens whose global top-k includes e (at most
+    ``anchor_tokens``, highest gate probability first), the same for all clients; after training it
+    sends, for each expert it uploads, vec(f_e^(i)(X_{l,e}) − f_e^(g)(X_{l,e})), the change of the
+    expert's output there (float16, metered with the update). ``update`` / ``weights``: computed on
+    the server from the uploaded LoRA factors (B_iA_i − B_gA_g, or B_iA_i), nothing extra sent.
+    Client i is aligned for e when mean_j S_ij(e) >= τ_e and u_i(e) > min_usage; expert e =
+    example-weighted mean over the aligned clients [R].
+  [R] ``expert_mode=personalised`` (the γ_ij(e) reading): besides the global model, client i gets
+    expert e = Σ_j γ_ij(e)·E_j(e) over the holders j of e, γ_ij ∝ n_j·1[S_ij(e) >= τ_e], row-
+    normalised; it is kept in the server state and sent with the client's next instruction (metered
+    as download), and the client starts its local training from it.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ import numpy as np
 import torch
 
 from pipelines.fedmoe.layout import MoELayout, extract_experts, moe_layout, rows_of_expert
-from pipelines.fedmoe.model import router_tap
+from pipelines.fedmoe.model import anchor_regions, expert_output, router_tap
 from pipelines.fedmoe.settings import (FedAlignMoESettings, FedAvgMoESettings, HFedMoESettings, MoESettings,
                                        budget_experts)
 from pipelines.models import get_params
@@ -267,6 +277,7 @@ class MoEStrategy(Strategy):
             "backward_expert_tokens": backward_tokens, "max_trained_experts": max_trained,
             "budget": budget,
         }
+        self.end_local(ctx, tap, trainable, layout, stats)
         params = self.upload(get_params(model), layout, stats)
         stats["uploaded_experts"] = int(sum(len(v) for v in stats.pop("upload_experts", {}).values())) \
             if "upload_experts" in stats else L * E
@@ -282,6 +293,9 @@ class MoEStrategy(Strategy):
 
     def regulariser(self, ctx, tap, layout, probs) -> torch.Tensor | float:
         return 0.0
+
+    def end_local(self, ctx, tap, trainable, layout, stats) -> None:
+        """After the local loop, before the upload (FedAlign computes its anchor descriptors here)."""
 
     def upload(self, params, layout, stats) -> dict:
         return params
@@ -396,7 +410,8 @@ class HeldExperts(WeightedSum):
 
     def __init__(self):
         super().__init__()
-        self.held: list[tuple[int, int, dict, dict]] = []   # (client, n, usage, {key: Rows})
+        # (client, n, usage, {key: Rows}, {layer: {expert: anchor descriptor}})
+        self.held: list[tuple[int, int, dict, dict, dict]] = []
 
     def merge(self, other):
         super().merge(other)
@@ -412,14 +427,40 @@ class FedAlignMoE(MoEStrategy):
         super().__init__(settings if settings is not None else FedAlignMoESettings())
 
     def instruction(self, rnd, state, cid, population):
-        return {**super().instruction(rnd, state, cid, population),
-                "p_glob": np.asarray(state["p_glob"], np.float32)}
+        out = {**super().instruction(rnd, state, cid, population), "p_glob": np.asarray(state["p_glob"], np.float32)}
+        if self.settings.expert_mode == "personalised" and cid in state.get("personal", {}):
+            out["personal_experts"] = state["personal"][cid]
+        return out
 
     # ---- client
     def begin_local(self, ctx, tap, trainable, layout):
         self._p_glob = torch.as_tensor(np.asarray(ctx.instruction["p_glob"]), dtype=torch.float32, device=ctx.device)
+        self._regions = []
+        if self.settings.descriptor == "anchor-hidden":   # on the round's global model, before any change
+            self._regions = anchor_regions(ctx.model, self._top_k(ctx.model), self.settings.anchor_tokens, ctx.device)
+        with torch.no_grad():      # personalised: start from this client's γ-mixed experts
+            for key, r in (ctx.instruction.get("personal_experts") or {}).items():
+                p = trainable[key]
+                p.index_copy_(r["axis"], torch.as_tensor(np.asarray(r["index"]), device=p.device),
+                              torch.as_tensor(np.asarray(r["values"]), dtype=p.dtype, device=p.device))
         tap.keep_inputs = self.settings.gate_reg_form == "token" and self.settings.gate_reg > 0
         self._frozen = {layer: trainable[layout.routers[layer]].detach().clone() for layer in layout.layers}
+
+    def end_local(self, ctx, tap, trainable, layout, stats):
+        """anchor-hidden [R]: for each expert the client uploads, the change of the expert's output on
+        its anchor region, vec(f_e^(i)(X_{l,e}) − f_e^(g)(X_{l,e})), float16."""
+        if not self._regions:
+            return
+        row = {layer: i for i, layer in enumerate(layout.layers)}
+        desc: dict[int, dict[int, np.ndarray]] = {}
+        with torch.no_grad():
+            for r in self._regions:
+                if stats["usage"][row[r.layer]][r.expert] > self.settings.min_usage:
+                    delta = expert_output(tap.experts[r.layer], r.inputs, r.expert) - r.global_output \
+                        if len(r.inputs) else r.global_output
+                    desc.setdefault(r.layer, {})[r.expert] = delta.reshape(-1).cpu().numpy().astype(np.float16)
+        stats["descriptors"] = desc
+        self._regions = []
 
     def regulariser(self, ctx, tap, layout, probs):
         lam = self.settings.gate_reg
@@ -460,45 +501,80 @@ class FedAlignMoE(MoEStrategy):
                 weights[layout.routers[layer]] = w[:, None]
         partial.add(type(update)(update.client_id, update.num_examples, dense, update.stats, update.metrics),
                     weight=weights)
-        partial.held.append((update.client_id, update.num_examples, update.stats["usage"], experts))
+        partial.held.append((update.client_id, update.num_examples, update.stats["usage"], experts,
+                             update.stats.get("descriptors", {})))
         return partial
 
     def aggregate(self, rnd, global_params, state, partial):
         new = partial.average(global_params)
         layout = moe_layout({k: v.shape for k, v in global_params.items()})
+        personalised = self.settings.expert_mode == "personalised"
         experts_sum = WeightedSum()
+        personal: dict[int, dict[str, list]] = {}
         consistency = np.full((len(layout.layers), layout.experts), np.nan)
-        held_pairs = aligned_pairs = 0
+        held_pairs = aligned_pairs = peers = 0
         for i, layer in enumerate(layout.layers):
+            tensors = layout.of_layer(layer)
             for e in range(layout.experts):
-                holders = [(cid, n, rows) for cid, n, usage, rows in partial.held
-                           if usage[i][e] > self.settings.min_usage
-                           and all(rows_of_expert(t, rows[t.key], e) is not None
-                                   for t in layout.of_layer(layer) if t.key in rows)
-                           and any(t.key in rows for t in layout.of_layer(layer))]
+                holders = [h for h in partial.held
+                           if h[2][i][e] > self.settings.min_usage
+                           and any(t.key in h[3] for t in tensors)
+                           and all(rows_of_expert(t, h[3][t.key], e) is not None for t in tensors if t.key in h[3])]
                 if not holders:
                     continue
-                sim = self.similarity(layout, layer, e, [h[2] for h in holders], global_params)
-                aligned = self.aligned(sim)
+                slices = [{t.key: rows_of_expert(t, h[3][t.key], e) for t in tensors if t.key in h[3]}
+                          for h in holders]
+                sim = self.similarity(layout, layer, e, holders, global_params)
+                tau = self.threshold(sim)
+                aligned = self.aligned(sim, tau)
                 if len(holders) > 1:
                     consistency[i, e] = float(sim[~np.eye(len(sim), dtype=bool)].mean())
                 held_pairs += len(holders)
                 aligned_pairs += int(aligned.sum())
-                for (cid, n, rows), ok in zip(holders, aligned):
+                for h, rows, ok in zip(holders, slices, aligned):
                     if ok:
-                        experts_sum.add(ClientUpdate(cid, n, {t.key: rows_of_expert(t, rows[t.key], e)
-                                                              for t in layout.of_layer(layer) if t.key in rows}))
+                        experts_sum.add(ClientUpdate(h[0], h[1], rows))
+                if personalised:
+                    gamma = personal_weights(sim, tau, np.array([h[1] for h in holders], np.float64))
+                    peers += int((gamma > 0).sum())
+                    for h, g_row in zip(holders, gamma):
+                        mixed = personal.setdefault(h[0], {})
+                        for key, r in slices[0].items():
+                            values = sum(g * rows[key].values.astype(np.float64) for g, rows in zip(g_row, slices))
+                            mixed.setdefault(key, []).append(Rows(r.index, values.astype(np.float32), r.axis))
         new = {**new, **{k: v for k, v in experts_sum.average(new).items() if k in layout.expert_keys}}
         metrics = {**partial.mean_metrics(), **self.telemetry(partial, state),
                    "semantic_consistency": np.where(np.isnan(consistency), None, consistency.round(4)).tolist(),
                    "expert_slices_held": held_pairs, "expert_slices_aligned": aligned_pairs,
                    "expert_slices_dropped": held_pairs - aligned_pairs}
-        return new, self.next_state(state, partial), metrics
+        new_state = self.next_state(state, partial)
+        if personalised:
+            # a client of this round gets its mixed experts; one absent this round keeps its last ones
+            new_state["personal"] = {**state.get("personal", {}),
+                                     **{cid: {key: _concat_rows(parts) for key, parts in keys.items()}
+                                        for cid, keys in personal.items()}}
+            metrics["personal_peers_mean"] = peers / max(held_pairs, 1)
+        return new, new_state, metrics
 
-    def similarity(self, layout, layer, expert, uploads, global_params) -> np.ndarray:
-        """S_ij = cosine of the clients' descriptors of ``expert``: vec of each LoRA'd projection's
-        B_iA_i − B_gA_g (``update``) or B_iA_i (``weights``), concatenated, with inner products
-        taken in the factored form Σ((P_iᵀP_j) ⊙ (Q_iQ_jᵀ)) (no out × in matrix is formed)."""
+    def similarity(self, layout, layer, expert, holders, global_params) -> np.ndarray:
+        """S_ij = cosine of the holders' descriptors of ``expert`` (see ``settings.descriptor``)."""
+        if self.settings.descriptor == "anchor-hidden":
+            vecs = [h[4].get(layer, {}).get(expert) for h in holders]
+            if any(v is None for v in vecs):
+                raise ValueError(f"descriptor=anchor-hidden: a client uploaded expert {expert} of layer {layer} "
+                                 f"without its anchor descriptor")
+            mat = np.stack([np.asarray(v, np.float64) for v in vecs]) if vecs[0].size else np.zeros((len(vecs), 0))
+            if mat.shape[1] == 0:       # no anchor token reaches this expert: nothing to compare, all agree
+                return np.ones((len(holders), len(holders)))
+            gram = mat @ mat.T
+        else:
+            gram = self._factor_gram(layout, layer, expert, [h[3] for h in holders], global_params)
+        norm = np.sqrt(np.clip(np.diag(gram), EPS, None))
+        return gram / norm[:, None] / norm[None, :]
+
+    def _factor_gram(self, layout, layer, expert, uploads, global_params) -> np.ndarray:
+        """Inner products of vec of each LoRA'd projection's B_iA_i − B_gA_g (``update``) or B_iA_i
+        (``weights``), concatenated, in the factored form Σ((P_iᵀP_j) ⊙ (Q_iQ_jᵀ)) (no out × in matrix)."""
         factors = []
         for rows in uploads:
             per = []
@@ -516,15 +592,36 @@ class FedAlignMoE(MoEStrategy):
             for j in range(i, n):
                 gram[i, j] = gram[j, i] = sum(float(((Bi.T @ Bj) * (Ai @ Aj.T)).sum())
                                               for (Bi, Ai), (Bj, Aj) in zip(factors[i], factors[j]))
-        norm = np.sqrt(np.clip(np.diag(gram), EPS, None))
-        return gram / norm[:, None] / norm[None, :]
+        return gram
 
-    def aligned(self, sim: np.ndarray) -> np.ndarray:
-        """Client i is aligned when mean_j≠i S_ij >= τ = M − β·Σ over the off-diagonal S."""
+    def threshold(self, sim: np.ndarray) -> float:
+        """τ_e = M(e) − β·Σ(e) over the off-diagonal S (−inf with the filter off or <= 2 holders)."""
         n = len(sim)
         if n <= 2 or not self.settings.semantic_filter:
-            return np.ones(n, bool)
+            return -math.inf
         off = sim[~np.eye(n, dtype=bool)]
-        tau = off.mean() - self.settings.semantic_beta * off.std()
+        return float(off.mean() - self.settings.semantic_beta * off.std())
+
+    def aligned(self, sim: np.ndarray, tau: float | None = None) -> np.ndarray:
+        """Client i is aligned when mean_j≠i S_ij >= τ_e."""
+        n = len(sim)
+        tau = self.threshold(sim) if tau is None else tau
+        if n <= 1 or tau == -math.inf:
+            return np.ones(n, bool)
         score = (sim.sum(1) - np.diag(sim)) / (n - 1)
         return score >= tau - 1e-12
+
+
+def personal_weights(sim: np.ndarray, tau: float, n: np.ndarray) -> np.ndarray:
+    """γ_ij(e) ∝ n_j·1[S_ij(e) >= τ_e], each row normalised (S_ii = 1 keeps a client's own expert) [R]."""
+    mask = (sim >= tau - 1e-12) | np.eye(len(sim), dtype=bool)
+    gamma = mask * n[None, :]
+    return gamma / gamma.sum(1, keepdims=True)
+
+
+def _concat_rows(parts: list[Rows]) -> dict:
+    """Several experts' ``Rows`` of one tensor as one plain dict (index, values, axis): server state
+    stays plain arrays (checkpointed)."""
+    axis = parts[0].axis
+    return {"index": np.concatenate([np.asarray(p.index) for p in parts]),
+            "values": np.concatenate([p.values for p in parts], axis=axis), "axis": axis}
