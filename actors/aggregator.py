@@ -153,12 +153,13 @@ class AggregatorRun:
             by_edge = {e: clients for e, clients in assign_edges([c for c in plan.kept if coverage[c]], coverage,
                                                                  len(spec.edges), settings.sticky_edges).items()
                        if clients}
+        live_pool = self._live_pool()
         budget_s = settings.round_timeout_s - (time.perf_counter() - started)
         calls = {e: spec.edges[e].run_round.remote(
                      self.run, spec.refs, rnd, [global_ref],
                      [ClientJob(c, instructions[c], spec.population.profiles[c].resource_class,
                                 self.clock.link(rnd, c), budget_s) for c in clients],
-                     self._live_pool(), budget_s, settings.inflight_per_actor, settings.actor_retries)
+                     live_pool, budget_s, settings.inflight_per_actor, settings.actor_retries)
                  for e, clients in sorted(by_edge.items())}
         results = self._collect_edges(rnd, calls, by_edge)
         if stranded:
@@ -275,15 +276,13 @@ class AggregatorRun:
         """The pool actors the GCS reports alive. One that is restarting with no room to start (its
         node was lost and the others are full) would hold every call sent to it until the round's
         timeout; a class with no live actor keeps them all, so its calls wait for a restart."""
-        from ray._private.state import actors as actor_table   # one GCS lookup per actor, ~1 ms
+        from ray._private.state import actors as actor_table   # one GCS call for the round
 
-        def alive(actor) -> bool:
-            try:
-                return actor_table(actor_id=actor._actor_id.hex()).get("State") == "ALIVE"
-            except Exception:   # the GCS did not answer: assume alive, the edge's retries cover it
-                return True
-
-        live = {cls: [a for a in actors if alive(a)] for cls, actors in self.spec.pool.items()}
+        try:
+            alive = set(actor_table(actor_state_name="ALIVE"))
+        except Exception:   # the GCS did not answer: assume all alive, the edge's retries cover it
+            return dict(self.spec.pool)
+        live = {cls: [a for a in actors if a._actor_id.hex() in alive] for cls, actors in self.spec.pool.items()}
         return {cls: live[cls] or actors for cls, actors in self.spec.pool.items()}
 
     def _collect_edges(self, rnd: int, calls: dict, by_edge: dict) -> list[EdgeResult]:
