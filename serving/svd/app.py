@@ -17,9 +17,14 @@ Routes (under the app's route prefix, e.g. /svd); request bodies are pydantic mo
   DELETE /svd/tasks/{id}                       cancel a warm start and delete the task
   POST /svd/score                              log-probability of multiple-choice options
 
-Requests share decode steps through `@serve.batch` (a request arriving mid-batch waits for that
-batch); a request whose client goes away, or that reaches a stop string, leaves its batch at the
-next decode step. NOT continuous batching: rows do not join a running batch.
+  GET  /svd/batch                              the running batch: rows running / queued, decode steps,
+        how many steps cancelled rows took to leave
+
+Continuous batching (`decoding.ContinuousBatcher`): concurrent requests (and the n choices of
+one) share decode steps; a request arriving mid-generation joins the running batch at the next
+decode-step boundary (its KV cache is merged into the batch's), steered or not, with its own mu /
+alpha; a row leaves when it finishes, reaches a stop string, or its client goes away (at the next
+boundary). At most `serve.max_batch_size` rows run at once; the rest queue in arrival order.
 
 Run: `serve run serving.svd.app:app_builder config=configs/svd.yaml [model.source=tiny-random ...]`
 (`app_builder` takes a dict: "config" is a YAML path, every other key a dotted override).
@@ -49,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgeray.config import load_config, to_dict
 from edgeray.errors import UserError
 from serving.svd.config import SVDServeConfig
-from serving.svd.decoding import DecodeRequest, SVDEngine, option_logprobs
+from serving.svd.decoding import ContinuousBatcher, DecodeRequest, SVDEngine, option_logprobs
 from serving.svd.model import load_model, resolve_source
 from serving.svd.steering import SamplingParams
 from serving.svd.warmstart import (list_tasks, new_task_record, parse_task_request, read_task, run_warm_start,
@@ -159,6 +164,8 @@ class _Generation(_Strict):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS until max_tokens "
+                                                 "(benchmarks)")
     svd: SVDOptions | None = None
 
 
@@ -294,8 +301,8 @@ class SVDServer:
         self.jobs: dict[str, Any] = {}          # task id -> ObjectRef of its warm-start Ray task
         self.local: dict[str, threading.Event] = {}   # task id -> cancel flag of an in-replica warm start
         self.created = int(time.time())
-        self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+        self.batcher = ContinuousBatcher(self.engine, self.cfg.serve.max_batch_size,
+                                         self.cfg.serve.batch_wait_timeout_s)
 
     # ------------------------------------------------------------------ tasks
     def _task_record(self, task_id: str) -> dict:
@@ -384,7 +391,7 @@ class SVDServer:
                 seed=None if body.seed is None else body.seed + i)
             decode = DecodeRequest(prompt_ids, max_tokens, task, svd["enabled"],
                                    svd["mu"] if svd["enabled"] else 0.0, svd["alpha"], sampling,
-                                   top_logprobs=top_logprobs,
+                                   top_logprobs=top_logprobs, ignore_eos=body.ignore_eos,
                                    json_mode=body.response_format is not None
                                    and body.response_format.type == "json_object")
             info = None
@@ -393,65 +400,34 @@ class SVDServer:
             jobs.append(Job(decode, info))
         return jobs
 
-    # ------------------------------------------------------------------ batched decoding
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=1)
-    async def _generate_batch(self, jobs: list[Job]):
-        """Decode a batch in lockstep; yields, per step, one event per job: {"token", "logprob",
-        "top"} while it runs, {"done", ...} when it finishes, then StopIteration."""
-        steps = self.engine.generate([job.decode for job in jobs])
-        finished = [False] * len(jobs)
-        produced = [0] * len(jobs)
-        while not all(finished):
-            tokens = await asyncio.to_thread(next, steps, None)
-            stats = self.engine.last_stats
-            events = []
-            for i, _ in enumerate(jobs):
-                if finished[i]:
-                    events.append(StopIteration)
-                    continue
-                token = tokens[i] if tokens is not None else None
-                if token is not None:
-                    produced[i] += 1
-                    logprob = stats["logprobs"][i]
-                    events.append({"token": token, "logprob": logprob})
-                    continue
-                finished[i] = True
-                events.append({"done": True, "completion_tokens": produced[i],
-                               "finish_reason": stats["finish_reason"][i] or "length",
-                               "mean_masked_vocab": stats["mean_masked_vocab"][i]})
-            yield events
-
+    # ------------------------------------------------------------------ continuous batching
     async def _choices(self, jobs: list[Job]):
-        """(choice index, event) from every job of a request, as they come. When the consumer
-        goes away (client disconnect, cancelled request), every unfinished job is marked
-        cancelled and leaves its batch at the next decode step."""
+        """(choice index, event) from every job of a request, as the batcher produces them
+        (each job joins the running batch at the next decode-step boundary). When the consumer
+        goes away (client disconnect, cancelled request), every unfinished job is cancelled and
+        leaves the batch at the next boundary."""
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        finished: set[int] = set()
 
-        async def pump(i: int, job: Job):
-            try:
-                async for event in self._generate_batch(job):
-                    await queue.put((i, event))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                await queue.put((i, exc))
-                return
-            await queue.put((i, None))
+        def deliver(i: int, event: dict) -> None:          # called from the batcher thread
+            loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
-        pumps = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
-        remaining = len(jobs)
+        for i, job in enumerate(jobs):
+            self.batcher.submit(job.decode, lambda event, i=i: deliver(i, event))
         try:
-            while remaining:
+            while len(finished) < len(jobs):
                 i, event = await queue.get()
-                if event is None:
-                    remaining -= 1
-                    continue
-                if isinstance(event, BaseException):
-                    raise event
+                if "error" in event:
+                    finished.add(i)
+                    raise event["error"]
+                if event.get("done"):
+                    finished.add(i)
                 yield i, event
         finally:
-            for job in jobs:
-                if job.decode.finish is None:
-                    job.decode.finish = "cancelled"
-            del pumps
+            for i, job in enumerate(jobs):
+                if i not in finished:
+                    self.batcher.cancel(job.decode)
 
     def _svd_field(self, job: Job, done: dict | None) -> dict | None:
         if job.svd is None:
@@ -602,6 +578,11 @@ class SVDServer:
                              "svd": {"mu_bar": record["mu_bar"], "alpha": record["alpha"],
                                      "peft_type": record["peft_type"]}})
         return {"object": "list", "data": data}
+
+    @api.get("/svd/batch")
+    async def batch(self):
+        """The continuous batch of this replica."""
+        return self.batcher.stats()
 
     # ------------------------------------------------------------------ SVD routes
     @api.post("/svd/tasks", status_code=202, responses=ERRORS)

@@ -36,8 +36,10 @@ class ServeSection:
 
     num_cpus: float = param(1.0, "Ray CPUs reserved by the replica (leave room for warm-start tasks)", ge=0)
     num_threads: int = param(2, "torch threads in the replica and in warm-start tasks", ge=1)
-    max_batch_size: int = param(8, "requests decoded together (@serve.batch)", ge=1, le=256)
-    batch_wait_timeout_s: float = param(0.02, "how long a batch waits to fill", ge=0)
+    max_batch_size: int = param(8, "rows (choices of all requests) in the continuous batch; more wait in "
+                                       "arrival order and join at a decode-step boundary", ge=1, le=256)
+    batch_wait_timeout_s: float = param(0.02, "an idle batcher waits this long for more requests before "
+                                                 "its first prefill", ge=0)
     max_ongoing_requests: int = param(64, "requests a replica accepts at once", ge=1)
     default_max_tokens: int = param(64, "max_tokens when a request gives none", ge=1)
     max_tokens_limit: int = param(512, "largest max_tokens a request may ask for", ge=1)

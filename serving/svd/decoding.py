@@ -433,7 +433,10 @@ class ContinuousBatcher:
                         with self.cv:
                             self.cancel_lags.append(event["left_at_step"] - self.cancelled_at.pop(id(request)))
                 if callback is not None:
-                    callback(event)
+                    try:
+                        callback(event)
+                    except Exception:  # noqa: BLE001 - a consumer that went away must not stop the batcher
+                        pass
 
     def _fail(self, exc: Exception) -> None:
         callbacks = list(self.callbacks.values())
@@ -441,7 +444,10 @@ class ContinuousBatcher:
         self.cancelled_at.clear()
         self.batch = DecodeBatch(self.engine)
         for callback in callbacks:
-            callback({"error": exc})
+            try:
+                callback({"error": exc})
+            except Exception:  # noqa: BLE001
+                pass
 
 
 class SVDEngine:
