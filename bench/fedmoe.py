@@ -10,9 +10,12 @@ Legs (each: 10 clients, all of them every round, Dirichlet split over the labels
 The configs are ``configs/fedmoe_*.yaml``; the overrides below size them for a loaded 2-core machine.
 
 Validity gate (moe_fl.md §6): the mean per-client routing entropy H(mean G) of the last round,
-over ln E, must be <= 0.9 for the comparison to mean anything; the JSON prints the ratio.
+over ln E, must be <= 0.9 for the comparison to mean anything; the JSON prints the ratio
+(``routing_entropy_ratio``, topics leg) and, per leg, also the mean per-token routing entropy
+over ln E (``token_entropy_ratio``): sharp per-token routing with a balanced load passes the second
+and not the first (the upcycled SmolLM2 with its k-means router init).
 
-    python bench/fedmoe.py [--quick]
+    python bench/fedmoe.py [--quick] [--seeds N] [--legs topics,drug,smollm2]
 
 Last line: JSON with fedalign_minus_fedavg_acc_alpha0.1, fedalign_rounds_ratio_alpha0.1,
 hfedmoe_bytes_ratio, hfedmoe_minus_fedavg_acc, hfedmoe_budget_violations,
@@ -182,6 +185,9 @@ def plots(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="topics leg only, alpha 0.1, 1 seed, 3 rounds (< 2 min)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the topics leg (drug, smollm2: seed 0)")
+    parser.add_argument("--legs", default="topics,drug,smollm2", help="comma-separated legs to run")
+    parser.add_argument("--topic-alphas", default="0.1,0.5", help="Dirichlet alphas of the topics leg")
     parser.add_argument("--reuse", action="store_true", help="take runs already completed under bench/results/fedmoe/"
                         "runs with the same config (the round-time pair and the centralised targets always run)")
     args = parser.parse_args()
@@ -193,12 +199,20 @@ def main() -> None:
         grid = [("topics", 0.1, 0, 3)]
         cut = ["quick: topics leg only, alpha 0.1, seed 0, 3 rounds; drug and smollm2 legs skipped"]
     else:
-        grid = [("topics", a, s, 10) for a in (0.1, 0.5) for s in (0, 1)] + \
-               [("drug", a, 0, 8) for a in (0.1, 0.5)] + [("smollm2", 0.5, 0, 2)]
-        cut = ["3 seeds -> 2 on topics, 1 on drug and smollm2", "rounds 30 -> 10 (topics), 8 (drug), 2 (smollm2)",
+        legs = [leg for leg in args.legs.split(",") if leg]
+        unknown = sorted(set(legs) - set(LEGS))
+        if unknown or args.seeds < 1:
+            parser.error(f"--legs: unknown {unknown}; choose from {', '.join(LEGS)}" if unknown else "--seeds must be >= 1")
+        alphas = [float(a) for a in args.topic_alphas.split(",") if a]
+        grid = [("topics", a, s, 10) for a in alphas for s in range(args.seeds) if "topics" in legs] + \
+               [("drug", a, 0, 8) for a in (0.1, 0.5) if "drug" in legs] + \
+               [("smollm2", 0.5, 0, 2) for _ in [0] if "smollm2" in legs]
+        cut = [f"3 seeds -> {args.seeds} on topics (alpha {alphas}), 1 on drug and smollm2",
+               "rounds 30 -> 10 (topics), 8 (drug), 2 (smollm2)",
                "smollm2: alpha 0.5 only, first 4 of 30 layers kept, seq_len 32",
                "centralised target: same epochs as rounds, in-process, seed 0 only",
-               "smollm2 (E=4, top-2): HFedMoE tiers [0.5, 1.0] instead of [0.25, 0.5, 1.0]"]
+               "smollm2 (E=4, top-2): HFedMoE tiers [0.5, 1.0] instead of [0.25, 0.5, 1.0]"] + \
+              [f"leg {leg} not run" for leg in LEGS if leg not in legs]
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results, targets, timing = [], {}, {}
@@ -269,6 +283,8 @@ def main() -> None:
                                             "rounds_to_target": [r["rounds_to_target"] for r in pick(m, leg=leg, alpha=alpha)],
                                             "bytes_up": float(np.mean([r["bytes_up"] for r in pick(m, leg=leg, alpha=alpha)])),
                                             "routing_entropy_ratio": float(np.mean([r["routing_entropy"] for r in pick(
+                                                m, leg=leg, alpha=alpha)]) / math.log(8 if leg != "smollm2" else 4)),
+                                            "token_entropy_ratio": float(np.mean([r["token_entropy"] for r in pick(
                                                 m, leg=leg, alpha=alpha)]) / math.log(8 if leg != "smollm2" else 4))}
                                         for m in METHODS} | {"centralised_target": 0.9 * targets[(leg, alpha)]}
                     for leg, alpha in sorted(targets)},
@@ -277,6 +293,10 @@ def main() -> None:
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
     summary["validity_gate_passed"] = summary["routing_entropy_ratio"] <= 0.9
+    summary["validity_gate_per_leg"] = {
+        name: {"client_routing_entropy": all(v["routing_entropy_ratio"] <= 0.9 for m, v in row.items() if m in METHODS),
+               "token_routing_entropy": all(v["token_entropy_ratio"] <= 0.9 for m, v in row.items() if m in METHODS)}
+        for name, row in summary["per_leg"].items()}
     with open(OUT / ("rows-quick.jsonl" if args.quick else "rows.jsonl"), "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")

@@ -12,7 +12,7 @@ import torch
 from edgeray.errors import UserError
 from pipelines.fedmoe.data import ROOT, DRUG_ZIP, load_drug_reviews, load_drug_reviews_instruct, load_topics
 from pipelines.fedmoe.layout import extract_experts, insert_rows, moe_layout
-from pipelines.fedmoe.settings import FedAlignMoESettings, HFedMoESettings
+from pipelines.fedmoe.settings import FedAlignMoESettings, FedAvgMoESettings, HFedMoESettings
 from pipelines.fedmoe.strategy import (FedAlignMoE, FedAvgMoE, HFedMoE, HeldExperts, select_experts)
 from pipelines.models import ClientHandover, build_model, get_params, set_params
 from pipelines.population import PopulationView, sample_profiles
@@ -442,3 +442,37 @@ def test_a_checkpoint_folder_loads_through_the_same_builder(tmp_path, topics):
     layout = moe_layout({k: tuple(p.shape) for k, p in model.named_parameters() if p.requires_grad})
     assert layout.experts == 8 and layout.layers == (0, 1)
     assert model(torch.from_numpy(topics.x_test[:2])).shape == (2, 4)
+
+
+def test_kmeans_router_init_makes_the_upcycled_routing_sharp_and_keeps_the_dense_function(tmp_path):
+    # normal init (router_std 0.02) routes uniformly and stays so (identical experts give the router
+    # ~no gradient); k-means init on the public anchors gives each expert its own token region
+    from edgeray.hf_models import build_tiny_model
+    dense, tokenizer = build_tiny_model(seed=0, hidden_size=32, num_layers=2)
+    dense.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    vocab = dense.config.vocab_size
+    rng = np.random.default_rng(0)
+    anchors = rng.integers(1, vocab, size=(16, 12))
+    x, y = rng.integers(1, vocab, size=(64, 12)), rng.integers(0, 2, size=64)
+    ratio = {}
+    for init in ("normal", "kmeans"):
+        up = {"experts": 4, "top_k": 2, "layers": [-1], "noise": 0.0, "router_init": init, "router_scale": 2.0}
+        info = {"vocab": "full", "vocab_size": vocab, "anchors": anchors, "num_classes": 2}
+        clf = build_model(ModelSpec("moe", {"upcycle": up, "router_std": 0.02}, path=str(tmp_path), data_info=info))
+        probe = torch.from_numpy(x[:4])
+        with torch.no_grad():
+            clf.eval()
+            torch.testing.assert_close(clf.lm(input_ids=probe).logits, dense.eval()(input_ids=probe).logits,
+                                       rtol=1e-4, atol=1e-4)          # still the dense model
+            clf.train()
+        update = FedAvgMoE(FedAvgMoESettings(lr=1e-3, batch_size=16)).client_update(
+            ClientContext(0, 1, clf, ClientData(x, y), {}, {}, np.random.default_rng(0), classification_loss))
+        ratio[init] = update.stats["token_entropy"] / math.log(4)
+    assert ratio["normal"] > 0.95 and ratio["kmeans"] < 0.8, ratio
+    with pytest.raises(UserError, match="router_init=kmeans.*anchor"):
+        build_model(ModelSpec("moe", {"upcycle": {"router_init": "kmeans", "layers": [-1]}}, path=str(tmp_path),
+                              data_info={"vocab": "full", "vocab_size": vocab}))
+    with pytest.raises(UserError, match="router_init='bogus'"):
+        build_model(ModelSpec("moe", {"upcycle": {"router_init": "bogus", "layers": [-1]}}, path=str(tmp_path),
+                              data_info={"vocab": "full", "vocab_size": vocab}))
