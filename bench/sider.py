@@ -19,7 +19,10 @@ Protocol (every protect runs through `SiderService` in this process, no HTTP):
 - people: Procrustes distance of re-detected 68-point landmarks to the source, against the spread
   between obama's photos (lineup proxy: "another person" when beyond it), gradient-magnitude SSIM;
 - naturalness: face-region high-frequency noise energy ratio and colour shift vs the original;
-- Pareto: a sweep of one morph fraction for all components (no search) per probe;
+- Pareto: a sweep of one morph fraction for all components (0 ... 1.5, no search) per probe and donor
+  rule (the default: farthest shape among donors of the subject's head pose; and of any pose), plus
+  the search's outcome at default settings; the lineup proxy is also run on the clean gallery's real
+  impostor pairs (how often two different people are "beyond the within-person spread");
 - baselines on the same faces: blur (sigma 6), pixelate (10 px), and the old `classical` backend;
 - restore (right password) and wrong passwords at the server's real KDF cost.
 Writes bench/results/sider_rows*.jsonl, sider_pareto*.png, sider_grid*.png; prints the summary JSON last.
@@ -47,7 +50,10 @@ FULL_PROBES = ("obama2", "obama3", "obama_partial_face", "obama_partial_face2", 
                "t1_0", "t1_1", "t1_2", "t1_3", "t1_4", "t1_5")
 QUICK_PROBES = ("obama2", "t1_0")
 TUNING = ("astronaut", "obama")
-SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
+SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+# Pareto donor rules: the default (farthest shape among donors of the subject's head pose, mirrors
+# included) and the same without the pose gap (farthest shape of any pose: partly a head turn)
+DONOR_RULES = {"pose_matched": [], "any_pose": ["morph.max_pose_gap=2.0"]}
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -183,6 +189,9 @@ def main(argv=None) -> int:
               for i, a in enumerate(obama) for b in obama[i + 1:]]
     within = float(max(spread))                 # conservative: beyond EVERY pair of obama's photos
     within_median = float(np.median(spread))    # a typical other photo of the same person
+    # the proxy's own calibration: how often two photos of DIFFERENT people are that far apart
+    impostor_shape = [E.landmark_distance(feats[a]["landmarks"], feats[b]["landmarks"])
+                      for i, a in enumerate(names) for b in names[i + 1:] if ids[a] != ids[b]]
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,18 +277,26 @@ def main(argv=None) -> int:
                 continue
             rows.append(evaluate("classical", probe, from_png(base64.b64decode(resp["samples"][0]["image_b64"])), {}))
 
-    # ---- Pareto: one global morph fraction, no search (texture off / at its maximum)
-    for probe in probes:
-        src = photos[probe][1]
-        face = faces.detect(src)[0]
-        gen = svc.backend.generator(src, head_region(face, src.shape, cfg.head_scale), 0, face=face)
-        for tex in (False, True):
-            for frac in SWEEP:
-                logit = np.log(frac / (cfg.morph.max_fraction - frac)) if 0 < frac < cfg.morph.max_fraction else (
-                    -30.0 if frac <= 0 else 30.0)
+    # ---- Pareto: one global morph fraction for every component, no search, per donor rule (texture
+    # off; texture at its maximum for the default rule at 0.5 and 1.0); fractions above 1 go past the
+    # donors' shape
+    from serving.sider.morph import MorphBackend
+    sweep = (0.0, 0.5, 1.0, 1.5) if quick else SWEEP
+    for rule, rule_set in DONOR_RULES.items():
+        mcfg = load_config(SiderConfig, overrides=overrides + rule_set + [f"morph.max_fraction={max(SWEEP)}"])
+        backend = MorphBackend(mcfg.morph, faces, donors=svc.backend.donors, threshold=mcfg.faces.threshold)
+        for probe in probes:
+            src = photos[probe][1]
+            face = faces.detect(src)[0]
+            gen = backend.generator(src, head_region(face, src.shape, cfg.head_scale), 0, face=face)
+            grid_tex = [(f, False) for f in sweep] + ([(0.5, True), (1.0, True)] if rule == "pose_matched" else [])
+            for frac, tex in grid_tex:
+                top = mcfg.morph.max_fraction
+                logit = np.log(frac / (top - frac)) if 0 < frac < top else (-30.0 if frac <= 0 else 30.0)
                 theta = np.full(gen.dim, logit)
                 theta[-1] = 30.0 if tex else -30.0
-                rows.append(evaluate("sweep", probe, gen.render(theta), {"fraction": frac, "texture": tex}))
+                rows.append(evaluate("sweep", probe, gen.render(theta), {"fraction": frac, "texture": tex,
+                                                                         "rule": rule, "donors": gen.donors}))
 
     # ---- wrong passwords at the real KDF cost
     rejected, t_kdf = 0, []
@@ -296,7 +313,8 @@ def main(argv=None) -> int:
         for r in rows:
             fh.write(json.dumps(r, default=_json) + "\n")
     save_grid(grid, out_dir / f"sider_grid{suffix}.png")
-    pareto = save_pareto(rows, thr, within, out_dir / f"sider_pareto{suffix}.png")
+    pareto = save_pareto(rows, thr, within, out_dir / f"sider_pareto{suffix}.png", within_median,
+                         [r for r in rows if r.get("method") == "sider" and "refused" not in r])
 
     # ---- summary
     def pairs(method, key):
@@ -348,6 +366,10 @@ def main(argv=None) -> int:
                           "impostor_pairs": len(clean_imp["dlib"]), "genuine_pairs": len(clean_gen["dlib"])},
         "within_person_landmark_spread": {"max": _r(within), "median": _r(within_median),
                                            "pairs": [_r(x) for x in sorted(spread)]},
+        "lineup_proxy_on_real_impostor_pairs": {
+            "other_person_rate": _r(_mean([d > within for d in impostor_shape])),
+            "rate_vs_median_spread": _r(_mean([d > within_median for d in impostor_shape])),
+            "median_distance": _r(float(np.median(impostor_shape))), "pairs": len(impostor_shape)},
         "pareto": pareto,
         "kdf_s_per_try": _r(float(np.median(t_kdf))) if t_kdf else None, "wrong_password_tries": len(t_kdf),
         "evaluators": {"dlib": "white-box (optimized by the search)", "lbph": "held out (never in the search)",
@@ -366,40 +388,58 @@ def main(argv=None) -> int:
     return 0
 
 
-def save_pareto(rows: list[dict], thr: dict, within: float, path: Path) -> list[dict]:
-    """Per morph fraction (no search): mean dlib distances, LBPH, landmark distance; plotted."""
+def save_pareto(rows: list[dict], thr: dict, within: float, path: Path, within_median: float,
+                searched: list[dict]) -> list[dict]:
+    """Per donor rule and morph fraction (no search): face found, dlib distance and TAR, LBPH TAR,
+    landmark distance and the lineup rates; then the search's own outcomes (`searched`, the sider
+    rows) as one more point. Plotted: landmark distance (people) vs dlib distance (machines)."""
+    def point(sel: list[dict], every: list[dict], **key) -> dict:
+        cross = [d for r in sel for d in r["dlib_cross"]]
+        lbph = [d for r in sel for d in r["lbph_cross"]]
+        return {**key, "face_found_rate": _r(len(sel) / max(len(every), 1)),
+                "dlib_same_photo": _r(_mean([r["dlib_same_photo"] for r in sel])),
+                "dlib_same_photo_match_0.6": _r(_mean([r["dlib_same_photo"] < 0.6 for r in sel])),
+                "dlib_cross_tar_far1": _r(float(np.mean(np.array(cross) < thr["dlib"]))) if cross else None,
+                "lbph_cross_tar_far1": _r(float(np.mean(np.array(lbph) < thr["lbph"]))) if lbph else None,
+                "landmark_distance": _r(_mean([r["landmark_distance"] for r in sel])),
+                "lineup_other_person_rate": _r(_mean([r["landmark_distance"] > within for r in sel])),
+                "lineup_rate_vs_median_spread": _r(_mean([r["landmark_distance"] > within_median for r in sel]))}
+
     points = []
-    for tex in (False, True):
-        for frac in SWEEP:
-            sel = [r for r in rows if r.get("method") == "sweep" and r.get("found") and r["fraction"] == frac
-                   and r["texture"] == tex]
-            if not sel:
-                continue
-            cross = [d for r in sel for d in r["dlib_cross"]]
-            points.append({"fraction": frac, "texture": tex,
-                           "dlib_same_photo": _r(_mean([r["dlib_same_photo"] for r in sel])),
-                           "dlib_cross_tar_far1": _r(float(np.mean(np.array(cross) < thr["dlib"]))) if cross else None,
-                           "lbph_cross_tar_far1": _r(float(np.mean(np.array([d for r in sel for d in r["lbph_cross"]])
-                                                                   < thr["lbph"]))) if cross else None,
-                           "landmark_distance": _r(_mean([r["landmark_distance"] for r in sel])),
-                           "lineup_other_person_rate": _r(_mean([r["landmark_distance"] > within for r in sel])),
-                           "dlib_same_photo_match_0.6": _r(_mean([r["dlib_same_photo"] < 0.6 for r in sel]))})
+    for rule in DONOR_RULES:
+        for tex in (False, True):
+            for frac in sorted({r["fraction"] for r in rows if r.get("method") == "sweep"}):
+                every = [r for r in rows if r.get("method") == "sweep" and r.get("rule") == rule
+                         and r["fraction"] == frac and r["texture"] == tex]
+                sel = [r for r in every if r.get("found")]
+                if sel:
+                    points.append(point(sel, every, rule=rule, fraction=frac, texture=tex))
+    done = [r for r in searched if r.get("found")]
+    if done:
+        points.append(point(done, searched, rule="search (default settings)", fraction=None, texture=None))
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for tex, marker in ((False, "o"), (True, "s")):
-            pts = [p for p in points if p["texture"] == tex]
-            ax.plot([p["landmark_distance"] for p in pts], [p["dlib_same_photo"] for p in pts], marker=marker,
-                    label=f"texture {'on' if tex else 'off'}")
-            for p in pts:
-                ax.annotate(str(p["fraction"]), (p["landmark_distance"], p["dlib_same_photo"]), fontsize=7)
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for rule in DONOR_RULES:
+            for tex, marker in ((False, "o"), (True, "s")):
+                pts = [p for p in points if p["rule"] == rule and p["texture"] == tex]
+                if not pts:
+                    continue
+                ax.plot([p["landmark_distance"] for p in pts], [p["dlib_same_photo"] for p in pts], marker=marker,
+                        label=f"{rule}, texture {'on' if tex else 'off'}")
+                for p in pts:
+                    ax.annotate(str(p["fraction"]), (p["landmark_distance"], p["dlib_same_photo"]), fontsize=7)
+        for p in points:
+            if p["fraction"] is None:
+                ax.plot([p["landmark_distance"]], [p["dlib_same_photo"]], "k*", ms=12, label=p["rule"])
         ax.axhline(0.6, ls="--", c="grey", lw=0.8)
-        ax.axvline(within, ls=":", c="red", lw=0.8)
+        ax.axvline(within, ls=":", c="red", lw=0.8, label="within-person spread (max)")
+        ax.axvline(within_median, ls=":", c="orange", lw=0.8, label="within-person spread (median)")
         ax.set_xlabel("landmark Procrustes distance to the original (people)")
         ax.set_ylabel("dlib distance to the original (machines)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -114,3 +114,76 @@ def test_onnx_evaluator_says_what_it_needs(tmp_path):
     from edgeray.errors import UserError
     with pytest.raises(UserError, match="onnxruntime|not a file"):
         E.OnnxMatcher(tmp_path / "missing.onnx")
+
+
+def _face68(turn=0.0):
+    """A symmetric synthetic 68-point face (jaw arc, brows, nose, eyes, mouth); `turn` shifts the
+    nose and mouth sideways like a head turn."""
+    jaw = [(50 + 40 * np.sin(t), 60 + 45 * np.cos(t) * 0.9) for t in np.linspace(-np.pi / 2, np.pi / 2, 17)]
+    jaw = [(x, 60 + (y - 60)) for x, y in jaw][::-1]
+    jaw = [(100 - x, y) for x, y in jaw]               # left to right in the image
+    brows = [(20 + 6 * i, 35 - 3 * np.sin(i / 4 * np.pi)) for i in range(5)]
+    brows += [(100 - x, y) for x, y in brows[::-1]]
+    nose = [(50, 40 + 5 * i) for i in range(4)] + [(42 + 4 * i, 62) for i in range(5)]
+    eye = [(25, 45), (30, 42), (36, 42), (41, 45), (36, 47), (30, 47)]
+    eyes = eye + [(100 - x, y) for x, y in [eye[3], eye[2], eye[1], eye[0], eye[5], eye[4]]]
+    mouth = [(35, 78), (40, 75), (45, 74), (50, 75), (55, 74), (60, 75), (65, 78),
+             (60, 82), (55, 84), (50, 84), (45, 84), (40, 82)]
+    inner = [(38, 78), (45, 77), (50, 77), (55, 77), (62, 78), (55, 80), (50, 80), (45, 80)]
+    pts = np.array(jaw + brows + nose + eyes + mouth + inner, float)
+    pts[27:68, 0] += turn
+    return pts
+
+
+def test_mirror_landmarks_is_an_involution_that_keeps_sides():
+    pts = _face68(turn=6.0)
+    flipped = M.mirror_landmarks(pts, 101)
+    assert np.allclose(M.mirror_landmarks(flipped, 101), pts)
+    # the left eye (36-41) of the mirror is the mirrored right eye (42-47): still on the left
+    assert flipped[36:42, 0].mean() < flipped[42:48, 0].mean()
+    assert np.allclose(flipped[45], [100 - pts[36, 0], pts[36, 1]])
+    assert M.procrustes_distance(M.mirror_landmarks(_face68(), 100), _face68()) == pytest.approx(0, abs=1e-6)
+
+
+def test_pose_asymmetry_tells_the_turn():
+    assert M.pose_asymmetry(_face68()) == pytest.approx(0, abs=1e-6)
+    right, left = M.pose_asymmetry(_face68(turn=8.0)), M.pose_asymmetry(_face68(turn=-8.0))
+    assert right > 0.1 and left == pytest.approx(-right)
+    assert M.pose_asymmetry(M.mirror_landmarks(_face68(turn=8.0), 100)) == pytest.approx(left, abs=1e-6)
+
+
+class _Cfg:
+    donors_k, donor_pick, max_pose_gap = 2, "farthest", 0.3
+
+
+def _backend(donors, **cfg):
+    backend = M.MorphBackend.__new__(M.MorphBackend)
+    c = _Cfg()
+    for k, v in cfg.items():
+        setattr(c, k, v)
+    backend.cfg, backend.threshold, backend.donors = c, 0.6, donors
+    return backend
+
+
+def test_pick_donors_farthest_of_the_same_pose_and_distinct_people():
+    subject = _face68()
+    rng = np.random.default_rng(0)
+    wide = _face68()
+    wide[0:17, 0] = 50 + (wide[0:17, 0] - 50) * 1.3                       # another jaw: far in shape
+    near = _face68()
+    near[48:68, 0] = 50 + (near[48:68, 0] - 50) * 1.1                     # a wider mouth: a little
+    turned = _face68(turn=20.0)                                           # far, but by a head turn
+    emb = lambda v: np.full(128, v)                                       # noqa: E731
+    donors = [M.Donor("wide", None, wide, emb(1.0)), M.Donor("wide~mirror", None, wide, emb(1.0)),
+              M.Donor("near", None, near, emb(2.0)), M.Donor("turned", None, turned, emb(3.0)),
+              M.Donor("self", None, wide * 1.01, emb(0.01))]
+    picked = _backend(donors).pick_donors(subject, emb(0.0), rng)
+    # the subject itself (dlib match) and the turned face are skipped; a face and its mirror count once
+    assert [d.name for d in picked] == ["wide", "near"]
+    assert M.procrustes_distance(turned, subject) > M.procrustes_distance(wide, subject)
+    # without the pose gap the head turn wins
+    assert _backend(donors, max_pose_gap=2.0, donors_k=1).pick_donors(subject, emb(0.0), rng)[0].name == "turned"
+    # not enough donors of the subject's pose: the closest poses are used
+    only_turned = [donors[3], M.Donor("turned2", None, _face68(turn=-24.0), emb(4.0))]
+    assert {d.name for d in _backend(only_turned).pick_donors(subject, emb(0.0), rng)} == {"turned", "turned2"}
+    assert [d.name for d in _backend(only_turned, donors_k=1).pick_donors(subject, emb(0.0), rng)] == ["turned"]

@@ -104,8 +104,15 @@ class MorphConfig:
     donor texture. OUR RECONSTRUCTION (k-Same + Delaunay morph), not the paper's generator."""
     donors_dir: str = param("data/sider_faces", "folder of photos of other people (one face per identity is "
                             "kept); relative paths are tried from the current directory, then the repo root")
-    donors_k: int = param(2, "donors averaged per sample (k-Same); the seed draws them among the most "
-                          "distant shapes", ge=1, le=8)
+    donors_k: int = param(2, "donors averaged per sample (k-Same)", ge=1, le=8)
+    donor_pick: str = param("farthest", "which donors: farthest = the k whose 68-point shape is farthest "
+                            "(Procrustes) from the subject's; spread = the seed draws k among the farther "
+                            "half (more diverse samples, smaller moves)", choices=("farthest", "spread"))
+    max_pose_gap: float = param(0.3, "donors whose head-turn proxy (morph.pose_asymmetry, 0 frontal, "
+                                "~0.9 profile) differs from the subject's by more are skipped; >= 2 = off",
+                                ge=0, le=2)
+    mirror_donors: bool = param(True, "each donor face also serves left-right mirrored (same person, "
+                                "turned the other way)")
     max_fraction: float = param(1.0, "largest move of a component toward the donors' shape "
                                 "(1 = all the way)", gt=0, le=1.5)
     max_texture: float = param(0.6, "largest donor-texture blend fraction (0 = geometry only)", ge=0, le=1)

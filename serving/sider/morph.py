@@ -6,7 +6,11 @@ offline, so this CPU backend is OUR RECONSTRUCTION of "visually anonymous but id
 
 - **Donors** (k-Same style, Newton et al. 2005): `k` faces of *other* people from a local photo pool
   (`morph.donors_dir`, filled by scripts/assets/sider.sh). Donors that dlib matches to the subject
-  are excluded. A seed picks the donors among the most geometrically distant ones (diversity).
+  are excluded, and so are donors whose head turn (`pose_asymmetry`) differs from the subject's by
+  more than `morph.max_pose_gap` (a head turn is not another person); each donor also serves
+  mirrored (`morph.mirror_donors`). Among the rest, the k with the farthest Procrustes shape
+  (`morph.donor_pick=farthest`, the default) or k drawn by the seed among the farther half
+  (`spread`, the part-1 rule).
 - **Geometry**: the donors' 68 landmarks are aligned to the subject's by a similarity (Procrustes)
   fit and averaged; the target shape moves each facial component (jaw, brows, eyes, nose, mouth)
   a fraction `f_c` of the way toward that average. The head crop is warped onto the target shape
@@ -46,6 +50,10 @@ COMPONENTS = {
     "mouth": tuple(range(48, 68)),
 }
 COMPONENT_NAMES = tuple(COMPONENTS)
+# the 68-point index each point becomes when the face is mirrored left-right
+MIRROR68 = np.array(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] +
+                    [35, 34, 33, 32, 31] + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] +
+                    [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -77,6 +85,21 @@ def procrustes_distance(a: np.ndarray, b: np.ndarray) -> float:
     a0, b0 = a - a.mean(0), b - b.mean(0)
     a0, b0 = a0 / np.linalg.norm(a0), b0 / np.linalg.norm(b0)
     return float(np.linalg.norm(similarity_fit(a0, b0) - b0))
+
+
+def mirror_landmarks(points: np.ndarray, width: int) -> np.ndarray:
+    """The 68 landmarks of the left-right mirrored image (x -> width-1-x, points renumbered so that
+    e.g. the left eye stays the left eye)."""
+    flipped = points.copy()
+    flipped[:, 0] = width - 1 - flipped[:, 0]
+    return flipped[MIRROR68]
+
+
+def pose_asymmetry(points: np.ndarray) -> float:
+    """A head-turn (yaw) proxy from the 68 landmarks: (|jaw2 - nose tip| - |jaw14 - nose tip|) / sum;
+    0 = frontal, about +-0.5 = a clear three-quarter view, +-0.9 = near profile."""
+    a, b = np.linalg.norm(points[2] - points[30]), np.linalg.norm(points[14] - points[30])
+    return float((a - b) / max(a + b, 1e-9))
 
 
 def target_shape(original: np.ndarray, donor: np.ndarray, fractions: dict[str, float]) -> np.ndarray:
@@ -221,12 +244,18 @@ class Donor:
     landmarks: np.ndarray
     embedding: np.ndarray
 
+    @property
+    def person(self) -> str:
+        """The face's name without the mirror mark (a mirrored face is the same person)."""
+        return self.name.removesuffix("~mirror")
+
 
 def load_donors(faces, folder: str | Path, exclude: tuple[str, ...] = (), threshold: float = 0.6,
-                max_side: int = 800) -> list[Donor]:
+                max_side: int = 800, mirror: bool = False) -> list[Donor]:
     """Every detected face in the photos of `folder`, one per identity (faces that dlib matches to
     an earlier one are dropped). `exclude` = file-name stems to skip (used by the bench for
-    leave-one-identity-out)."""
+    leave-one-identity-out). `mirror` adds each face's left-right mirror image (name + "~mirror"):
+    the same person turned the other way, so a donor of the subject's pose exists more often."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"sider.morph.donors_dir={str(folder)!r} is not a folder; run "
@@ -241,6 +270,9 @@ def load_donors(faces, folder: str | Path, exclude: tuple[str, ...] = (), thresh
             if any(np.linalg.norm(emb - d.embedding) < threshold for d in donors):
                 continue
             donors.append(Donor(f"{path.stem}#{k}", image, shape_points(face.shapes["landmarks68"]), emb))
+    if mirror:
+        donors += [Donor(d.name + "~mirror", np.ascontiguousarray(d.image[:, ::-1]),
+                         mirror_landmarks(d.landmarks, d.image.shape[1]), d.embedding) for d in list(donors)]
     if not donors:
         raise UserError(f"no faces found in sider.morph.donors_dir={str(folder)!r}")
     return donors
@@ -263,16 +295,38 @@ class MorphBackend:
     def __init__(self, cfg, faces, donors: list[Donor] | None = None, threshold: float = 0.6):
         self.cfg, self.faces, self.threshold = cfg, faces, threshold
         self.donors = donors if donors is not None else load_donors(faces, _resolve(cfg.donors_dir),
-                                                                    threshold=threshold)
+                                                                    threshold=threshold, mirror=cfg.mirror_donors)
 
     def pick_donors(self, subject_landmarks: np.ndarray, subject_embedding: np.ndarray | None,
                     rng: np.random.Generator) -> list[Donor]:
-        """k donors of other identities, drawn by the seed among the most distant shapes."""
+        """k donors of other identities (dlib distance >= threshold) whose head pose is within
+        `max_pose_gap` of the subject's: the k farthest shapes (`donor_pick=farthest`), or k drawn by
+        the seed among the farther half (`spread`)."""
         pool = [d for d in self.donors if subject_embedding is None
                 or np.linalg.norm(d.embedding - subject_embedding) >= self.threshold]
         if not pool:
             raise UserError("the donor pool holds no face of another person than the subject")
-        far = sorted(pool, key=lambda d: -procrustes_distance(d.landmarks, subject_landmarks))
+        if self.cfg.max_pose_gap < 2.0:
+            # a donor turned another way than the subject moves the landmarks by a head turn, which
+            # a person sees as the same face turned, not another face: keep donors of a similar pose
+            # (the closest poses when none is within the gap)
+            pose = pose_asymmetry(subject_landmarks)
+            gap = {id(d): abs(pose_asymmetry(d.landmarks) - pose) for d in pool}
+            near = [d for d in pool if gap[id(d)] <= self.cfg.max_pose_gap]
+            if len({d.person for d in near}) < self.cfg.donors_k:
+                near, people = [], set()
+                for d in sorted(pool, key=lambda d: gap[id(d)]):
+                    if len(people) < self.cfg.donors_k or d.person in people:
+                        near.append(d)
+                        people.add(d.person)
+            pool = near
+        far, seen = [], set()
+        for d in sorted(pool, key=lambda d: -procrustes_distance(d.landmarks, subject_landmarks)):
+            if d.person not in seen:                     # a face and its mirror are one person: k people
+                far.append(d)
+                seen.add(d.person)
+        if self.cfg.donor_pick == "farthest":
+            return far[: self.cfg.donors_k]
         top = far[: max(self.cfg.donors_k, (len(far) + 1) // 2)]
         idx = rng.choice(len(top), size=min(self.cfg.donors_k, len(top)), replace=False)
         return [top[i] for i in sorted(idx)]
