@@ -263,6 +263,9 @@ def main() -> None:
     def rounds_or_censored(r):
         return r["rounds_to_target"] if r["rounds_to_target"] is not None else censor
 
+    if not (fa and al and hf):          # --legs without topics: the topic keys are None
+        fa = al = hf = fa_all = [{"final_accuracy": math.nan, "rounds_to_target": None, "bytes_up": math.nan,
+                                  "backward_expert_tokens": math.nan, "routing_entropy": math.nan}]
     diffs = paired(al, fa, "final_accuracy")
     summary = {
         "fedalign_minus_fedavg_acc_alpha0.1": float(np.mean(diffs)),
@@ -293,6 +296,7 @@ def main() -> None:
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
     summary["validity_gate_passed"] = summary["routing_entropy_ratio"] <= 0.9
+    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
     summary["validity_gate_per_leg"] = {
         name: {"client_routing_entropy": all(v["routing_entropy_ratio"] <= 0.9 for m, v in row.items() if m in METHODS),
                "token_routing_entropy": all(v["token_entropy_ratio"] <= 0.9 for m, v in row.items() if m in METHODS)}

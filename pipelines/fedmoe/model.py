@@ -160,7 +160,7 @@ def anchor_regions(model: nn.Module, top_k: int, per_expert: int, device: str = 
     model.eval()
     tap.keep_inputs = True
     try:
-        model(torch.as_tensor(np.asarray(anchors), dtype=torch.long, device=device))
+        model(torch.as_tensor(np.array(anchors), dtype=torch.long, device=device))
         regions = []
         for layer in tap.layers:
             x = tap.inputs[layer]
@@ -306,7 +306,7 @@ def _mlp_inputs(model: nn.Module, layers: list[int], info: dict) -> dict[int, to
     if anchors is None or len(anchors) == 0:
         raise UserError("model.args.upcycle.router_init=kmeans clusters the MLP inputs on the data set's public anchor "
                         "sequences (info['anchors']); this data set has none: use router_init=normal")
-    x = torch.as_tensor(np.asarray(anchors), dtype=torch.long)
+    x = torch.as_tensor(np.array(anchors), dtype=torch.long)
     keep = (x != info["pad_id"]).reshape(-1) if info.get("pad_id") is not None else torch.ones(x.numel(), dtype=torch.bool)
     seen: dict[int, list] = {i: [] for i in layers}
     hooks = [model.model.layers[i].mlp.register_forward_pre_hook(
