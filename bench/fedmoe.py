@@ -138,7 +138,7 @@ def rounds_to(rows: list[dict], target: float) -> int | None:
                  and r["test_accuracy"] >= target), None)
 
 
-def plots(results: list[dict]) -> None:
+def plots(results: list[dict], suffix: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,7 +159,7 @@ def plots(results: list[dict]) -> None:
         axes[1][j].set_ylabel("test accuracy")
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / "accuracy.png", dpi=90)
+    fig.savefig(OUT / f"accuracy{suffix}.png", dpi=90)
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     pick = next((r for r in shown if r["method"] == "fedalign-moe" and r["leg"] == "topics"), shown[0])
@@ -178,7 +178,7 @@ def plots(results: list[dict]) -> None:
     axes[1].set_ylabel("mean client routing entropy")
     axes[1].legend(fontsize=5)
     fig.tight_layout()
-    fig.savefig(OUT / "routing.png", dpi=90)
+    fig.savefig(OUT / f"routing{suffix}.png", dpi=90)
     plt.close(fig)
 
 
@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the topics leg (drug, smollm2: seed 0)")
     parser.add_argument("--legs", default="topics,drug,smollm2", help="comma-separated legs to run")
     parser.add_argument("--topic-alphas", default="0.1,0.5", help="Dirichlet alphas of the topics leg")
+    parser.add_argument("--tag", default="", help="suffix of the rows/summary file names (separate runs of one grid)")
     parser.add_argument("--reuse", action="store_true", help="take runs already completed under bench/results/fedmoe/"
                         "runs with the same config (the round-time pair and the centralised targets always run)")
     args = parser.parse_args()
@@ -301,11 +302,12 @@ def main() -> None:
         name: {"client_routing_entropy": all(v["routing_entropy_ratio"] <= 0.9 for m, v in row.items() if m in METHODS),
                "token_routing_entropy": all(v["token_entropy_ratio"] <= 0.9 for m, v in row.items() if m in METHODS)}
         for name, row in summary["per_leg"].items()}
-    with open(OUT / ("rows-quick.jsonl" if args.quick else "rows.jsonl"), "w") as f:
+    suffix = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    with open(OUT / f"rows{suffix}.jsonl", "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
-    (OUT / ("summary-quick.json" if args.quick else "summary.json")).write_text(json.dumps(summary, indent=1))
-    plots(results)
+    (OUT / f"summary{suffix}.json").write_text(json.dumps(summary, indent=1))
+    plots(results, suffix)
     print(json.dumps(summary), flush=True)
 
 
