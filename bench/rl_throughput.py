@@ -155,7 +155,8 @@ def measure_lean(steps: int, batch: int, intensity: float, seed: int) -> dict:
             "updates_per_s": (agent.updates - u0) / out["seconds"], "seconds": out["seconds"]}
 
 
-def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragment: int, seed: int) -> dict:
+def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragment: int, seed: int,
+                  impl: str = "fast", method: str = "per") -> dict:
     from edgeray.config import load_config
     from rl.deer.algorithms import build_algo_config
     from rl.deer.config import ExperimentConfig
@@ -165,8 +166,8 @@ def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragm
         "env.name=ns-cartpole", "env.shift_every=1000000000", "env.magnitudes=[0.0]", f"train.seed={seed}",
         f"train.env_steps_per_iter={per_iter}", f"train.rollout_fragment_length={fragment}",
         f"train.num_envs={num_envs}", f"train.training_intensity={intensity}", f"train.train_batch_size={batch}",
-        "train.learning_starts=500"])
-    algo = build_algo_config("per", cfg).build_algo()
+        "train.learning_starts=500", f"train.replay_impl={impl}", "eval.every_iters=0"])
+    algo = build_algo_config(method, cfg).build_algo()
     try:
         algo.train()  # warm-up: build, fill learning_starts, first updates
         r0 = algo.train()
@@ -178,7 +179,9 @@ def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragm
         done = last["num_env_steps_sampled_lifetime"] - r0["num_env_steps_sampled_lifetime"]
         trained = (last["learners"]["default_policy"]["num_module_steps_trained_lifetime"]
                    - r0["learners"]["default_policy"]["num_module_steps_trained_lifetime"])
-        return {"impl": "rllib", "num_envs": num_envs, "fragment": fragment, "steps_per_s": done / seconds,
+        return {"impl": f"rllib-{impl}", "method": method, "algo_class": type(algo).__name__,
+                "buffer_class": type(algo.local_replay_buffer).__name__,
+                "num_envs": num_envs, "fragment": fragment, "steps_per_s": done / seconds,
                 "updates_per_s": trained / batch / seconds, "seconds": seconds,
                 "timers": {k: v for k, v in last.get("timers", {}).items() if k.endswith("timer") or k == "training_step"}}
     finally:
@@ -203,9 +206,13 @@ def main() -> int:
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    vec = (args.num_envs, max(1, 32 // args.num_envs))
+    plan = [("fast", "per", 1, 32), ("fast", "per", *vec), ("stock", "per", *vec), ("fast", "deer", *vec)]
+    if args.quick:
+        plan = plan[1:]
     try:
-        for num_envs, fragment in ((1, 32), (args.num_envs, max(1, 32 // args.num_envs))):
-            rows.append(measure_rllib(steps, args.batch, args.intensity, num_envs, fragment, 0))
+        for impl, method, num_envs, fragment in plan:
+            rows.append(measure_rllib(steps, args.batch, args.intensity, num_envs, fragment, 0, impl=impl, method=method))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
@@ -213,11 +220,22 @@ def main() -> int:
     lean = [r for r in rows if r["impl"] == "lean"]
     lean_steps = float(np.mean([r["steps_per_s"] for r in lean]))
     lean_updates = float(np.mean([r["updates_per_s"] for r in lean]))
-    best = max((r for r in rows if r["impl"] == "rllib"), key=lambda r: r["steps_per_s"])
+
+    def best_of(impl, method):
+        return max((r for r in rows if r["impl"] == f"rllib-{impl}" and r.get("method") == method),
+                   key=lambda r: r["steps_per_s"])
+
+    best, stock, deer = best_of("fast", "per"), best_of("stock", "per"), best_of("fast", "deer")
     out = {"rllib_vs_lean_steps_ratio": best["steps_per_s"] / lean_steps,
            "rllib_vs_lean_updates_ratio": best["updates_per_s"] / lean_updates,
            "rllib_steps_per_s": best["steps_per_s"], "rllib_updates_per_s": best["updates_per_s"],
            "rllib_best_num_envs": best["num_envs"], "lean_steps_per_s": lean_steps, "lean_updates_per_s": lean_updates,
+           "rllib_stock_vs_lean_steps_ratio": stock["steps_per_s"] / lean_steps,
+           "rllib_stock_steps_per_s": stock["steps_per_s"],
+           "fast_vs_stock_speedup": best["steps_per_s"] / stock["steps_per_s"] if stock["num_envs"] == best["num_envs"]
+           else None,
+           "deer_vs_lean_steps_ratio": deer["steps_per_s"] / lean_steps, "deer_steps_per_s": deer["steps_per_s"],
+           "deer_vs_per_time_ratio": best_of("fast", "per")["steps_per_s"] / deer["steps_per_s"],
            "updates_per_env_step": args.intensity / args.batch, "batch": args.batch, "env": "ns-cartpole",
            "measured_steps": steps, "rows": rows, "load_avg_start": load_start, "load_avg_end": list(os.getloadavg())}
     results = Path(__file__).resolve().parent / "results"

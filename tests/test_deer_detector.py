@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from rl.deer.detector import DetectorSettings, RewardChangeDetector, calibrate_threshold, change_score
 
@@ -157,3 +158,17 @@ def test_confirmations_need_consecutive_exceedances_and_stamps_map_change_points
     assert len(detector.scores) == 5 and len(detector.change_points) == 1
     # the change point is the stamp of the first test-window reward of the first exceedance
     assert detector.change_points == [100 * 10 + 7]
+
+
+def test_batched_scores_equal_one_classifier_at_a_time():
+    """change_scores trains K classifiers as one batched model; each score is the one a single
+    change_score call would give with the same generator draws (the permutation null relies on it)."""
+    from rl.deer.detector import change_scores
+
+    rng = np.random.default_rng(4)
+    pairs = [(rng.normal(0, 1, 300), rng.normal(shift, 1, 300)) for shift in (0.0, 0.5, 1.5, 0.0)]
+    batched = change_scores(pairs, SETTINGS, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    single = [change_score(r, t, SETTINGS, g) for r, t in pairs]
+    assert np.allclose(batched, single, atol=1e-4)
+    assert batched[2] > batched[0] + 0.5  # the classifiers are not the same: a shifted pair scores higher

@@ -2,10 +2,14 @@
 
 The three methods share the algorithm and hyper-parameters; only the replay differs:
   * "uniform": RLlib's `EpisodeReplayBuffer`;
-  * "per":     RLlib's stock `PrioritizedEpisodeReplayBuffer` (|TD| priorities);
+  * "per":     RLlib's `PrioritizedEpisodeReplayBuffer` (|TD| priorities); with
+               `train.replay_impl=fast` (default) its vectorized subclass
+               `FastPrioritizedEpisodeReplayBuffer` (same draw probabilities) under `FastDQN` /
+               `FastSAC` (rl.deer.fast_replay); with "stock" RLlib's own class and DQN / SAC;
   * "deer":    `DEERPrioritizedEpisodeReplayBuffer` + DEER learner + `DEERCallback`.
-Discrete-action envs train with DQN, continuous ones with SAC (`DEERSAC` builds the DEER
-buffer itself because `SACConfig.validate` only accepts RLlib's four buffer names).
+Discrete-action envs train with DQN, continuous ones with SAC. The prioritized buffers are named in
+`replay_buffer_config["buffer_class"]` and built by `FastDQN` / `FastSAC`, because
+`SACConfig.validate` only accepts RLlib's four buffer names in "type".
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from edgeray.errors import UserError
-from rl.deer.buffer import DEER_BUFFER_TYPE, DEERPrioritizedEpisodeReplayBuffer
+from rl.deer.buffer import DEER_BUFFER_TYPE
 from rl.deer.config import REPLAY_METHODS, ExperimentConfig
 from rl.deer.detector import DetectorSettings
 from rl.envs.nonstationary import NS_ENVS
@@ -26,20 +30,6 @@ def env_config(cfg: ExperimentConfig, start_step: int = 0) -> dict:
     if cfg.env.shift_params:
         out["shift_params"] = list(cfg.env.shift_params)
     return out
-
-
-def _deer_sac_class():
-    from ray.rllib.algorithms.sac import SAC
-
-    class DEERSAC(SAC):
-        """SAC whose local replay buffer is DEER's (SACConfig only validates built-in names)."""
-
-        def _create_local_replay_buffer_if_necessary(self, config):
-            kwargs = {k: v for k, v in config["replay_buffer_config"].items() if k != "type"}
-            kwargs["metrics_num_episodes_for_smoothing"] = self.config.metrics_num_episodes_for_smoothing
-            return DEERPrioritizedEpisodeReplayBuffer(**kwargs)
-
-    return DEERSAC
 
 
 def build_algo_config(method: str, cfg: ExperimentConfig, start_step: int = 0):
@@ -55,15 +45,22 @@ def build_algo_config(method: str, cfg: ExperimentConfig, start_step: int = 0):
     t = cfg.train
     discrete = NS_ENVS[cfg.env.name][1] == "discrete"
     replay = {"capacity": t.buffer_capacity}
+    algo_class = None
     if method == "uniform":
         replay["type"] = "EpisodeReplayBuffer"
     else:
-        replay.update(alpha=cfg.replay.alpha, beta=cfg.replay.beta)
-        replay["type"] = DEER_BUFFER_TYPE if (method == "deer" and discrete) else "PrioritizedEpisodeReplayBuffer"
+        from rl.deer.fast_replay import FAST_BUFFER_TYPE, FastDQN, FastSAC
+
+        replay.update(alpha=cfg.replay.alpha, beta=cfg.replay.beta, type="PrioritizedEpisodeReplayBuffer")
+        if method == "deer" or t.replay_impl == "fast":
+            algo_class = FastDQN if discrete else FastSAC
+            replay["buffer_class"] = DEER_BUFFER_TYPE if method == "deer" else FAST_BUFFER_TYPE
+            # DEER's buffer is always the vectorized subclass; "stock" runs RLlib's own sample() on it
+            replay["fast_sampling"] = t.replay_impl == "fast"
 
     if discrete:
         from ray.rllib.algorithms.dqn import DQNConfig
-        config = DQNConfig().training(
+        config = DQNConfig(algo_class=algo_class).training(
             lr=t.lr, gamma=t.gamma, n_step=t.n_step, train_batch_size_per_learner=t.train_batch_size,
             training_intensity=t.training_intensity, num_steps_sampled_before_learning_starts=t.learning_starts,
             target_network_update_freq=t.target_update_freq,
@@ -71,7 +68,7 @@ def build_algo_config(method: str, cfg: ExperimentConfig, start_step: int = 0):
         model = DefaultModelConfig(fcnet_hiddens=list(t.hidden), head_fcnet_hiddens=[])
     else:
         from ray.rllib.algorithms.sac import SACConfig
-        config = SACConfig(algo_class=_deer_sac_class() if method == "deer" else None).training(
+        config = SACConfig(algo_class=algo_class).training(
             actor_lr=t.lr, critic_lr=t.lr, alpha_lr=t.lr, gamma=t.gamma, tau=t.tau, n_step=t.n_step,
             train_batch_size_per_learner=t.train_batch_size, training_intensity=t.training_intensity,
             num_steps_sampled_before_learning_starts=t.learning_starts, replay_buffer_config=replay)

@@ -1,4 +1,5 @@
-"""DEER's replay buffer: RLlib's `PrioritizedEpisodeReplayBuffer` plus what DEER needs.
+"""DEER's replay buffer: RLlib's `PrioritizedEpisodeReplayBuffer` (through its vectorized subclass
+`rl.deer.fast_replay.FastPrioritizedEpisodeReplayBuffer`) plus what DEER needs.
 
   * every stored timestep is stamped with the global step at which it was added;
   * the rewards of every FINISHED episode are kept for the change detector, one episode after
@@ -8,6 +9,7 @@
     buffer into "pre" and "post" transitions;
   * `sample()` tags each sampled transition with its phase (0 no change yet, 1 pre, 2 post) in
     `extra_model_outputs["deer_phase"]`, which reaches the learner as `batch["deer_phase"]`;
+    `sample_batch()` (the vectorized path) adds the same phases as a "deer_phase" column;
   * `sample()` and `update_priorities()` must alternate: a second sample before the priorities of
     the first were written back raises (PER would silently drop those updates otherwise).
 
@@ -20,14 +22,14 @@ from __future__ import annotations
 
 import numpy as np
 from ray.rllib.env.utils.infinite_lookback_buffer import InfiniteLookbackBuffer
-from ray.rllib.utils.replay_buffers.prioritized_episode_buffer import PrioritizedEpisodeReplayBuffer
 
+from rl.deer.fast_replay import FastPrioritizedEpisodeReplayBuffer
 from rl.deer.priorities import PHASE_NO_CHANGE, PHASE_POST, PHASE_PRE
 
 DEER_BUFFER_TYPE = "rl.deer.buffer.DEERPrioritizedEpisodeReplayBuffer"
 
 
-class DEERPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
+class DEERPrioritizedEpisodeReplayBuffer(FastPrioritizedEpisodeReplayBuffer):
     def __init__(self, capacity: int = 10000, **kwargs):
         super().__init__(capacity=capacity, **kwargs)
         self._added_at = np.full(self._sum_segment.capacity, -1, dtype=np.int64)
@@ -97,6 +99,15 @@ class DEERPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
         self.num_samples += 1
         self._awaiting_update = True
         return episodes
+
+    def sample_batch(self, num_items, **kwargs):
+        if self._awaiting_update:
+            raise RuntimeError("DEER buffer sampled twice without update_priorities in between")
+        batch = super().sample_batch(num_items, **kwargs)
+        batch["deer_phase"] = self.phases(self._last_sampled_indices)
+        self.num_samples += 1
+        self._awaiting_update = True
+        return batch
 
     def update_priorities(self, priorities, module_id=None) -> None:
         super().update_priorities(priorities, module_id)

@@ -16,6 +16,7 @@ from rl.envs.nonstationary import MAX_MAGNITUDE, MIN_MAGNITUDE, NS_ENVS, SCHEDUL
 from rl.loop import LoopSection
 
 REPLAY_METHODS = ("deer", "per", "uniform")
+REPLAY_IMPLS = ("fast", "stock")  # rl.deer.fast_replay
 
 
 def variant_of(method: str, cfg) -> str:
@@ -55,6 +56,9 @@ class TrainSection(LoopSection):
     train_batch_size: int = param(64, "replay batch size", ge=1)
     learning_starts: int = param(500, "env steps before the first update", ge=0)
     buffer_capacity: int = param(50000, "replay capacity in env steps", ge=100)
+    replay_impl: str = param("fast", "prioritized replay path: fast = RLlib's buffer and DQN/SAC with a vectorized "
+                             "sample / priority update (rl.deer.fast_replay, same draw probabilities); "
+                             "stock = RLlib's own per-item sample() and training step", choices=REPLAY_IMPLS)
     hidden: list[int] = param([64, 64], "hidden layer sizes of every network")
     lr: float = param(1e-3, "learning rate (SAC: actor, critic and alpha)", gt=0)
     gamma: float = param(0.99, "discount", gt=0, le=1)

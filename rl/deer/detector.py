@@ -72,9 +72,9 @@ def _subsequences(x: np.ndarray, length: int, stride: int = 1) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(x, length)[::stride].copy()
 
 
-def permutation_scores(stream: np.ndarray, blocks: np.ndarray, settings: DetectorSettings,
-                       generator: torch.Generator, rng: np.random.Generator) -> list[float]:
-    """S of `settings.permutations` episode-block shuffles of `stream` (2m rewards), each split at m.
+def _shuffles(stream: np.ndarray, blocks: np.ndarray, settings: DetectorSettings,
+              rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`settings.permutations` episode-block shuffles of `stream` (2m rewards), each split at m.
     `blocks[i]` is the block id of `stream[i]` (blocks are contiguous)."""
     starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
     pieces = np.split(stream, starts[1:])
@@ -82,44 +82,77 @@ def permutation_scores(stream: np.ndarray, blocks: np.ndarray, settings: Detecto
     out = []
     for _ in range(settings.permutations):
         shuffled = np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
-        out.append(change_score(shuffled[:m], shuffled[m:], settings, generator))
+        out.append((shuffled[:m], shuffled[m:]))
     return out
+
+
+def permutation_scores(stream: np.ndarray, blocks: np.ndarray, settings: DetectorSettings,
+                       generator: torch.Generator, rng: np.random.Generator) -> list[float]:
+    """S of `settings.permutations` episode-block shuffles of `stream` (2m rewards), each split at m."""
+    return change_scores(_shuffles(stream, blocks, settings, rng), settings, generator)
 
 
 def change_score(reference: np.ndarray, test: np.ndarray, settings: DetectorSettings,
                  generator: torch.Generator) -> float:
     """Train f on the two windows and return S = mean_{W_te} log f/(1-f)."""
-    mean, std = float(reference.mean()), float(reference.std()) + 1e-6
-    rf = torch.as_tensor(_subsequences((reference - mean) / std, settings.subseq_len, settings.stride),
-                         dtype=torch.float32)
-    te = torch.as_tensor(_subsequences((test - mean) / std, settings.subseq_len, settings.stride), dtype=torch.float32)
-    x = torch.cat([rf, te])
-    y = torch.cat([torch.zeros(len(rf)), torch.ones(len(te))])
-    classifier = nn.Sequential(nn.Linear(settings.subseq_len, settings.hidden), nn.Tanh(),
-                               nn.Linear(settings.hidden, 1))
-    with torch.no_grad():  # seeded init so a score is reproducible
-        for p in classifier.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * (1.0 / p.shape[-1]) ** 0.5)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=settings.lr)
-    # Balanced logistic loss = the paper's L(f) with both means weighted equally.
-    weights = torch.where(y > 0, 0.5 / len(te), 0.5 / len(rf))
+    return change_scores([(reference, test)], settings, generator)[0]
+
+
+def change_scores(pairs: list[tuple[np.ndarray, np.ndarray]], settings: DetectorSettings,
+                  generator: torch.Generator) -> list[float]:
+    """`change_score` of every (reference, test) pair, the classifiers trained side by side.
+
+    Pairs of equal window lengths (the permutation null's shuffles) train as ONE batched model:
+    K independent MLPs as (K, ...) weight tensors, the summed loss (its gradient w.r.t. each
+    classifier's weights is that classifier's own) and one Adam (element-wise, so each classifier
+    gets exactly its own update). Initial weights are drawn from `generator` classifier after
+    classifier, in the order a loop of single `change_score` calls would draw them, so the scores
+    equal those of such a loop up to floating-point summation order."""
+    if not pairs:
+        return []
+    if len({(len(r), len(t)) for r, t in pairs}) > 1:
+        return [score for pair in pairs for score in change_scores([pair], settings, generator)]
+    xs, ys, ws, n_te = [], [], [], None
+    for reference, test in pairs:
+        mean, std = float(reference.mean()), float(reference.std()) + 1e-6
+        rf = _subsequences((reference - mean) / std, settings.subseq_len, settings.stride)
+        te = _subsequences((test - mean) / std, settings.subseq_len, settings.stride)
+        xs.append(np.concatenate([rf, te]))
+        ys.append(np.r_[np.zeros(len(rf)), np.ones(len(te))])
+        # Balanced logistic loss = the paper's L(f) with both means weighted equally.
+        ws.append(np.r_[np.full(len(rf), 0.5 / len(rf)), np.full(len(te), 0.5 / len(te))])
+        n_te = len(te)
+    x = torch.as_tensor(np.stack(xs), dtype=torch.float32)  # (K, N, L)
+    y = torch.as_tensor(np.stack(ys), dtype=torch.float32)
+    w = torch.as_tensor(np.stack(ws), dtype=torch.float32)
+    length, hidden = settings.subseq_len, settings.hidden
+    shapes = [(hidden, length), (hidden,), (1, hidden), (1,)]  # nn.Linear(L, H), nn.Linear(H, 1): weight, bias
+    draws = [[torch.randn(shape, generator=generator) * (1.0 / shape[-1]) ** 0.5 for shape in shapes]
+             for _ in pairs]  # seeded init, classifier by classifier, so a score is reproducible
+    w1, b1, w2, b2 = (torch.stack([d[i] for d in draws]).requires_grad_(True) for i in range(4))
+    optimizer = torch.optim.Adam([w1, b1, w2, b2], lr=settings.lr)
+
+    def logits(inputs):
+        h = torch.tanh(torch.baddbmm(b1.unsqueeze(1), inputs, w1.transpose(1, 2)))  # (K, N, H)
+        return torch.bmm(h, w2.transpose(1, 2)).squeeze(-1) + b2  # (K, N)
+
     for _ in range(settings.epochs):
         optimizer.zero_grad()
-        logits = classifier(x).squeeze(-1)
-        loss = (nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * weights).sum()
+        loss = (nn.functional.binary_cross_entropy_with_logits(logits(x), y, reduction="none") * w).sum()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        # logit(f) = log f/(1-f): the estimated log density ratio
-        return float(classifier(te).squeeze(-1).mean())
+        # logit(f) = log f/(1-f): the estimated log density ratio, averaged over W_te
+        return logits(x[:, -n_te:]).mean(-1).tolist()
 
 
 def calibrate_threshold(settings: DetectorSettings) -> float:
     """The `quantile` of S on stationary N(0,1) streams (the windows are z-scored, so scale-free)."""
     rng = np.random.default_rng(settings.seed + 1)
     generator = torch.Generator().manual_seed(settings.seed + 1)
-    scores = [change_score(rng.standard_normal(settings.window), rng.standard_normal(settings.window),
-                           settings, generator) for _ in range(settings.calibration_trials)]
+    pairs = [(rng.standard_normal(settings.window), rng.standard_normal(settings.window))
+             for _ in range(settings.calibration_trials)]
+    scores = change_scores(pairs, settings, generator)
     return float(np.quantile(scores, settings.quantile))
 
 
@@ -195,14 +228,21 @@ class RewardChangeDetector:
 
     def _check(self) -> int | None:
         s = self.settings
-        score = change_score(self._recent[:s.window], self._recent[s.window:], s, self._generator)
-        self.scores.append((self.steps_seen, score))
+        observed = (self._recent[:s.window], self._recent[s.window:])
         threshold = self.threshold
+        stale = threshold is None and (self._null_threshold is None or self._checks_since_null + 1 >= s.null_refresh)
+        if stale:  # the score and a fresh null, trained together (same draws as one after the other)
+            scores = change_scores([observed] + _shuffles(self._recent, self._recent_blocks, s, self._rng),
+                                   s, self._generator)
+            score, null = scores[0], scores[1:]
+        else:
+            score, null = change_score(*observed, s, self._generator), None
+        self.scores.append((self.steps_seen, score))
         if threshold is None:
             # a fresh null every `null_refresh` checks, and whenever S beats the last one
-            stale = self._null_threshold is None or self._checks_since_null + 1 >= s.null_refresh
             if stale or score > self._null_threshold:
-                null = permutation_scores(self._recent, self._recent_blocks, s, self._generator, self._rng)
+                if null is None:
+                    null = permutation_scores(self._recent, self._recent_blocks, s, self._generator, self._rng)
                 self._null_threshold, self._checks_since_null = float(np.quantile(null, s.quantile)), 0
                 self.null_computations += 1
             else:
