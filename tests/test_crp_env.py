@@ -126,3 +126,50 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path):
     sizes.write_text("[1, 2]")
     with pytest.raises(UserError, match="must give 40 sizes"):
         load_config(CRPConfig, "configs/crp.yaml", [f"env.sizes_file={sizes}"])
+
+
+def test_per_pick_conflict_credit_charges_each_pair_once_at_its_later_pick_and_keeps_the_episode_sum():
+    from rl.envs.crp_rllib import CRPMultiAgentEnv, agent_id, pick_conflicts
+
+    # edge 0 picks client 5 at step 1, edge 1 at step 2: both pay at step 2; 0 and 2 pick 7 together
+    assert pick_conflicts({0: set(), 1: set(), 2: set()}, {0: 5, 1: 9, 2: 6}) == {0: 0, 1: 0, 2: 0}
+    assert pick_conflicts({0: {5}, 1: {9}, 2: {6}}, {0: 7, 1: 5, 2: 7}) == {0: 2, 1: 1, 2: 1}
+    cfg = {"num_clients": 24, "num_edges": 3, "edge_overlap": 2, "clients_per_round": 9, "rounds": 5,
+           "conflict_weight": 1.5}
+    totals = {}
+    for credit in ("round", "pick"):
+        env = CRPMultiAgentEnv({**cfg, "conflict_credit": credit})
+        obs, _ = env.reset(seed=4)
+        rng = np.random.default_rng(1)
+        returns, per_step = {a: 0.0 for a in env.agents}, []
+        while True:
+            actions = {a: int(rng.choice(np.flatnonzero(o[-env.action_spaces[a].n:] > 0.5))) for a, o in obs.items()}
+            obs, rewards, term, _, _ = env.step(actions)
+            per_step.append(rewards)
+            for a, r in rewards.items():
+                returns[a] += r
+            if term["__all__"]:
+                break
+        assert sum(r.conflicts for r in env.results) > 0            # overlap 2 of 3: conflicts do happen
+        if credit == "pick":                                        # conflicts paid before the round's end
+            mid = [r for i, r in enumerate(per_step) if (i + 1) % env.sim.k]
+            assert any(v < 0 for r in mid for v in r.values())
+            charged = {e: 0.0 for e in env.edges}
+            for r in mid:
+                for e in env.edges:
+                    charged[e] += r[agent_id(e)]
+            for e in env.edges:   # mid-round charges never exceed the episode's conflicts of that edge
+                assert -charged[e] <= 1.5 * sum(res.edge_conflicts[e] for res in env.results) + 1e-9
+        totals[credit] = returns
+    for a in totals["round"]:                                       # same draws, same picks: same return
+        assert totals["pick"][a] == pytest.approx(totals["round"][a])
+
+
+def test_diagnostics_home_first_rule_is_conflict_free_and_auc_ranks():
+    from rl.crp.diagnose import auc, baselines
+
+    rows = baselines(CRPEnvSection(num_clients=24, num_edges=3, clients_per_round=6, rounds=6), episodes=2)
+    assert rows["home-first"]["conflicts_per_round"] == 0 == rows["home-greedy"]["conflicts_per_round"]
+    assert rows["oracle"]["conflicts_per_round"] == 0 and rows["greedy-latency"]["conflicts_per_round"] > 0
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auc([1, 1, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.5) and auc([1, 2], [1, 1]) is None

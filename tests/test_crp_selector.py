@@ -76,3 +76,27 @@ def test_a_checkpoint_that_does_not_match_the_run_is_refused(tmp_path, sim):
     with pytest.raises(UserError, match="needs selection.settings.checkpoint"):
         RLCRPSelector(sim.population, 0)
     assert RiskSettings(**selector.meta["risk"]) == sim.section.risk()
+
+
+def test_client_bias_is_a_per_client_logit_offset_that_exports_and_loads(tmp_path, sim):
+    net = CRPPolicyNet(5, (8,), client_bias=True)
+    obs = torch.rand(2, 5 * 7 + 1 + 5)
+    obs[:, -5:] = 1
+    base = net(obs)[0]
+    with torch.no_grad():
+        net.bias[3] += 2.0
+    assert torch.allclose(net(obs)[0] - base, torch.tensor([0, 0, 0, 2.0, 0]).expand(2, 5), atol=1e-6)
+    assert CRPPolicyNet(5, (8,)).bias is None                       # off: the feature-only scorer
+    torch.manual_seed(0)
+    policies = {}
+    for e, cov in sim.coverage.items():
+        n = CRPPolicyNet(len(cov), (8,), client_bias=True)
+        with torch.no_grad():
+            n.bias.copy_(torch.linspace(0, 1, len(cov)))
+        policies[e] = n.state_dict()
+    s = sim.section
+    meta = export_meta(num_clients=s.num_clients, coverage=sim.coverage, coverage_rule="modulo", picks_per_edge=sim.k,
+                       hidden=(8,), use_crp=True, risk=s.risk(), stale_rounds=s.stale_rounds, client_bias=True,
+                       local_epochs=s.local_epochs, model_bytes=s.model_bytes)
+    selector = RLCRPSelector(sim.population, 0, checkpoint=str(save_export(tmp_path / "b.pt", meta, policies)))
+    assert torch.allclose(selector.nets[0].bias, torch.linspace(0, 1, len(sim.coverage[0])))

@@ -239,7 +239,7 @@ def build_policies(meta: dict, states: dict[int, dict], population: PopulationVi
         edge = int(edge_key)
         trackers[edge] = EdgeTracker(edge, covered, latency, size, risk=risk, use_crp=meta["use_crp"],
                                      stale_rounds=meta["stale_rounds"], seed=seed)
-        net = CRPPolicyNet(len(covered), meta["hidden"])
+        net = CRPPolicyNet(len(covered), meta["hidden"], meta.get("client_bias", False))
         net.load_state_dict(states[edge])
         nets[edge] = net.eval()
     return trackers, nets
@@ -254,9 +254,10 @@ def _logits(net, obs: np.ndarray) -> np.ndarray:
 
 def export_meta(*, num_clients: int, coverage: dict[int, list[int]], coverage_rule: str, picks_per_edge: int,
                 hidden, use_crp: bool, risk: RiskSettings, stale_rounds: int, local_epochs: float,
-                model_bytes: float, **extra) -> dict:
+                model_bytes: float, client_bias: bool = False, **extra) -> dict:
     """The meta block of an export: what the selector needs to rebuild the observations."""
     return {"num_clients": num_clients, "num_edges": len(coverage),
             "coverage": {str(e): list(map(int, c)) for e, c in coverage.items()}, "coverage_rule": coverage_rule,
-            "picks_per_edge": picks_per_edge, "hidden": list(hidden), "use_crp": use_crp, "risk": asdict(risk),
+            "picks_per_edge": picks_per_edge, "hidden": list(hidden), "client_bias": bool(client_bias),
+            "use_crp": use_crp, "risk": asdict(risk),
             "stale_rounds": stale_rounds, "local_epochs": local_epochs, "model_bytes": model_bytes, **extra}

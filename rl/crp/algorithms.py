@@ -39,7 +39,8 @@ def build_algo_config(method: str, cfg: CRPConfig):
     agents = CRPMultiAgentEnv(env).possible_agents
     t = cfg.train
     spec = MultiRLModuleSpec(rl_module_specs={
-        a: RLModuleSpec(module_class=CRPTorchRLModule, model_config={"hidden": list(cfg.policy.hidden)})
+        a: RLModuleSpec(module_class=CRPTorchRLModule, model_config={"hidden": list(cfg.policy.hidden),
+                                                                          "client_bias": cfg.policy.client_bias})
         for a in agents})
     return (PPOConfig()
             .environment(CRP_ENV, env_config=to_dict(env))

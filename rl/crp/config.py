@@ -20,6 +20,8 @@ CRP_METHODS = ("rl-crp", "rl-no-crp")
 class PolicySection:
     """Each edge server's network (pipelines/selection/crp_policy.py): one per server, no sharing."""
     hidden: list[int] = param([64, 64], "hidden layer sizes of the per-client encoder")
+    client_bias: bool = param(False, "a learned logit offset per covered client, so a server can tell its clients "
+                              "apart (pipelines/selection/crp_policy.py) [R]")
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pipelines.selection.crp_policy import CRPPolicyNet
 
 class CRPTorchRLModule(TorchRLModule, ValueFunctionAPI):
     def setup(self):
-        self.net = CRPPolicyNet(self.action_space.n, (self.model_config or {}).get("hidden", [64, 64]))
+        cfg = self.model_config or {}
+        self.net = CRPPolicyNet(self.action_space.n, cfg.get("hidden", [64, 64]), cfg.get("client_bias", False))
 
     def _forward(self, batch, **kwargs):
         logits, _ = self.net(batch[Columns.OBS])

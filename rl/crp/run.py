@@ -59,7 +59,8 @@ def export_policy(algo, method: str, cfg: CRPConfig, path: Path) -> Path:
     rule = (f"{env.coverage}, edge_overlap={env.edge_overlap}" if env.coverage == "modulo"
             else f"disc, coverage_radius={env.coverage_radius}") + f", seed={env.seed}"
     meta = export_meta(num_clients=env.num_clients, coverage=sim.coverage, coverage_rule=rule,
-                       picks_per_edge=sim.k, hidden=cfg.policy.hidden, use_crp=env.use_crp, risk=env.risk(),
+                       picks_per_edge=sim.k, hidden=cfg.policy.hidden,
+                       client_bias=cfg.policy.client_bias, use_crp=env.use_crp, risk=env.risk(),
                        stale_rounds=env.stale_rounds, local_epochs=env.local_epochs, model_bytes=env.model_bytes,
                        method=method, conflict_rule=env.conflict_rule)
     return save_export(path, meta, policies)

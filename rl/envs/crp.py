@@ -26,6 +26,14 @@ picked each of m's picks, summed (pairs involving m); F_m by `fairness`:
             index reached: long-term participation);
     bonus = mean over m's picks of 1 / (1 + c_i), c_i before this round;
     none  = 0.
+
+When the conflict term is paid, `conflict_credit` [R, our reconstruction; the RLlib env only]:
+    round = all of r_m at the round's last pick step (k steps per round), so the k picks and,
+            through the discount, the earlier rounds share the blame of a conflict;
+    pick  = the conflict term per pick: at pick step j, edge m pays conflict_weight for each other
+            edge that picked one of m's clients with one of them picking it at step j (a pair is
+            charged once, to both its edges, at the later of its two picks); the rest of r_m at the
+            round's last step. An episode's sum of rewards is the same under both.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from pipelines.selection.conflict_risk import CODINGS, RiskSettings
 from pipelines.selection.crp import EdgeTracker, client_scales
 
 FAIRNESS = ("jain", "bonus", "none")
+CONFLICT_CREDITS = ("round", "pick")
 
 
 @dataclass
@@ -81,6 +90,8 @@ class CRPEnvSection:
     fairness_weight: float = param(2.0, "reward weight eta of the fairness term [R]", ge=0)
     fairness: str = param("jain", "fairness term: rise of Jain's index over the edge's clients, a "
                           "1/(1+count) bonus, or none [R]", choices=FAIRNESS)
+    conflict_credit: str = param("round", "when the conflict term is paid: at the round's end, or at the pick "
+                                 "step that made the conflict (module docstring) [R]", choices=CONFLICT_CREDITS)
     use_crp: bool = param(True, "conflict risk in the observation (false: the no-CRP ablation)")
     risk_coding: str = param("three_symbol", "sparse coding of the HMM (pipelines/selection/conflict_risk.py) [R]",
                              choices=CODINGS)
@@ -215,10 +226,12 @@ class CRPSimulation:
         self.round += 1
         return RoundResult(rnd, picks, resolution.conflicts, edge_conflicts, edge_round_s, observations, fairness)
 
-    def reward(self, result: RoundResult, edge: int) -> float:
+    def reward(self, result: RoundResult, edge: int, conflicts: bool = True) -> float:
+        """r_m of the round; ``conflicts`` False leaves out the conflict term (paid per pick)."""
         s = self.section
         return (-s.latency_weight * result.edge_round_s[edge] / self.t_ref
-                - s.conflict_weight * result.edge_conflicts[edge] + s.fairness_weight * result.fairness[edge])
+                - (s.conflict_weight * result.edge_conflicts[edge] if conflicts else 0.0)
+                + s.fairness_weight * result.fairness[edge])
 
 
 def jain(counts: np.ndarray) -> float:

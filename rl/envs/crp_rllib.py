@@ -5,7 +5,8 @@ One agent per edge server ("edge_0" ...), each with its own spaces: observation
 `Discrete(covered)`: one of the clients it covers. A round takes k steps: every agent picks one
 client per step (masked: online, covered, not yet picked; an edge with fewer than k online clients
 ignores its surplus steps); after the k-th step the round is played (`CRPSimulation.play`) and each
-agent gets its reward r_m (0 on the other steps). An episode is `env.rounds` rounds; all agents act
+agent gets its reward r_m (0 on the other steps; with `env.conflict_credit` "pick" the conflict
+term is paid at the step that made the conflict, `pick_conflicts`). An episode is `env.rounds` rounds; all agents act
 in every step and the episode ends for all at once. A masked action that arrives anyway (RLlib's
 env check samples the action space) is replaced by the first allowed client and counted in
 `info["invalid_actions"]`.
@@ -69,6 +70,7 @@ class CRPMultiAgentEnv(MultiAgentEnv):
                 for e in self.edges}
 
     def step(self, action_dict):
+        new = {}
         for e in self.edges:
             if self.picked[e].sum() >= self.quota[e]:
                 continue
@@ -78,14 +80,22 @@ class CRPMultiAgentEnv(MultiAgentEnv):
                 self.invalid += 1
                 a = int(np.flatnonzero(allowed)[0])
             self.picked[e][a] = 1
+            new[e] = int(self.sim.trackers[e].covered[a])
         self.step_in_round += 1
+        per_pick = self.sim.section.conflict_credit == "pick"
         rewards = {a: 0.0 for a in self.agents}
+        if per_pick:
+            earlier = {e: set(self.sim.trackers[e].covered[self.picked[e] > 0.5].tolist()) - {new.get(e)}
+                       for e in self.edges}
+            for e, count in pick_conflicts(earlier, new).items():
+                rewards[agent_id(e)] -= self.sim.section.conflict_weight * count
         done = False
         if self.step_in_round >= self.sim.k:
             picks = {e: self.sim.trackers[e].covered[self.picked[e] > 0.5].tolist() for e in self.edges}
             result = self.sim.play(picks)
             self.results.append(result)
-            rewards = {agent_id(e): float(self.sim.reward(result, e)) for e in self.edges}
+            for e in self.edges:
+                rewards[agent_id(e)] += float(self.sim.reward(result, e, conflicts=not per_pick))
             done = self.sim.round > self.sim.section.rounds
             if not done:
                 self._begin_round()
@@ -95,6 +105,26 @@ class CRPMultiAgentEnv(MultiAgentEnv):
         obs = self._observations()
         return (obs, rewards, {"__all__": done, **{a: done for a in self.agents}},
                 {"__all__": False, **{a: False for a in self.agents}}, {a: dict(info) for a in self.agents})
+
+
+def pick_conflicts(earlier: dict[int, set[int]], new: dict[int, int]) -> dict[int, int]:
+    """Conflicts charged at one pick step (``env.conflict_credit`` "pick"): ``earlier[e]`` the
+    clients edge e picked at the round's previous steps, ``new[e]`` its pick at this step (absent:
+    none). A pair of edges sharing a client is charged once, to both, at the later of their two
+    picks of it: here if at least one of them picked it now. Summed over a round's steps, each
+    edge's count is the round's ``edge_conflicts``."""
+    count = {e: 0 for e in earlier}
+    for e, c in new.items():
+        for o in earlier:
+            if o == e:
+                continue
+            if c in earlier[o]:                     # e now, o before: charge both
+                count[e] += 1
+                count[o] += 1
+            elif new.get(o) == c and e < o:         # both now: charge both, once
+                count[e] += 1
+                count[o] += 1
+    return count
 
 
 def register_crp_env() -> None:
