@@ -402,10 +402,11 @@ class SVDServer:
 
     # ------------------------------------------------------------------ continuous batching
     async def _choices(self, jobs: list[Job]):
-        """(choice index, event) from every job of a request, as the batcher produces them
-        (each job joins the running batch at the next decode-step boundary). When the consumer
-        goes away (client disconnect, cancelled request), every unfinished job is cancelled and
-        leaves the batch at the next boundary."""
+        """Lists of (choice index, event) from every job of a request, as the batcher produces
+        them (each job joins the running batch at the next decode-step boundary); a list holds
+        every event waiting when the consumer asks. When the consumer goes away (client
+        disconnect, cancelled request), every unfinished job is cancelled and leaves the batch
+        at the next boundary."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         finished: set[int] = set()
@@ -417,13 +418,16 @@ class SVDServer:
             self.batcher.submit(job.decode, lambda event, i=i: deliver(i, event))
         try:
             while len(finished) < len(jobs):
-                i, event = await queue.get()
-                if "error" in event:
-                    finished.add(i)
-                    raise event["error"]
-                if event.get("done"):
-                    finished.add(i)
-                yield i, event
+                ready = [await queue.get()]
+                while not queue.empty():
+                    ready.append(queue.get_nowait())
+                for i, event in ready:
+                    if "error" in event:
+                        finished.add(i)
+                        raise event["error"]
+                    if event.get("done"):
+                        finished.add(i)
+                yield ready
         finally:
             for i, job in enumerate(jobs):
                 if i not in finished:
@@ -496,8 +500,9 @@ class SVDServer:
 
         if not stream:
             parts = [""] * len(jobs)
-            async for i, event in self._choices(jobs):
-                parts[i] += on_event(i, event)
+            async for ready in self._choices(jobs):
+                for i, event in ready:
+                    parts[i] += on_event(i, event)
             out = {"id": rid, "object": obj, "created": created, "model": model,
                    "choices": [choice(i, parts[i], done[i]["finish_reason"], False, logprobs[i])
                                for i in range(len(jobs))], "usage": usage()}
@@ -512,17 +517,31 @@ class SVDServer:
                 for i in range(len(jobs)):
                     yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "finish_reason": None, "logprobs": None}]})
-            async for i, event in self._choices(jobs):
-                sent_lp = len(logprobs[i])
-                text = on_event(i, event)
-                new_lp = logprobs[i][sent_lp:]
-                if text or (want_logprobs and new_lp):
-                    yield _sse({**base, "choices": [choice(i, text, None, True, new_lp)]})
-                if event.get("done"):
-                    final = {**base, "choices": [choice(i, "", event["finish_reason"], True, None)]}
-                    if jobs[i].svd:
-                        final["svd"] = self._svd_field(jobs[i], event)
-                    yield _sse(final)
+            async for ready in self._choices(jobs):
+                # every event already waiting is sent at once: one chunk per choice with all its
+                # new text, and one write to the client (fewer, larger chunks when it lags)
+                out, text, new_lp = [], {}, {}
+
+                def flush(i):
+                    if text.get(i) or (want_logprobs and new_lp.get(i)):
+                        out.append(_sse({**base, "choices": [choice(i, text[i], None, True, new_lp[i])]}))
+                    text.pop(i, None)
+                    new_lp.pop(i, None)
+
+                for i, event in ready:
+                    sent_lp = len(logprobs[i])
+                    text[i] = text.get(i, "") + on_event(i, event)
+                    new_lp[i] = new_lp.get(i, []) + logprobs[i][sent_lp:]
+                    if event.get("done"):
+                        flush(i)
+                        final = {**base, "choices": [choice(i, "", event["finish_reason"], True, None)]}
+                        if jobs[i].svd:
+                            final["svd"] = self._svd_field(jobs[i], event)
+                        out.append(_sse(final))
+                for i in list(text):
+                    flush(i)
+                if out:
+                    yield "".join(out)
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": usage()})
             yield _sse("[DONE]")
