@@ -201,7 +201,8 @@ def main() -> None:
     from rl.crp.config import CRPConfig
     from rl.loop import torch_threads
 
-    result: dict = {"cut": CUT["quick" if args.quick else "full"], "seeds": list(grid["seeds"]),
+    result: dict = {"load_avg_start": list(os.getloadavg()), "cut": CUT["quick" if args.quick else "full"],
+                    "seeds": list(grid["seeds"]),
                     "fl_target_accuracy": grid["target"], "reused_training": bool(previous)}
     env_cfg = load_config(CRPConfig, ENV_CONFIG).env
     result["env_steps_per_s"] = env_steps_per_second(env_cfg)
@@ -288,7 +289,7 @@ def main() -> None:
                      if isinstance(result.get(k), dict)},
             "targets": result["targets"], "seeds": result["seeds"], "fl_target_accuracy": grid["target"],
             "reused_training": result["reused_training"], "wall_s": result["wall_s"],
-            "load_avg": result["load_avg"], "cut": result["cut"]}
+            "load_avg_start": result["load_avg_start"], "load_avg": result["load_avg"], "cut": result["cut"]}
     print(json.dumps(flat, default=str))
 
 

@@ -56,6 +56,7 @@ def test_train_resume_export_and_run_the_policy_in_fl(ray_session, tmp_path, cap
     meta, policies = load_export(run_dir)
     assert meta["num_edges"] == 2 and meta["use_crp"] and sorted(policies) == [0, 1]
     assert all(not k.startswith("net.") for k in policies[0])
+    assert meta["client_bias"] and policies[0]["bias"].shape == (10,)   # configs/crp.yaml: policy.client_bias
 
     ablation = _train("rl-no-crp", tmp_path / "nocrp", "--stop-iters", "1")
     assert load_export(ablation)[0]["use_crp"] is False
