@@ -12,7 +12,9 @@ Read in this order:
   * here: `config` (one CRPConfig for rl-crp and the rl-no-crp ablation), `module` (the net as an
     RLModule), `callbacks` (episode metrics), `algorithms` (independent PPO, one module per
     server), `run` (hooks into rl.loop; the export), `analysis` (`edgeray rl eval rl-crp`: the
-    exported policies against random, greedy-latency and the conflict-free oracle).
+    exported policies against random, greedy-latency and the conflict-free oracle), `diagnose`
+    (cheap checks of the env without Ray: baselines and a decentralized conflict-free rule, the
+    risk feature's AUC, small REINFORCE learners; docs/rl_crp.md "Diagnosis").
 Only `module`, `callbacks`, `algorithms` and `run` import Ray.
 
 The paper's rules [P] (notes/rl.md A1, from reviews of the paper): servers with overlapping
@@ -25,6 +27,7 @@ Our reconstruction [R], each a named, tested setting: the conflict rules (select
 share / fail) and what a server learns of a conflict (`contenders`); the sparse coding
 (env.risk_coding), one shared HMM per server, its start and refit schedule (env.risk_*); the
 observation features (pipelines/selection/crp.py FEATURES); the action as k masked one-client
-steps; the reward and its weights (env.latency_weight, conflict_weight, fairness, fairness_weight);
-PPO as the learner (the paper's algorithm was not recovered).
+steps; the reward and its weights (env.latency_weight, conflict_weight, fairness, fairness_weight)
+and when its conflict term is paid (env.conflict_credit: round / pick); the per-client logit offset
+(policy.client_bias); PPO as the learner (the paper's algorithm was not recovered).
 """
