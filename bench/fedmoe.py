@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="topics leg only, alpha 0.1, 1 seed, 3 rounds (< 2 min)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the topics leg (drug, smollm2: seed 0)")
     parser.add_argument("--legs", default="topics,drug,smollm2", help="comma-separated legs to run")
+    parser.add_argument("--smollm2-rounds", type=int, default=2, help="rounds of the upcycled SmolLM2 leg")
     parser.add_argument("--topic-alphas", default="0.1,0.5", help="Dirichlet alphas of the topics leg")
     parser.add_argument("--tag", default="", help="suffix of the rows/summary file names (separate runs of one grid)")
     parser.add_argument("--reuse", action="store_true", help="take runs already completed under bench/results/fedmoe/"
@@ -207,9 +208,9 @@ def main() -> None:
         alphas = [float(a) for a in args.topic_alphas.split(",") if a]
         grid = [("topics", a, s, 10) for a in alphas for s in range(args.seeds) if "topics" in legs] + \
                [("drug", a, 0, 8) for a in (0.1, 0.5) if "drug" in legs] + \
-               [("smollm2", 0.5, 0, 2) for _ in [0] if "smollm2" in legs]
+               [("smollm2", 0.5, 0, args.smollm2_rounds) for _ in [0] if "smollm2" in legs]
         cut = [f"3 seeds -> {args.seeds} on topics (alpha {alphas}), 1 on drug and smollm2",
-               "rounds 30 -> 10 (topics), 8 (drug), 2 (smollm2)",
+               f"rounds 30 -> 10 (topics), 8 (drug), {args.smollm2_rounds} (smollm2)",
                "smollm2: alpha 0.5 only, first 4 of 30 layers kept, seq_len 32",
                "centralised target: same epochs as rounds, in-process, seed 0 only",
                "smollm2 (E=4, top-2): HFedMoE tiers [0.5, 1.0] instead of [0.25, 0.5, 1.0]"] + \
