@@ -21,6 +21,11 @@ llm_valid_instruction_share, ... and "cut" naming what this run left out.
 
     python bench/leed.py --quick          # < 2 min on an idle 2-core machine
     python bench/leed.py                  # sized for ~40 min on 2 cores (see FULL / "cut")
+    python bench/leed.py --agents 16 --seeds 3 --methods leed   # a partial grid: results/leed-16-s3/
+
+With several seeds each LEED run is also paired with IPPO's run of the same seed (its own
+target): per-seed steps ratios, their mean and a bootstrap 95 % interval over seeds
+(``steps_ratio_vs_ippo_<n>_per_seed`` / ``_paired_mean`` / ``_ci``).
 """
 
 from __future__ import annotations
@@ -178,6 +183,10 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
         line[f"final_return_bc_ppo_{n}"] = method_value(n, "bc-ppo", "final_return")
         line[f"steps_to_ippo_final_leed_{n}"] = method_value(n, "leed", "steps_to_target")
         line[f"steps_to_ippo_final_ippo_{n}"] = method_value(n, "ippo", "steps_to_target")
+        line[f"steps_ratio_vs_ippo_{n}_per_seed"] = method_value(n, "leed", "steps_ratio_vs_ippo_per_seed")
+        line[f"steps_ratio_vs_ippo_{n}_paired_mean"] = method_value(n, "leed", "steps_ratio_vs_ippo_paired_mean")
+        line[f"steps_ratio_vs_ippo_{n}_ci"] = method_value(n, "leed", "steps_ratio_vs_ippo_ci")
+        line[f"final_return_leed_minus_ippo_{n}_ci"] = method_value(n, "leed", "final_return_minus_ippo_ci")
     llm_items = sum(r["parsed"] + r["malformed"] for r in llm_rows)
     line["llm_valid_instruction_share"] = sum(r["valid"] for r in llm_rows) / llm_items if llm_items else (
         0.0 if llm_rows else None)
@@ -185,7 +194,7 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
     line["demo_quality"] = {k: {f: v for f, v in r.items() if f != "answer_example"} for k, r in quality.items()}
     line["leed_training_demo_backend"] = "planner (shortest paths, not an LLM)"
     small, large = min(plan["agents"]), max(plan["agents"])
-    if line[f"iter_seconds_{small}"] and line.get(f"iter_seconds_{large}"):
+    if small < large and line[f"iter_seconds_{small}"] and line.get(f"iter_seconds_{large}"):
         growth = line[f"iter_seconds_{large}"] / line[f"iter_seconds_{small}"]
         line["iter_time_growth"] = growth
         line["iter_time_at_most_linear"] = growth <= large / small
@@ -207,7 +216,7 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
 
 
 def plan_cuts(plan: dict, quick: bool) -> list[str]:
-    cuts = ["1 seed per setting (no spread across seeds)",
+    cuts = (["1 seed per setting (no spread across seeds)"] if plan["seeds"] == 1 else []) + [
             "LEED trains on planner demonstrations, not on an LLM's "
             "(GPT-3.5 unreachable; SmolLM2 measured for demonstration quality only)",
             "the SUMO backend is not benchmarked (the light graph simulator is)"]
@@ -233,9 +242,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="reduced run (< 2 min) with the same JSON keys")
     parser.add_argument("--llm-url", help="also measure an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--out", help="output folder (default bench/results/leed[-quick])")
+    parser.add_argument("--agents", type=int, nargs="+", choices=sorted(SETTINGS), help="agent counts (default: all)")
+    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 per setting (default 1)")
+    parser.add_argument("--methods", nargs="+", choices=("ippo", "leed", "bc-ppo"),
+                        help="methods (default: the plan's; ippo is always run, it sets the target)")
     args = parser.parse_args()
-    plan = QUICK if args.quick else FULL
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / ("leed-quick" if args.quick else "leed"))
+    plan = dict(QUICK if args.quick else FULL)
+    if args.agents:
+        plan["agents"] = tuple(args.agents)
+        plan["llm_cases"] = tuple(c for c in plan["llm_cases"] if c[0] in args.agents)
+    if args.seeds:
+        plan["seeds"] = args.seeds
+    if args.methods:
+        plan["methods"] = {n: tuple(dict.fromkeys(["ippo", *args.methods])) for n in plan["agents"]}
+    name = "leed-quick" if args.quick else "leed"
+    if args.agents or args.seeds or args.methods:   # a partial grid never overwrites the full run's folder
+        name += "-" + "-".join(map(str, plan["agents"])) + f"-s{plan['seeds']}"
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / name)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

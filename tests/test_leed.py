@@ -341,6 +341,26 @@ def test_analysis_measures_steps_to_ippos_final_return():
     assert "| grid-4 | leed | 1 | 3.30 | 200 | 0.50 |" in markdown_table({"grid-4": summary})
 
 
+def test_analysis_pairs_each_seed_with_ippos_run_of_that_seed():
+    from rl.leed.analysis import summarize
+
+    def run(method, seed, returns):
+        return method, _cfg(train={"seed": seed}), [{"env_steps": 100 * i, "episode_return_mean": r,
+                                                     "iteration_wall_s": 1.0} for i, r in enumerate(returns, 1)]
+
+    runs = [run("ippo", 0, [0, 1, 2, 3, 3, 3]), run("leed", 0, [2, 3, 3, 3, 3, 3]),       # 200 / 400
+            run("ippo", 1, [0, 0, 0, 1, 5, 5]), run("leed", 1, [1, 5, 5, 5, 5, 6]),       # 200 / 500
+            run("ippo", 2, [0, 0, 0, 0, 0, 9]), run("leed", 2, [1, 1, 1, 1, 1, 1])]       # never / 600
+    leed = summarize(runs)["grid-4"]["methods"]["leed"]
+    assert leed["steps_ratio_vs_ippo_per_seed"] == {0: 0.5, 1: 0.4, 2: None}
+    assert leed["steps_ratio_vs_ippo_paired_mean"] == pytest.approx(0.45)
+    low, high = leed["steps_ratio_vs_ippo_ci"]
+    assert 0.4 <= low <= 0.45 <= high <= 0.5
+    # final returns (last 3 iterations): seed 0 3 vs 3, seed 1 16/3 vs 11/3, seed 2 1 vs 3
+    assert leed["final_return_minus_ippo"] == pytest.approx((0 + 5 / 3 - 2) / 3)
+    assert leed["final_return_minus_ippo_ci"][0] < leed["final_return_minus_ippo"] < leed["final_return_minus_ippo_ci"][1]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--set", "env.num_agents=17"], "env.num_agents=17 is more than the network can place: 16 start intersections"),
     (["--set", "env.name=file", "--set", "env.network_file={bad}"], "is not valid JSON"),

@@ -6,7 +6,9 @@ Definitions (used by `edgeray rl eval leed` and bench/leed.py alike):
   * target: IPPO's final return of the same setting (mean over its seeds);
   * steps to target: the env steps of the first iteration whose return reaches the target (None
     when a run never does); steps ratio = LEED's / IPPO's, from the seed means;
-  * iteration seconds: mean wall time of an iteration, the first one (build, warm-up) left out.
+  * iteration seconds: mean wall time of an iteration, the first one (build, warm-up) left out;
+  * paired by seed: each run against IPPO's run of the same seed (its own target), the per-seed
+    steps ratios, their mean and a bootstrap 95 % interval over seeds (``paired_by_seed``).
 """
 
 from __future__ import annotations
@@ -80,7 +82,39 @@ def summarize(runs: list[tuple[str, object, list[dict]]]) -> dict:
         for method, m in entry["methods"].items():
             m["steps_ratio_vs_ippo"] = (m["steps_to_target"] / ippo_steps
                                         if m["steps_to_target"] is not None and ippo_steps else None)
+            m.update(paired_by_seed(methods[method], ippo))
         out[key] = entry
+    return out
+
+
+def paired_by_seed(items, ippo) -> dict:
+    """Per seed, against IPPO's run of the same seed: the steps ratio to that run's final return
+    (None where either never reaches it) with a paired bootstrap 95 % interval over the seeds
+    where both do, and the final-return difference with its interval."""
+    from rl.deer.analysis import bootstrap_gain   # paired bootstrap over seeds (numpy only)
+
+    ippo_by_seed = {cfg.train.seed: rows for cfg, rows in ippo}
+    ratios, own, base = {}, [], []
+    for cfg, rows in items:
+        if cfg.train.seed not in ippo_by_seed:
+            continue
+        ippo_rows = ippo_by_seed[cfg.train.seed]
+        target = final_return(ippo_rows)
+        mine, theirs = steps_to_reach(rows, target), steps_to_reach(ippo_rows, target)
+        ratios[cfg.train.seed] = mine / theirs if mine is not None and theirs else None
+        own.append(final_return(rows))
+        base.append(final_return(ippo_rows))
+    defined = [r for r in ratios.values() if r is not None]
+    out = {"steps_ratio_vs_ippo_per_seed": ratios,
+           "steps_ratio_vs_ippo_paired_mean": float(np.mean(defined)) if defined else None,
+           "steps_ratio_vs_ippo_ci": None, "final_return_minus_ippo": None, "final_return_minus_ippo_ci": None}
+    if len(defined) >= 2:
+        b = bootstrap_gain(np.array(defined), np.zeros(len(defined)))
+        out["steps_ratio_vs_ippo_ci"] = [b["diff_ci_low"], b["diff_ci_high"]]
+    if len(own) >= 2 and None not in own and None not in base:
+        b = bootstrap_gain(np.array(own), np.array(base))
+        out["final_return_minus_ippo"], out["final_return_minus_ippo_ci"] = b["diff_mean"], [b["diff_ci_low"],
+                                                                                          b["diff_ci_high"]]
     return out
 
 
