@@ -24,7 +24,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -32,14 +32,15 @@ from starlette.datastructures import UploadFile
 from edgeray.config import load_config, to_dict
 from edgeray.errors import UserError
 from serving.sider.config import SiderConfig
-from serving.sider.service import ApiError, SiderService
+from serving.sider.service import ApiError, SiderService, restore_failed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("ray.serve")
 
 
 class ProtectJson(BaseModel):
-    image_b64: str = Field(description="PNG/JPEG/WebP file, base64; at least 64x64 px, at most limits.max_side "
+    model_config = ConfigDict(extra="forbid")
+    image_b64: str = Field(min_length=1, description="PNG/JPEG/WebP file, base64; at least 64x64 px, at most limits.max_side "
                            "per side; every face in it must be protectable (else 422 unprotected_face)")
     password: str = Field(min_length=1, description="passphrase: at least crypto.min_password_bytes (12) UTF-8 "
                           "bytes and crypto.min_password_bits (40) estimated bits, NFC-normalized; only "
@@ -55,26 +56,32 @@ class ProtectJson(BaseModel):
 
 
 class RestoreJson(BaseModel):
-    image_b64: str
+    model_config = ConfigDict(extra="forbid")
+    image_b64: str = Field(min_length=1, description="the published PNG, base64")
     password: str = Field(min_length=1)
     restore_token: str | None = Field(None, description="base64 token; omit if the PNG carries it")
 
 
 class VerifyJson(BaseModel):
-    image_a_b64: str = Field(description="PNG/JPEG/WebP, base64, at least 64x64 px, with a detectable face")
-    image_b_b64: str = Field(description="PNG/JPEG/WebP, base64, at least 64x64 px, with a detectable face")
+    model_config = ConfigDict(extra="forbid")
+    image_a_b64: str = Field(min_length=1, description="PNG/JPEG/WebP, base64, at least 64x64 px, with a detectable face")
+    image_b_b64: str = Field(min_length=1, description="PNG/JPEG/WebP, base64, at least 64x64 px, with a detectable face")
 
 
 def _multipart_schema(fields: dict, files: tuple, required: tuple = ()) -> dict:
-    props = {name: {"type": "string", "format": "binary"} for name in files}
+    props = {name: {"type": "string", "format": "binary", "minLength": 1} for name in files}
     props.update(fields)
-    return {"type": "object", "properties": props, "required": list(files) + list(required)}
+    return {"type": "object", "properties": props, "required": list(files) + list(required),
+            "additionalProperties": False}
 
 
 def _request_body(model: type[BaseModel], form_fields: dict, files: tuple, required: tuple = ()) -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": model.model_json_schema()},
-        "multipart/form-data": {"schema": _multipart_schema(form_fields, files, required)}}}}
+        "multipart/form-data": {"schema": _multipart_schema(form_fields, files, required),
+                                # the file parts' formats (limits.formats), as the part content types
+                                "encoding": {name: {"contentType": "image/png, image/jpeg, image/webp"}
+                                             for name in files}}}}}
 
 
 _PROTECT_FORM = {"password": {"type": "string", "minLength": 1},
@@ -164,6 +171,33 @@ def _parse(model: type[BaseModel], fields: dict, files: tuple) -> dict:
     return parsed
 
 
+def declare_limits(schema: dict, cfg: SiderConfig) -> dict:
+    """The OpenAPI schema with this deployment's own limits (so a request the schema calls valid is
+    not refused for a limit it did not state): n_samples <= limits.max_samples, protect passphrases
+    of at least crypto.min_password_bytes characters (UTF-8 has at least as many bytes), and the
+    image requirements a JSON Schema cannot state (at least 64x64 px, at most limits.max_side, the
+    formats, a detectable face) in x-sider-image and the field descriptions."""
+    image = {"min_side_px": 64, "max_side_px": cfg.limits.max_side, "max_bytes": cfg.limits.max_image_bytes,
+             "formats": list(cfg.limits.formats), "needs_face": True}
+    paths = schema.get("paths", {})
+    content = paths.get("/protect", {}).get("post", {}).get("requestBody", {}).get("content", {})
+    for body in content.values():                   # the JSON and the multipart form alike
+        props = body.get("schema", {}).get("properties", {})
+        if "n_samples" in props:
+            props["n_samples"]["maximum"] = cfg.limits.max_samples
+        if "password" in props:
+            props["password"]["minLength"] = max(1, cfg.crypto.min_password_bytes)
+    for route in ("/protect", "/restore", "/verify"):
+        op = paths.get(route, {}).get("post")
+        if op is not None:
+            op["x-sider-image"] = image
+            op.setdefault("description", "")
+            op["description"] = (op["description"] + f" Images: PNG/JPEG/WebP, 64 to {cfg.limits.max_side} px per "
+                                 f"side, at most {cfg.limits.max_image_bytes} bytes"
+                                 + (", with a detectable face (else 422)." if route != "/restore" else ".")).strip()
+    return schema
+
+
 @serve.deployment(name="SiderDeployment", max_ongoing_requests=8)
 @serve.ingress(api)
 class SiderDeployment:
@@ -175,6 +209,8 @@ class SiderDeployment:
         torch.set_num_threads(torch_threads)
         self.cfg = load_config(SiderConfig, data=config)
         self.service = SiderService(self.cfg)
+        api.openapi_schema = None
+        api.openapi_schema = declare_limits(api.openapi(), self.cfg)
 
     @api.post("/protect", responses=_ERRORS,
               openapi_extra=_request_body(ProtectJson, _PROTECT_FORM, ("image",), ("password",)))
@@ -191,7 +227,12 @@ class SiderDeployment:
         ("image",), ("password",)))
     async def restore(self, request: Request) -> dict:
         fields = await _read_fields(request, self.cfg.limits.max_body_bytes, ("image",))
-        args = _parse(RestoreJson, fields, ("image",))
+        try:
+            args = _parse(RestoreJson, fields, ("image",))
+        except ApiError as exc:
+            if exc.code == "invalid_image":      # not base64: cannot be the published image (same 403)
+                raise restore_failed() from None
+            raise
         return await run_in_threadpool(self.service.restore, args["image"], args["password"],
                                        args["restore_token"])
 

@@ -63,8 +63,9 @@ class SiderService:
 
     # ------------------------------------------------------------------ inputs
 
-    def decode_image(self, data: bytes, name: str = "image") -> tuple[np.ndarray, dict]:
-        """RGB uint8 pixels and the PNG text chunks; 413 / 415 / 422 on bad input."""
+    def decode_image(self, data: bytes, name: str = "image", min_side: int = 64) -> tuple[np.ndarray, dict]:
+        """RGB uint8 pixels and the PNG text chunks; 413 / 415 / 422 on bad input (422 too when a
+        side is under `min_side` px)."""
         limits = self.cfg.limits
         if not data:
             raise ApiError(422, "invalid_image", f"{name} is empty")
@@ -86,8 +87,9 @@ class SiderService:
         if max(width, height) > limits.max_side or width * height > limits.max_pixels:
             raise ApiError(413, "too_large", f"{name} is {width}x{height}; the limit is {limits.max_side} px "
                                              f"per side and {limits.max_pixels} pixels")
-        if min(width, height) < 64:
-            raise ApiError(422, "invalid_image", f"{name} is {width}x{height}; at least 64x64 is needed")
+        if min(width, height) < min_side:
+            raise ApiError(422, "invalid_image", f"{name} is {width}x{height}; at least {min_side}x{min_side} "
+                                                 f"is needed")
         try:
             img.load()
             pixels = np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
@@ -212,7 +214,15 @@ class SiderService:
                 "region": list(region)}
 
     def restore(self, image: bytes, password: str | bytes, restore_token: str | None = None) -> dict:
-        pixels, chunks = self.decode_image(image)
+        # an image that does not decode (or is tiny, or of another format) cannot be one that protect
+        # published: a restore failure like any other (the same 403), not a malformed request; only
+        # the size limits keep their 413
+        try:
+            pixels, chunks = self.decode_image(image, min_side=1)
+        except ApiError as exc:
+            if exc.status == 413:
+                raise
+            raise restore_failed() from None
         secret = self.check_password(password)
         token = None
         if restore_token:
