@@ -76,8 +76,8 @@ CUT = ("issue 17 asks for ns-cartpole + ns-acrobot (DQN) + ns-pendulum (SAC), >=
 ASSUMED_STEPS_PER_S = 140.0  # bench/rl_throughput.py on the loaded machine; refined after the first run
 
 
-def plan(envs, seeds):
-    jobs, names = [], list(VARIANTS)
+def plan(envs, seeds, variants=None):
+    jobs, names = [], list(variants or VARIANTS)
     for seed in range(seeds):
         for k, env in enumerate(envs):
             rotation = (seed + k) % len(names)
@@ -86,9 +86,10 @@ def plan(envs, seeds):
     return jobs
 
 
-def overrides(env: str, seed: int, variant: str, quick: bool) -> list[str]:
+def overrides(env: str, seed: int, variant: str, quick: bool, extra=()) -> list[str]:
     return [f"env.name={env}", f"train.seed={seed}", *(QUICK if quick else FULL),
-            *[o for o in PER_ENV.get(env, []) if not quick or o.startswith("env.shift_params")], *VARIANTS[variant][1]]
+            *[o for o in PER_ENV.get(env, []) if not quick or o.startswith("env.shift_params")], *extra,
+            *VARIANTS[variant][1]]
 
 
 def random_returns(finished) -> dict:
@@ -168,6 +169,10 @@ def main() -> int:
     parser.add_argument("--budget-min", type=float, default=None, help="start no new run after this many minutes")
     parser.add_argument("--out", help="results folder (default bench/results/deer or deer-quick)")
     parser.add_argument("--summarize-only", action="store_true", help="only summarize finished runs")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="variants to train (default all four; e.g. --variants per deer for a paired probe)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides applied to every run after the grid's own (e.g. env.shift_every=8000)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed+seeds-1")
     parser.add_argument("--append", action="store_true",
                         help="keep the finished runs in --out and skip the (variant, env, seed) they already cover")
@@ -181,15 +186,18 @@ def main() -> int:
     out = Path(args.out) if args.out else root / "bench" / "results" / ("deer-quick" if args.quick else "deer")
     envs = args.envs or ("ns-cartpole",)
     seeds = args.seeds or (1 if args.quick else 5)
-    jobs = [(seed + args.first_seed, env, variant) for seed, env, variant in plan(envs, seeds)]
+    variants = list(dict.fromkeys(args.variants or VARIANTS))
+    jobs = [(seed + args.first_seed, env, variant) for seed, env, variant in plan(envs, seeds, variants)]
     load_start = list(os.getloadavg())
-    steps = {env: load_config(ExperimentConfig, None, overrides(env, 0, "per", args.quick)) for env in envs}
+    steps = {env: load_config(ExperimentConfig, None, overrides(env, 0, "per", args.quick, args.set)) for env in envs}
     total = sum(steps[env].train.stop_iters * steps[env].train.env_steps_per_iter for _, env, _ in jobs)
-    print(f"plan: {len(jobs)} runs ({', '.join(envs)} x {seeds} seeds x {', '.join(VARIANTS)}), {total} env steps; "
+    print(f"plan: {len(jobs)} runs ({', '.join(envs)} x {seeds} seeds x {', '.join(variants)}), {total} env steps; "
           f"estimate {total / ASSUMED_STEPS_PER_S / 60:.0f} min at {ASSUMED_STEPS_PER_S:.0f} env steps/s "
           f"(+ ~5 s build per run)", flush=True)
     if args.summarize_only:
-        print(json.dumps(summarize(out, True, len(jobs), load_start, seeds)))
+        line = summarize(out, True, len(jobs), load_start, seeds)
+        line["grid"] = {"envs": list(envs), "variants": variants, "set": list(args.set)}
+        print(json.dumps(line))
         return 0
 
     from edgeray.connect import connect
@@ -213,7 +221,7 @@ def main() -> int:
             if args.budget_min is not None and time.time() - t0 > 60 * args.budget_min:
                 print(f"budget of {args.budget_min} min used: stopping after {done}/{len(jobs)} runs", file=sys.stderr)
                 break
-            cfg = load_config(ExperimentConfig, None, overrides(env, seed, variant, args.quick))
+            cfg = load_config(ExperimentConfig, None, overrides(env, seed, variant, args.quick, args.set))
             method = VARIANTS[variant][0]
             run_dir = runs.new_run_dir(out / "runs", f"{variant}-{env}-s{seed}", kind="rl", method=method)
             RL_METHODS[method].train(cfg, run_dir, log=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -227,6 +235,7 @@ def main() -> int:
             ray.shutdown()
     line = summarize(out, done == len(jobs), planned, load_start, seeds)
     line["bench_wall_s"] = time.time() - t0
+    line["grid"] = {"envs": list(envs), "variants": variants, "set": list(args.set)}
     print(json.dumps(line))
     return 0
 

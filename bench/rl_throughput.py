@@ -1,20 +1,27 @@
 """Benchmark: RLlib DQN + PER throughput vs a lean single-file torch DQN + PER, same env, same updates.
 
 What DEER's benchmark (bench/deer.py) pays for is RLlib's off-policy loop: env stepping through
-the env runner and its connectors, episode bookkeeping, PrioritizedEpisodeReplayBuffer sampling
-(a Python loop building one-step episodes per item) and the learner's connector pipeline per update.
-This measures it against `LeanDQN` below, a reference loop (a bench helper, not a product path):
+the env runner and its connectors, episode bookkeeping, replay sampling and the learner's update.
+RLlib's stock PrioritizedEpisodeReplayBuffer samples in a Python loop that builds one-step
+episodes per item, which its learner connector pipeline turns back into a batch;
+`train.replay_impl=fast` (rl.deer.fast_replay, the default) replaces exactly that with a
+vectorized subclass of the buffer and a DQN training_step that hands the learner a batch.
+This measures both against `LeanDQN` below, a reference loop (a bench helper, not a product path):
 one gymnasium env, a numpy sum-tree PER (alpha 0.6, beta 0.4), double DQN with a [64, 64] MLP
 (RLlib's default DQN module is dueling; the lean one is not), Adam, the same batch size and the
 same number of updates per env step (RLlib's training_intensity = batch / env steps per update).
 
-Both run on ns-cartpole (rl.envs.nonstationary) in this process, one after the other, with
-torch single-threaded; RLlib is measured with 1 and with `--num-envs` vectorized env copies.
-Last stdout line: JSON with rllib_vs_lean_steps_ratio, rllib_steps_per_s, lean_steps_per_s,
-rllib_updates_per_s, lean_updates_per_s, per-config rows, load average.
+Everything runs on ns-cartpole (rl.envs.nonstationary, no shift) in this process, one after the
+other, torch single-threaded, with configs/deer_cartpole.yaml's network and detector settings.
+Rows: lean (first and last, the load drifts), RLlib PER fast with 1 and with `--num-envs`
+vectorized env copies, RLlib PER stock and DEER (fast path, reward detector on) with `--num-envs`.
+`--quick` drops the 1-env row and measures fewer steps.
+Last stdout line: JSON with rllib_vs_lean_steps_ratio (best fast PER row), rllib_steps_per_s,
+lean_steps_per_s, rllib_updates_per_s, lean_updates_per_s, the stock and DEER rows' ratios,
+per-config rows and the load average.
 
     python bench/rl_throughput.py --quick     # ~1 min
-    python bench/rl_throughput.py             # ~5 min
+    python bench/rl_throughput.py             # ~3 min
 """
 
 from __future__ import annotations
@@ -162,7 +169,8 @@ def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragm
     from rl.deer.config import ExperimentConfig
 
     per_iter = max(fragment * num_envs, steps // 4)
-    cfg = load_config(ExperimentConfig, None, [
+    # the DEER benchmark's config (its detector settings, network, lr), with this bench's schedule
+    cfg = load_config(ExperimentConfig, Path(__file__).resolve().parents[1] / "configs" / "deer_cartpole.yaml", [
         "env.name=ns-cartpole", "env.shift_every=1000000000", "env.magnitudes=[0.0]", f"train.seed={seed}",
         f"train.env_steps_per_iter={per_iter}", f"train.rollout_fragment_length={fragment}",
         f"train.num_envs={num_envs}", f"train.training_intensity={intensity}", f"train.train_batch_size={batch}",
