@@ -285,3 +285,13 @@ def test_fast_dqn_trains_through_the_batched_path_and_stock_stays_available(ray_
     assert stock.algo_class.__name__ == "DQN"
     assert stock.replay_buffer_config["type"] == "PrioritizedEpisodeReplayBuffer"
     assert "buffer_class" not in stock.replay_buffer_config
+    # DEER's buffer is always the vectorized subclass; with "stock" it is sampled by RLlib's own
+    # per-item sample() and training step (the phases then travel in extra_model_outputs)
+    deer = build_algo_config("deer", load_config(ExperimentConfig, None, tiny + ["train.replay_impl=stock"])).build_algo()
+    try:
+        assert deer.config.replay_buffer_config["fast_sampling"] is False
+        deer.train()
+        assert deer.local_replay_buffer.num_samples > 0
+        assert deer.local_replay_buffer.num_priority_updates == deer.local_replay_buffer.num_samples
+    finally:
+        deer.stop()
