@@ -41,11 +41,11 @@ from edgeray.config import load_config  # noqa: E402
 
 ENV_CONFIG = "configs/crp_mnist.yaml"
 FL_CONFIG = "configs/crp_fedavg_mnist.yaml"
-FULL = {"seeds": (0, 1, 2), "iters": 6, "steps_per_iter": 1200, "eval_episodes": 5, "eval_rounds": 20,
+FULL = {"seeds": (0, 1, 2), "iters": 24, "steps_per_iter": 300, "eval_episodes": 5, "eval_rounds": 20,
         "fl_rounds": 10, "fl_methods": ("random", "rl-crp"), "target": 0.93}
 QUICK = {"seeds": (0,), "iters": 2, "steps_per_iter": 240, "eval_episodes": 1, "eval_rounds": 10,
          "fl_rounds": 3, "fl_methods": ("random", "rl-crp"), "target": 0.9}
-CUT = {"full": "3 seeds; 6 PPO iterations x 1200 env steps per method and seed (7,200; sized to the shared "
+CUT = {"full": "3 seeds; 24 PPO iterations x 300 env steps per method and seed (7,200; sized to the shared "
                "15-minute benchmark slot of the 2-core machine; the issue names no budget); FL leg: FedAvg + MLP (not the CNN) for 10 rounds, random vs rl-crp only "
                "(greedy-latency, rl-no-crp and the oracle in the env leg only)",
        "quick": "1 seed, 2 PPO iterations x 240 env steps (barely trained policies), 1 evaluation episode of 10 "
@@ -78,7 +78,7 @@ def train(method: str, seed: int, grid: dict, root: Path) -> Path:
 
     cfg = load_config(CRPConfig, ENV_CONFIG, [f"env.seed={seed}", f"train.seed={seed}",
                                               f"train.env_steps_per_iter={grid['steps_per_iter']}",
-                                              f"train.minibatch_size={min(200, grid['steps_per_iter'])}",
+                                              f"train.minibatch_size={min(100, grid['steps_per_iter'])}",
                                               f"train.checkpoint_every={grid['iters']}"])
     run_dir = runs.new_run_dir(root, f"{method}-{cfg.env.name}-s{seed}", kind="rl", method=method,
                                argv=["bench/rl_crp.py"])

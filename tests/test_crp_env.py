@@ -173,3 +173,19 @@ def test_diagnostics_home_first_rule_is_conflict_free_and_auc_ranks():
     assert rows["oracle"]["conflicts_per_round"] == 0 and rows["greedy-latency"]["conflicts_per_round"] > 0
     assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     assert auc([1, 1, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.5) and auc([1, 2], [1, 1]) is None
+
+
+def test_ppo_loss_settings_reach_rllib_and_the_benchmark_config_loads():
+    from rl.crp.algorithms import build_algo_config
+    from rl.crp.config import CRPConfig
+
+    cfg = load_config(CRPConfig, "configs/crp_mnist.yaml", ["train.kl_coeff=0", "train.vf_loss_coeff=0.1"])
+    assert cfg.env.conflict_credit == "pick" and cfg.policy.client_bias
+    algo = build_algo_config("rl-crp", cfg)
+    assert not algo.use_kl_loss and algo.vf_loss_coeff == 0.1
+    algo = build_algo_config("rl-no-crp", load_config(CRPConfig, "configs/crp_mnist.yaml", ["train.kl_coeff=0.3"]))
+    assert algo.use_kl_loss and algo.kl_coeff == 0.3 and algo.env_config["use_crp"] is False
+    with pytest.raises(UserError, match="kl_coeff"):
+        load_config(CRPConfig, "configs/crp_mnist.yaml", ["train.kl_coeff=-1"])
+    with pytest.raises(UserError, match="conflict_credit"):
+        load_config(CRPConfig, "configs/crp_mnist.yaml", ["env.conflict_credit=never"])

@@ -49,7 +49,8 @@ def build_algo_config(method: str, cfg: CRPConfig):
             .env_runners(num_env_runners=t.num_env_runners, num_envs_per_env_runner=1)
             .training(lr=t.lr, gamma=t.gamma, lambda_=t.gae_lambda, clip_param=t.clip_param,
                       entropy_coeff=t.entropy_coeff, num_epochs=t.num_epochs, minibatch_size=t.minibatch_size,
-                      train_batch_size_per_learner=t.env_steps_per_iter)
+                      train_batch_size_per_learner=t.env_steps_per_iter, use_kl_loss=t.kl_coeff > 0,
+                      kl_coeff=t.kl_coeff, vf_loss_coeff=t.vf_loss_coeff)
             .callbacks(CRPMetricsCallback)
             .reporting(metrics_num_episodes_for_smoothing=20, min_time_s_per_iteration=0)
             .debugging(seed=t.seed))

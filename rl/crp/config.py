@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from edgeray.config import param, section
 from rl.envs.crp import CRPEnvSection
-from rl.leed.config import TrainSection  # independent PPO: the same settings as LEED's (set in configs/crp*.yaml)
+from rl.leed.config import TrainSection  # independent PPO: LEED's settings (set in configs/crp*.yaml), plus below
 
 CRP_METHODS = ("rl-crp", "rl-no-crp")
 
@@ -22,6 +22,14 @@ class PolicySection:
     hidden: list[int] = param([64, 64], "hidden layer sizes of the per-client encoder")
     client_bias: bool = param(False, "a learned logit offset per covered client, so a server can tell its clients "
                               "apart (pipelines/selection/crp_policy.py) [R]")
+
+
+@dataclass
+class CRPTrainSection(TrainSection):
+    """LEED's PPO settings plus the two of PPO's loss RL-CRP sets (RLlib's defaults: KL 0.2, value 1.0)."""
+    kl_coeff: float = param(0.2, "PPO's adaptive KL penalty, initial weight (0: no KL term, only the clip)", ge=0)
+    vf_loss_coeff: float = param(1.0, "weight of the value loss (the value head shares the per-client encoder)",
+                                 ge=0)
 
 
 @dataclass
@@ -37,7 +45,7 @@ class CRPConfig:
     """One training run of RL-CRP or its no-CRP ablation."""
     env: CRPEnvSection = section(CRPEnvSection)
     policy: PolicySection = section(PolicySection)
-    train: TrainSection = section(TrainSection)
+    train: CRPTrainSection = section(CRPTrainSection)
     eval: EvalSection = section(EvalSection)
 
     def validate(self) -> None:
