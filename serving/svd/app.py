@@ -34,20 +34,24 @@ anything wrong in a request; a 5xx means a server fault.
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` annotation.
 import asyncio
+import dataclasses
 import json
+import math
+import re
 import shutil
 import threading
 import time
+import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -57,8 +61,8 @@ from serving.svd.config import SVDServeConfig
 from serving.svd.decoding import ContinuousBatcher, DecodeRequest, SVDEngine, option_logprobs
 from serving.svd.model import load_model, resolve_source
 from serving.svd.steering import SamplingParams
-from serving.svd.warmstart import (list_tasks, new_task_record, parse_task_request, read_task, run_warm_start,
-                                   task_path, write_task)
+from serving.svd.warmstart import (TaskSpec, list_tasks, new_task_record, parse_task_request, read_task,
+                                   run_warm_start, task_path, write_task)
 
 
 class APIError(Exception):
@@ -116,8 +120,21 @@ async def _validation_error(_, exc: RequestValidationError):
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_, exc: StarletteHTTPException):
-    return error_response(exc.status_code, str(exc.detail))
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    response = error_response(exc.status_code, str(exc.detail))
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette's Allow names the methods of one route; a path here has a route per method:
+        # name every method /openapi.json declares for the path (GET implies HEAD)
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path
+        methods = set()
+        for template, operations in api.openapi()["paths"].items():
+            if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
+                methods |= {m.upper() for m in operations} | ({"HEAD"} if "get" in operations else set())
+        if methods:
+            response.headers["Allow"] = ", ".join(sorted(methods))
+    return response
 
 
 @api.exception_handler(Exception)
@@ -133,13 +150,27 @@ async def _server_error(_, exc: Exception):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        """JSON Schema's "integer" includes 130.0: an integer field takes it as 130 (strict
+        mode alone would refuse it)."""
+        if not isinstance(data, dict):
+            return data
+        ints = {name for name, f in cls.model_fields.items() if int in (f.annotation, *typing.get_args(f.annotation))}
+        return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+
 
 class SVDOptions(_Strict):
     """The `svd` extension object."""
 
     task: str | None = Field(None, description="task id to steer with (or use the task id as `model`)")
     enabled: bool | None = Field(None, description="steer (default: true when a task is given)")
-    mu: Union[Literal["auto"], float] = Field("auto", description='"auto" = the task\'s calibrated mu_bar')
+    mu: Union[Literal["auto"], Annotated[float, Field(ge=-1e6, le=1e6)]] = Field(
+        "auto", description='"auto" = the task\'s calibrated mu_bar, or a number')
     alpha: float | None = Field(None, gt=0, le=1, description="confidence-mask alpha (default: the task's)")
 
 
@@ -153,13 +184,14 @@ class StreamOptions(_Strict):
 
 class _Generation(_Strict):
     model: str = Field(min_length=1, description="the base model or a task id (GET /v1/models)")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="at most serve.max_tokens_limit (the schema states it)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (the default, as in the paper)")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1, le=8, description="number of choices")
-    stop: Union[str, list[str], None] = Field(None, description="up to 4 stop strings")
-    seed: int | None = Field(None, description="sampling seed (choice i uses seed + i)")
+    stop: Union[NonEmpty, Annotated[list[NonEmpty], Field(max_length=4)], None] = Field(
+        None, description="up to 4 stop strings")
+    seed: int | None = Field(None, ge=-2 ** 62, le=2 ** 62, description="sampling seed (choice i uses seed + i)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -170,9 +202,10 @@ class _Generation(_Strict):
 
 
 class CompletionRequest(_Generation):
-    prompt: Union[str, list[str]] = Field(description="a string (or a list holding one string)")
+    prompt: Union[NonEmpty, Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]] = Field(
+        description="a string (or a list holding one string), at most serve.max_prompt_tokens tokens")
     logprobs: int | None = Field(None, ge=0, le=5, description="log-probs of each token and this many alternatives")
-    echo: bool = Field(False, description="not served: must be false")
+    echo: Literal[False] = Field(False, description="not served: must be false")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1")
 
 
@@ -189,20 +222,55 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="at most serve.max_tokens_limit")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (implies logprobs)")
 
 
 class ScoreRequest(_Strict):
-    prompt: str
-    options: list[str] = Field(min_length=2)
+    prompt: NonEmpty
+    options: list[NonEmpty] = Field(min_length=2, description="at most serve.max_score_options (the schema states it)")
     task: str | None = None
     model: str | None = None
-    steer: bool = True
-    mu: Union[Literal["auto"], float, None] = None
+    steer: bool = Field(True, description="steer with the task (no task: the base model's scores, steer false "
+                                           "in the answer)")
+    mu: Union[Literal["auto"], Annotated[float, Field(ge=-1e6, le=1e6)], None] = None
     alpha: float | None = Field(None, gt=0, le=1)
     mask: Literal["zero", "neg_inf"] | None = None
+
+
+def config_model(cls: type, name: str, patterns: dict | None = None) -> type[BaseModel]:
+    """A strict pydantic model of a config dataclass (edgeray.config `param` fields: choices,
+    bounds, docs, defaults; nested sections become nested models), so a body that the config
+    loader validates is also declared in /openapi.json."""
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for f in dataclasses.fields(cls):
+        kind, meta = hints[f.name], f.metadata
+        if dataclasses.is_dataclass(kind):
+            sub = config_model(kind, name + kind.__name__)
+            fields[f.name] = (sub, Field(default_factory=sub, description=meta.get("doc")))
+            continue
+        if meta.get("choices"):
+            kind = Literal[tuple(meta["choices"])]
+        bounds = {k: meta[k] for k in ("ge", "gt", "le", "lt") if meta.get(k) is not None}
+        if (patterns or {}).get(f.name):
+            bounds["pattern"] = patterns[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        fields[f.name] = (kind, Field(default, description=meta.get("doc"), **bounds))
+    return create_model(name, __base__=_Strict, **fields)
+
+
+class TrainExample(_Strict):
+    prompt: str
+    target: NonEmpty
+
+
+class TaskRequest(config_model(TaskSpec, "TaskSpec", {"name": r"^$|^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"})):
+    """The body of POST /svd/tasks: how to warm-start and calibrate, and the examples."""
+
+    train: list[TrainExample] = Field(description="between serve.min_task_examples and serve.max_task_examples "
+                                                  "(the schema states them)")
 
 
 class ErrorBody(BaseModel):
@@ -223,14 +291,27 @@ ERRORS = {400: {"model": ErrorResponse, "description": "bad request (the message
 
 # ----------------------------------------------------------------------------- request parsing
 
-async def _json_body(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "the request body must be valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
+def state_limits(schema: dict, limits) -> dict:
+    """Write the config-dependent limits (serve.* of SVDServeConfig) into an OpenAPI schema, so
+    the schema states what the handlers enforce: max_tokens, the train list, the score options."""
+    def put(prop: dict, kind: str, **values) -> None:
+        for branch in prop.get("anyOf", [prop]):
+            if branch.get("type") == kind:
+                branch.update(values)
+
+    models = schema["components"]["schemas"]
+    for model, field in (("CompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_tokens"),
+                         ("ChatCompletionRequest", "max_completion_tokens")):
+        put(models[model]["properties"][field], "integer", maximum=limits.max_tokens_limit)
+    put(models["TaskRequest"]["properties"]["train"], "array", minItems=limits.min_task_examples,
+        maxItems=limits.max_task_examples)
+    put(models["ScoreRequest"]["properties"]["options"], "array", maxItems=limits.max_score_options)
+    for operations in schema["paths"].values():        # invalid bodies are 400s here, never FastAPI's 422
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    models.pop("HTTPValidationError", None)
+    models.pop("ValidationError", None)
+    return schema
 
 
 @dataclass
@@ -240,6 +321,20 @@ class Job:
     decode: DecodeRequest
     svd: dict | None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+
+LOGPROB_FLOOR = -9999.0
+
+
+def finite(value: Any) -> Any:
+    """The value with non-finite floats (NaN, inf: not JSON) replaced by None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 def _sse(payload: Any) -> str:
@@ -303,6 +398,8 @@ class SVDServer:
         self.created = int(time.time())
         self.batcher = ContinuousBatcher(self.engine, self.cfg.serve.max_batch_size,
                                          self.cfg.serve.batch_wait_timeout_s)
+        api.openapi_schema = None
+        state_limits(api.openapi(), self.cfg.serve)          # cached by FastAPI: /openapi.json serves it
 
     # ------------------------------------------------------------------ tasks
     def _task_record(self, task_id: str) -> dict:
@@ -442,6 +539,8 @@ class SVDServer:
         tok = self.engine.tokenizer
         text = tok.decode([token])
         value, alternatives = logprob
+        # a token the confidence mask removed has log-prob -inf, not JSON: -9999.0 as OpenAI reports
+        value, alternatives = max(value, LOGPROB_FLOOR), [(a, max(lp, LOGPROB_FLOOR)) for a, lp in alternatives]
         if kind == "chat":
             return {"token": text, "logprob": value, "bytes": list(text.encode()),
                     "top_logprobs": [{"token": tok.decode([a]), "logprob": lp, "bytes": list(tok.decode([a]).encode())}
@@ -550,10 +649,7 @@ class SVDServer:
 
     @staticmethod
     def _stops(stop) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise APIError(400, "stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
-        return stops
+        return [stop] if isinstance(stop, str) else list(stop or [])
 
     # ------------------------------------------------------------------ OpenAI routes
     @api.post("/v1/completions", responses=ERRORS)
@@ -563,8 +659,6 @@ class SVDServer:
             if len(prompt) != 1:
                 raise APIError(400, "prompt must be a string or a list holding exactly one string", "prompt")
             prompt = prompt[0]
-        if body.echo:
-            raise APIError(400, "echo is not supported by this server", "echo")
         jobs = self._jobs(body, self._encode_prompt(prompt), body.max_tokens, body.logprobs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await self._respond(jobs, "completion", self._stops(body.stop), body.stream, body.logprobs is not None,
@@ -576,16 +670,13 @@ class SVDServer:
         for message in body.messages:
             content = message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
             clean.append({"role": message.role, "content": content})
-        if not any(m["content"].strip() for m in clean):
-            raise APIError(400, "the prompt is empty: every message has empty content", "messages")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        want_logprobs = body.logprobs or body.top_logprobs is not None
         text = self.engine.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         jobs = self._jobs(body, self._encode_prompt(text), max_tokens,
-                          (body.top_logprobs or 0) if body.logprobs else None)
+                          (body.top_logprobs or 0) if want_logprobs else None)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await self._respond(jobs, "chat", self._stops(body.stop), body.stream, body.logprobs, include_usage)
+        return await self._respond(jobs, "chat", self._stops(body.stop), body.stream, want_logprobs, include_usage)
 
     @api.get("/v1/models")
     async def models(self):
@@ -594,7 +685,7 @@ class SVDServer:
             if record.get("status") == "ready" and record.get("base_model") == self.cfg.model.name:
                 data.append({"id": record["id"], "object": "model", "created": int(record["created"]),
                              "owned_by": "edgeray", "parent": self.cfg.model.name,
-                             "svd": {"mu_bar": record["mu_bar"], "alpha": record["alpha"],
+                             "svd": {"mu_bar": finite(record["mu_bar"]), "alpha": record["alpha"],
                                      "peft_type": record["peft_type"]}})
         return {"object": "list", "data": data}
 
@@ -605,11 +696,11 @@ class SVDServer:
 
     # ------------------------------------------------------------------ SVD routes
     @api.post("/svd/tasks", status_code=202, responses=ERRORS)
-    async def create_task(self, request: Request):
+    async def create_task(self, request: Request, body: TaskRequest):
         import ray
 
-        body = await _json_body(request)
-        spec, examples = parse_task_request(body, self.cfg.serve.min_task_examples, self.cfg.serve.max_task_examples)
+        spec, examples = parse_task_request(body.model_dump(exclude_unset=True), self.cfg.serve.min_task_examples,
+                                            self.cfg.serve.max_task_examples)
         if spec.base_model not in ("", self.cfg.model.name):
             raise APIError(404, f"unknown base_model {spec.base_model!r}; this server serves {self.cfg.model.name!r}",
                            "base_model", "model_not_found")
@@ -676,6 +767,7 @@ class SVDServer:
 
     @staticmethod
     def _public(record: dict) -> dict:
+        record = finite(record)
         keys = ("status", "base_model", "peft_type", "mu_bar", "mu_mean", "mu_median", "mu_ratio", "n_calib_tokens",
                 "n_calib_tokens_excluded", "n_train", "n_calib", "steps", "loss_first", "loss_last", "train_seconds",
                 "alpha", "adapter_path", "error", "created", "finished", "runs_in", "waiting")
@@ -687,19 +779,19 @@ class SVDServer:
             raise APIError(400, f"options must be a list of 2 to {self.cfg.serve.max_score_options} non-empty strings",
                            "options")
         mask = body.mask or self.cfg.svd.score_mask
-        svd = SVDOptions(task=body.task, enabled=body.steer, mu="auto" if body.mu is None else body.mu,
-                         alpha=body.alpha)
+        svd = SVDOptions(task=body.task, enabled=None if body.steer else False,     # None: steer when a task is given
+                         mu="auto" if body.mu is None else body.mu, alpha=body.alpha)
         task, resolved = self._resolve(body.model or self.cfg.model.name, svd)
+        steer = resolved["enabled"]
         prompt_ids = self._encode_prompt(body.prompt)
         option_ids = [self.engine.tokenizer(o, add_special_tokens=False).input_ids for o in body.options]
         phi, theta, targets = await asyncio.to_thread(self.engine.option_logits, task, [prompt_ids] * len(option_ids),
                                                       option_ids)
-        mu, alpha = (resolved["mu"], resolved["alpha"]) if body.steer else (0.0, 0.0)
+        mu, alpha = (resolved["mu"], resolved["alpha"]) if steer else (0.0, 0.0)
         scores = [option_logprobs(p, t, y, mu, alpha, mask) for p, t, y in zip(phi, theta, targets)]
         best = max(range(len(scores)), key=lambda i: scores[i])
-        return {"task": task.id if task else None, "steer": body.steer, "mu": mu, "alpha": alpha, "mask": mask,
-                "scores": [s if s != float("-inf") else None for s in scores], "best": best,
-                "best_option": body.options[best]}
+        return finite({"task": task.id if task else None, "steer": steer, "mu": mu, "alpha": alpha, "mask": mask,
+                       "scores": scores, "best": best, "best_option": body.options[best]})     # -inf -> null
 
 
 def app_builder(args: dict):

@@ -38,7 +38,7 @@ from serving.svd.steering import MU_ESTIMATORS, aggregate_mu, token_mu_terms
 PEFT_TYPES = ("lora", "ia3", "prompt_tuning")
 DEFAULT_TARGETS = {"lora": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "down_proj"], "prompt_tuning": []}
 CALIB_TOKENS = ("content", "all")
-TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")      # \Z: no trailing newline
 
 
 @dataclass
@@ -308,6 +308,9 @@ def run_warm_start(tasks_dir: str, task_id: str, model_source: str, dtype: str, 
 
         peft_model, meta = train_task(model, tokenizer, spec, examples, on_step=check)
         check(0, None)
+        if not math.isfinite(meta.get("mu_bar", 0.0)):
+            raise ValueError(f"the warm start diverged (mu_bar = {meta['mu_bar']}, last loss {meta.get('loss_last')}); "
+                             "try a smaller lr")
         adapter_dir = task_path(tasks_dir, task_id) / "adapter"
         peft_model.save_pretrained(adapter_dir)
         record.update(status="ready", finished=time.time(), adapter_path=str(adapter_dir), **meta)
