@@ -303,7 +303,7 @@ def main() -> None:
     summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
     if no_topics:
         for key in ("fedalign_minus_fedavg_acc_alpha0.1", "fedalign_minus_fedavg_acc_alpha0.1_per_seed",
-                    "fedalign_rounds_ratio_alpha0.1", "hfedmoe_budget_violations", "validity_gate_passed"):
+                    "fedalign_rounds_ratio_alpha0.1", "validity_gate_passed"):
             summary[key] = None
     summary["validity_gate_per_leg"] = {
         name: {"client_routing_entropy": all(v["routing_entropy_ratio"] <= 0.9 for m, v in row.items() if m in METHODS),
