@@ -367,6 +367,12 @@ def test_budget_below_top_k_threshold_out_of_range_and_non_moe_paths_fail_in_one
         _config(["strategy.name=fedavg-moe", f"model.path={tmp_path}", "model.args={}"])
     with pytest.raises(UserError, match="needs model.name=moe"):
         _config(["strategy.name=hfedmoe", "model.name=cnn", "model.args={}"])
+    with pytest.raises(UserError, match="router_init='bogus'"):     # checked without torch, before Ray
+        _config(["strategy.name=fedalign-moe", "model.args={upcycle: {router_init: bogus}}"])
+    with pytest.raises(UserError, match="router_scale"):
+        _config(["strategy.name=fedalign-moe", "model.args={upcycle: {router_init: kmeans, router_scale: 0}}"])
+    with pytest.raises(UserError, match="expert_mode"):
+        _config(["strategy.name=fedalign-moe", "strategy.params.expert_mode=local"])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "num_experts": 4,
                                                       "num_experts_per_tok": 2}))
     cfg = _config(["strategy.name=hfedmoe", f"model.path={tmp_path}", "strategy.params.tiers=[0.5]"])

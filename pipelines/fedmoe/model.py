@@ -48,13 +48,12 @@ from torch import nn
 
 from edgeray.errors import UserError
 from pipelines.fedmoe.layout import ROUTER_KEY
-from pipelines.fedmoe.settings import MOE_ARCHS, moe_shape
+from pipelines.fedmoe.settings import MOE_ARCHS, ROUTER_INITS, moe_shape
 from pipelines.registry import ModelSpec
 from pipelines.tasks.lm import ARCHITECTURES, _compute_in_float32, _with_lora
 
 BUILD_ARGS = ("arch", "config", "lora", "head", "upcycle", "router_std")
 UPCYCLE_KEYS = ("experts", "top_k", "layers", "noise", "keep_layers", "router_init", "router_scale")
-ROUTER_INITS = ("normal", "kmeans")
 HEADS = ("classify", "lm")
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -18,6 +18,7 @@ from edgeray.errors import UserError
 from pipelines.settings import StrategySettings
 
 MOE_ARCHS = {"olmoe": "num_experts", "mixtral": "num_local_experts", "qwen2_moe": "num_experts"}
+ROUTER_INITS = ("normal", "kmeans")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ def moe_shape(model_name: str, args: dict, path: str | None) -> MoEShape | None:
         if not isinstance(upcycle, dict):
             raise UserError("model.args.upcycle must be a mapping (experts, top_k, layers, noise)")
         shape = MoEShape(int(upcycle.get("experts", 4)), int(upcycle.get("top_k", 2)))
+        if upcycle.get("router_init", "normal") not in ROUTER_INITS:
+            raise UserError(f"model.args.upcycle.router_init={upcycle['router_init']!r} is not one of "
+                            f"{', '.join(ROUTER_INITS)}")
+        scale = upcycle.get("router_scale", 2.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise UserError(f"model.args.upcycle.router_scale={scale!r} must be a number > 0")
     elif path:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
