@@ -549,8 +549,10 @@ class FedAlignMoE(MoEStrategy):
                    "expert_slices_dropped": held_pairs - aligned_pairs}
         new_state = self.next_state(state, partial)
         if personalised:
-            # a client of this round gets its mixed experts; one absent this round keeps its last ones
-            new_state["personal"] = {**state.get("personal", {}),
+            # a client of this round gets this round's mixes (none: it starts from the global experts);
+            # a client absent this round keeps its last ones
+            present = {h[0] for h in partial.held}
+            new_state["personal"] = {**{c: v for c, v in state.get("personal", {}).items() if c not in present},
                                      **{cid: {key: _concat_rows(parts) for key, parts in keys.items()}
                                         for cid, keys in personal.items()}}
             metrics["personal_peers_mean"] = peers / max(held_pairs, 1)
