@@ -201,7 +201,8 @@ def main() -> None:
     from rl.crp.config import CRPConfig
     from rl.loop import torch_threads
 
-    result: dict = {"load_avg_start": list(os.getloadavg()), "cut": CUT["quick" if args.quick else "full"],
+    cut = CUT["quick" if args.quick else "full"] + ("; FL leg skipped (--skip-fl)" if args.skip_fl else "")
+    result: dict = {"load_avg_start": list(os.getloadavg()), "cut": cut,
                     "seeds": list(grid["seeds"]),
                     "fl_target_accuracy": grid["target"], "reused_training": bool(previous)}
     env_cfg = load_config(CRPConfig, ENV_CONFIG).env

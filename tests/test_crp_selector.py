@@ -20,13 +20,15 @@ def _export(tmp_path, sim, hidden=(8,)):
     s = sim.section
     meta = export_meta(num_clients=s.num_clients, coverage=sim.coverage, coverage_rule="modulo", picks_per_edge=sim.k,
                        hidden=hidden, use_crp=True, risk=s.risk(), stale_rounds=s.stale_rounds,
-                       local_epochs=s.local_epochs, model_bytes=s.model_bytes)
+                       local_epochs=s.local_epochs, model_bytes=s.model_bytes, client_edges=sim.client_edges,
+                       coverage_features=s.coverage_features)
     return save_export(tmp_path / "crp_policy.pt", meta, policies)
 
 
 @pytest.fixture
 def sim():
-    return CRPSimulation(CRPEnvSection(num_clients=24, num_edges=3, clients_per_round=6, rounds=5))
+    return CRPSimulation(CRPEnvSection(num_clients=24, num_edges=3, clients_per_round=6, rounds=5,
+                                       coverage_features=True))
 
 
 def test_the_selector_sees_what_the_env_agent_saw_and_picks_within_candidates(tmp_path, sim):
@@ -80,7 +82,8 @@ def test_a_checkpoint_that_does_not_match_the_run_is_refused(tmp_path, sim):
 
 def test_client_bias_is_a_per_client_logit_offset_that_exports_and_loads(tmp_path, sim):
     net = CRPPolicyNet(5, (8,), client_bias=True)
-    obs = torch.rand(2, 5 * 7 + 1 + 5)
+    from pipelines.selection.crp import observation_size
+    obs = torch.rand(2, observation_size(5))
     obs[:, -5:] = 1
     base = net(obs)[0]
     with torch.no_grad():
@@ -100,3 +103,22 @@ def test_client_bias_is_a_per_client_logit_offset_that_exports_and_loads(tmp_pat
                        local_epochs=s.local_epochs, model_bytes=s.model_bytes)
     selector = RLCRPSelector(sim.population, 0, checkpoint=str(save_export(tmp_path / "b.pt", meta, policies)))
     assert torch.allclose(selector.nets[0].bias, torch.linspace(0, 1, len(sim.coverage[0])))
+
+
+def test_coverage_features_mark_home_clients_and_an_export_with_other_features_is_refused(tmp_path, sim):
+    from pipelines.selection.crp import FEATURES, load_export
+
+    home, overlap = FEATURES.index("home"), FEATURES.index("overlap")
+    for e, tracker in sim.trackers.items():
+        feats = tracker.features(1, np.ones(len(tracker.covered)))
+        # modulo coverage, overlap 1: client c's home is c mod 3, and one other edge covers it too
+        assert np.array_equal(feats[:, home], (tracker.covered % 3 == e).astype(float))
+        assert np.all(feats[:, overlap] == 1.0)
+    off = CRPSimulation(CRPEnvSection(num_clients=24, num_edges=3, clients_per_round=6))
+    assert not off.trackers[0].features(1, np.ones(len(off.trackers[0].covered)))[:, [home, overlap]].any()
+    path = _export(tmp_path, sim)
+    meta, states = load_export(path)
+    stale = save_export(tmp_path / "old.pt", {**meta, "features": [f for f in FEATURES if f not in ("home", "overlap")]},
+                        states)
+    with pytest.raises(UserError, match="features .* retrain"):
+        RLCRPSelector(sim.population, 0, checkpoint=str(stale))

@@ -17,6 +17,10 @@ notes/rl.md A1 step 4]:
   staleness       rounds since this server last picked it / ``stale_rounds`` (1 if never, capped at 1)
   latency         the client's static round-time estimate / the population's median estimate
   size            local examples / the population's mean
+  home            1 if this server is the client's home edge (the first its coverage lists: c mod
+                  S under modulo coverage, the nearest under disc coverage); 0 with
+                  ``coverage_features`` off [R]
+  overlap         the other servers covering the client (coverage geometry; 0 with the switch off) [R]
   available       1 if the client is online and covered now
   picked          1 if this server already picked it in this round
 and edge-wide ``GLOBALS``: picks left this round / k. The mask: available and not yet picked.
@@ -38,7 +42,7 @@ from pipelines.population import PopulationView
 from pipelines.selection import RoundObservation, Selector, estimated_round_s
 from pipelines.selection.conflict_risk import ConflictRiskModel, RiskSettings
 
-FEATURES = ("risk", "participation", "staleness", "latency", "size", "available", "picked")
+FEATURES = ("risk", "participation", "staleness", "latency", "size", "home", "overlap", "available", "picked")
 GLOBALS = ("picks_left",)
 FEATURE_CAP = 10.0                    # latency and size ratios are clipped here (observation bound)
 EXPORT_FORMAT = "edgeray-rl-crp/1"
@@ -63,11 +67,19 @@ class EdgeTracker:
     from its own observations: what it picked, and the conflicts it learned of."""
 
     def __init__(self, edge_id: int, covered, latency: np.ndarray, size: np.ndarray, *,
-                 risk: RiskSettings = RiskSettings(), use_crp: bool = True, stale_rounds: int = 20, seed: int = 0):
+                 risk: RiskSettings = RiskSettings(), use_crp: bool = True, stale_rounds: int = 20, seed: int = 0,
+                 client_edges: list[list[int]] | None = None):
+        """``client_edges``: every client's covering edges, home first (the coverage geometry,
+        known to every server); given, the ``home`` and ``overlap`` features are filled, else 0."""
         self.edge_id = edge_id
         self.covered = np.asarray(sorted(int(c) for c in covered), dtype=np.int64)
         self.index = {int(c): i for i, c in enumerate(self.covered)}
         self.latency, self.size = latency[self.covered], size[self.covered]
+        n = len(self.covered)
+        self.home = np.array([float(client_edges[c][0] == edge_id) for c in self.covered]) if client_edges \
+            else np.zeros(n)
+        self.overlap = np.array([float(len(client_edges[c]) - 1) for c in self.covered]) if client_edges \
+            else np.zeros(n)
         self.risk_settings, self.use_crp, self.stale_rounds, self.seed = risk, use_crp, stale_rounds, seed
         self.reset()
 
@@ -110,7 +122,8 @@ class EdgeTracker:
         stale = np.where(np.isnan(self.last_pick), 1.0,
                          np.minimum((rnd - np.nan_to_num(self.last_pick)) / self.stale_rounds, 1.0))
         return np.stack([risk, self.picks / max(self.rounds_seen, 1), stale, self.latency, self.size,
-                         available.astype(float), np.zeros(n)], axis=1)
+                         self.home, np.minimum(self.overlap, FEATURE_CAP), available.astype(float), np.zeros(n)],
+                        axis=1)
 
     @staticmethod
     def observation(features: np.ndarray, picked: np.ndarray, picks_left: int, k: int) -> np.ndarray:
@@ -229,6 +242,12 @@ def build_policies(meta: dict, states: dict[int, dict], population: PopulationVi
     a population of another size than the checkpoint's is a one-line error."""
     from pipelines.selection.crp_policy import CRPPolicyNet
 
+    if meta.get("features", list(FEATURES)) != list(FEATURES):
+        raise UserError(f"the RL-CRP checkpoint was exported with the per-client features {meta.get('features')}, "
+                        f"this code observes {list(FEATURES)}: retrain it (edgeray rl train rl-crp)")
+    if "features" not in meta:
+        raise UserError("the RL-CRP checkpoint predates the home/overlap features (no 'features' in its meta): "
+                        "retrain it (edgeray rl train rl-crp)")
     if len(population) != meta["num_clients"]:
         raise UserError(f"the RL-CRP checkpoint was trained on {meta['num_clients']} clients, this run has "
                         f"{len(population)} (data.num_clients)")
@@ -238,7 +257,8 @@ def build_policies(meta: dict, states: dict[int, dict], population: PopulationVi
     for edge_key, covered in meta["coverage"].items():
         edge = int(edge_key)
         trackers[edge] = EdgeTracker(edge, covered, latency, size, risk=risk, use_crp=meta["use_crp"],
-                                     stale_rounds=meta["stale_rounds"], seed=seed)
+                                     stale_rounds=meta["stale_rounds"], seed=seed,
+                                     client_edges=meta.get("client_edges") if meta.get("coverage_features") else None)
         net = CRPPolicyNet(len(covered), meta["hidden"], meta.get("client_bias", False))
         net.load_state_dict(states[edge])
         nets[edge] = net.eval()
@@ -254,10 +274,13 @@ def _logits(net, obs: np.ndarray) -> np.ndarray:
 
 def export_meta(*, num_clients: int, coverage: dict[int, list[int]], coverage_rule: str, picks_per_edge: int,
                 hidden, use_crp: bool, risk: RiskSettings, stale_rounds: int, local_epochs: float,
-                model_bytes: float, client_bias: bool = False, **extra) -> dict:
+                model_bytes: float, client_bias: bool = False, client_edges: list[list[int]] | None = None,
+                coverage_features: bool = False, **extra) -> dict:
     """The meta block of an export: what the selector needs to rebuild the observations."""
     return {"num_clients": num_clients, "num_edges": len(coverage),
             "coverage": {str(e): list(map(int, c)) for e, c in coverage.items()}, "coverage_rule": coverage_rule,
             "picks_per_edge": picks_per_edge, "hidden": list(hidden), "client_bias": bool(client_bias),
+            "features": list(FEATURES), "coverage_features": bool(coverage_features),
+            "client_edges": [list(map(int, c)) for c in client_edges] if client_edges else None,
             "use_crp": use_crp, "risk": asdict(risk),
             "stale_rounds": stale_rounds, "local_epochs": local_epochs, "model_bytes": model_bytes, **extra}

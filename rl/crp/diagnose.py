@@ -234,6 +234,8 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--parts", nargs="+", default=["baselines", "risk", "learners"])
+    parser.add_argument("--learners", nargs="+", default=["features:round", "features:pick", "bias:round", "bias:pick"],
+                        help="learner variants, policy:credit (policy features | bias, credit round | pick)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. env.conflict_weight=4")
     parser.add_argument("--out", default="bench/results/rl_crp_diag")
     args = parser.parse_args()
@@ -251,11 +253,13 @@ def main() -> None:
             print(json.dumps({"seed": seed, "risk": row["risk"]}), flush=True)
         if "learners" in args.parts:
             row["learners"] = []
-            for client_bias in (False, True):
-                for credit in ("round", "pick"):
-                    row["learners"].append(learn(env, args.episodes, client_bias=client_bias, credit=credit,
-                                                 lr=args.lr, seed=seed, eval_episodes=args.eval_episodes))
-                    print(json.dumps({"seed": seed, "learner": row["learners"][-1]}), flush=True)
+            for variant in args.learners:
+                policy, _, credit = variant.partition(":")
+                if policy not in ("features", "bias") or credit not in ("round", "pick"):
+                    parser.error(f"--learners {variant!r}: expected features|bias:round|pick")
+                row["learners"].append(learn(env, args.episodes, client_bias=policy == "bias", credit=credit,
+                                             lr=args.lr, seed=seed, eval_episodes=args.eval_episodes))
+                print(json.dumps({"seed": seed, "learner": row["learners"][-1]}), flush=True)
         report[str(seed)] = row
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,8 @@ class CRPEnvSection:
                           "1/(1+count) bonus, or none [R]", choices=FAIRNESS)
     conflict_credit: str = param("round", "when the conflict term is paid: at the round's end, or at the pick "
                                  "step that made the conflict (module docstring) [R]", choices=CONFLICT_CREDITS)
+    coverage_features: bool = param(False, "per-client home / overlap features from the coverage geometry "
+                                    "(pipelines/selection/crp.py FEATURES) [R]")
     use_crp: bool = param(True, "conflict risk in the observation (false: the no-CRP ablation)")
     risk_coding: str = param("three_symbol", "sparse coding of the HMM (pipelines/selection/conflict_risk.py) [R]",
                              choices=CODINGS)
@@ -156,6 +158,7 @@ class CRPSimulation:
         self.population = PopulationView(tuple(profiles), tuple(sizes))
         client_edges = modulo_coverage(s.num_clients, s.num_edges, s.edge_overlap, s.seed) if s.coverage == "modulo" \
             else disc_coverage(s.num_clients, s.num_edges, s.coverage_radius, s.seed)
+        self.client_edges = client_edges
         self.coverage = {e: [c for c in range(s.num_clients) if e in client_edges[c]] for e in range(s.num_edges)}
         empty = [e for e, cov in self.coverage.items() if not cov]
         if empty:
@@ -170,7 +173,8 @@ class CRPSimulation:
         self.t_ref = float(np.median(estimated_round_s(self.population, s.local_epochs, s.model_bytes)))
         latency, size = client_scales(self.population, s.local_epochs, s.model_bytes)
         self.trackers = {e: EdgeTracker(e, cov, latency, size, risk=s.risk(), use_crp=s.use_crp,
-                                        stale_rounds=s.stale_rounds, seed=s.seed)
+                                        stale_rounds=s.stale_rounds, seed=s.seed,
+                                        client_edges=client_edges if s.coverage_features else None)
                          for e, cov in self.coverage.items()}
         self.start(s.seed)
 
