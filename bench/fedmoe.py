@@ -57,9 +57,10 @@ def config(leg: str, method: str, alpha: float, seed: int, rounds: int, extra=()
         *overrides, *extra])
 
 
-def local_loop(cfg, rounds: int, clients_as_one: bool = False) -> list[dict]:
+def local_loop(cfg, rounds: int, clients_as_one: bool = False, keep: dict | None = None) -> list[dict]:
     """The same strategy and clients, one after another in this process (no Ray); with
-    ``clients_as_one`` all training data is one client: the centralised reference."""
+    ``clients_as_one`` all training data is one client: the centralised reference. ``keep`` (a dict)
+    receives the final global tensors, server state, model and data."""
     import torch
 
     from actors.driver import prepare
@@ -99,7 +100,48 @@ def local_loop(cfg, rounds: int, clients_as_one: bool = False) -> list[dict]:
         set_params(model, global_params)
         sums = evaluate(model, data.x_test, data.y_test)
         rows.append({"round": rnd, "round_wall_s": round_s, "test_accuracy": sums["test_accuracy"] / sums["count"]})
+    if keep is not None:
+        keep.update(global_params=global_params, state=state, model=model, handover=handover, prepared=prepared)
     return rows
+
+
+def personal_accuracy(cfg, rounds: int) -> dict:
+    """FedAlign-MoE, ``expert_mode`` global vs personalised, in process: each client's accuracy on
+    the test set reweighted to its own label mix, Σ_k p_c(k)·acc_k(model_c), where model_c is the
+    global model, or the global model with the client's γ-mixed experts (``state['personal']``);
+    the mean over clients is weighted by their example counts."""
+    import torch
+
+    from pipelines.fedmoe.layout import insert_rows
+    from pipelines.models import set_params
+    from pipelines.strategy import Rows
+
+    out = {}
+    for mode in ("global", "personalised"):
+        keep: dict = {}
+        c = config("topics", "fedalign-moe", cfg.data.alpha, cfg.seed, rounds,
+                   [f"strategy.params.expert_mode={mode}"])
+        local_loop(c, rounds, keep=keep)
+        data, parts = keep["prepared"].data, keep["prepared"].parts
+        classes = int(data.info["num_classes"])
+        accs, sizes = [], []
+        for cid, idx in enumerate(parts):
+            params = keep["global_params"]
+            mix = keep["state"].get("personal", {}).get(cid) if mode == "personalised" else None
+            if mix:
+                params = insert_rows(params, {k: Rows(v["index"], v["values"], v["axis"]) for k, v in mix.items()})
+            keep["handover"].restore()
+            set_params(keep["model"], params)
+            keep["model"].eval()
+            with torch.no_grad():
+                pred = keep["model"](torch.from_numpy(data.x_test)).argmax(-1).numpy()
+            per_class = np.array([(pred[data.y_test == k] == k).mean() for k in range(classes)])
+            mix_k = np.bincount(data.y_train[idx], minlength=classes) / len(idx)
+            accs.append(float(mix_k @ per_class))
+            sizes.append(len(idx))
+        out[mode] = float(np.average(accs, weights=sizes))
+    out["personalised_minus_global"] = out["personalised"] - out["global"]
+    return out
 
 
 def edgeray_run(cfg) -> tuple[dict, list[dict]]:
@@ -189,6 +231,8 @@ def main() -> None:
     parser.add_argument("--legs", default="topics,drug,smollm2", help="comma-separated legs to run")
     parser.add_argument("--smollm2-rounds", type=int, default=2, help="rounds of the upcycled SmolLM2 leg")
     parser.add_argument("--topic-alphas", default="0.1,0.5", help="Dirichlet alphas of the topics leg")
+    parser.add_argument("--personal", action="store_true", help="only FedAlign-MoE global vs personalised experts "
+                        "on topics (alpha 0.1, seed 0, in process), each client scored on its own label mix")
     parser.add_argument("--tag", default="", help="suffix of the rows/summary file names (separate runs of one grid)")
     parser.add_argument("--reuse", action="store_true", help="take runs already completed under bench/results/fedmoe/"
                         "runs with the same config (the round-time pair and the centralised targets always run)")
@@ -197,6 +241,14 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     started = time.perf_counter()
+    if args.personal:
+        rounds = 3 if args.quick else 6
+        result = personal_accuracy(config("topics", "fedalign-moe", 0.1, 0, rounds), rounds)
+        result.update(rounds=rounds, alpha=0.1, seed=0, wall_s=time.perf_counter() - started,
+                      loadavg_before=load_before, loadavg_after=os.getloadavg())
+        (OUT / f"personal{'-quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result), flush=True)
+        return
     if args.quick:
         grid = [("topics", 0.1, 0, 3)]
         cut = ["quick: topics leg only, alpha 0.1, seed 0, 3 rounds; drug and smollm2 legs skipped"]
