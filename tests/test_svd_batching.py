@@ -176,3 +176,22 @@ def test_base_name_is_the_theta_row_of_every_steered_kind():
     # phi rows: LoRA + plain; theta rows: the LoRA, IA3 and prompt-tuning steered requests
     assert sorted(mixed.names) == sorted(["default", BASE, BASE, BASE, BASE])
     assert set(batch.lanes) == {("mixed", None), ("ia3", "ia3"), ("prefix", "pt")}
+
+
+def test_a_task_registered_again_with_another_rank_loads_under_a_fresh_adapter(tmp_path):
+    """Task ids may hold '.', which PEFT adapter names may not, and a deleted task's LoRA adapter
+    can outlive it (PEFT keeps a model's last adapter): each load gets its own adapter name."""
+    from serving.svd.warmstart import TaskSpec
+
+    model, tok = build_tiny_model(0)
+    engine = SVDEngine(model, tok, "tiny")
+    for rank in (4, 6):
+        peft_model = make_peft_model(build_tiny_model(0)[0], load_config(TaskSpec, data={"peft": {"r": rank}}).peft)
+        path = tmp_path / f"r{rank}"
+        peft_model.save_pretrained(path)
+        task = engine.load_task({"id": "my.task", "peft_type": "lora", "adapter_path": str(path), "mu_bar": 0.1,
+                                 "alpha": 0.1})
+        out = list(engine.generate([DecodeRequest(tok("Hi").input_ids, 3, task, True, 0.1, 0.1, ignore_eos=True)]))
+        assert len(out) == 3
+        engine.unload_task("my.task")
+    assert "my.task" not in engine.tasks

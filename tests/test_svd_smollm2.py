@@ -33,8 +33,8 @@ def test_smollm2_warm_start_and_steered_decoding(tmp_path):
     task = engine.load_task(read_task(tmp_path, "parity"))
     ids = engine.tokenizer(["Question: Is 41 an odd or an even number?\nAnswer:"], return_tensors="pt")
     with torch.no_grad():
-        both = engine.peft(input_ids=ids.input_ids.repeat(2, 1), adapter_names=["parity", BASE]).logits
-        phi = engine.peft(input_ids=ids.input_ids, adapter_names=["parity"]).logits
+        both = engine.peft(input_ids=ids.input_ids.repeat(2, 1), adapter_names=[task.adapter_name, BASE]).logits
+        phi = engine.peft(input_ids=ids.input_ids, adapter_names=[task.adapter_name]).logits
         with engine.peft.disable_adapter():
             theta = engine.peft(input_ids=ids.input_ids).logits
     torch.testing.assert_close(both[:1], phi, atol=1e-4, rtol=1e-4)

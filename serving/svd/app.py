@@ -191,7 +191,7 @@ class _Generation(_Strict):
     n: int = Field(1, ge=1, le=8, description="number of choices")
     stop: Union[NonEmpty, Annotated[list[NonEmpty], Field(max_length=4)], None] = Field(
         None, description="up to 4 stop strings")
-    seed: int | None = Field(None, ge=-2 ** 62, le=2 ** 62, description="sampling seed (choice i uses seed + i)")
+    seed: int | None = Field(None, description="sampling seed, any integer (choice i uses seed + i, modulo 2**64)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -287,6 +287,9 @@ class ErrorResponse(BaseModel):
 ERRORS = {400: {"model": ErrorResponse, "description": "bad request (the message and param name the problem)"},
           404: {"model": ErrorResponse, "description": "unknown model or task"},
           409: {"model": ErrorResponse, "description": "task not ready, or already exists"}}
+GENERATION = {**ERRORS, 200: {"description": "the completion (JSON), or with stream=true server-sent events "
+                                             "(`data: {chunk}` lines, then `data: [DONE]`)",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -485,7 +488,7 @@ class SVDServer:
             sampling = SamplingParams(
                 temperature=limits.default_temperature if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
-                seed=None if body.seed is None else body.seed + i)
+                seed=None if body.seed is None else (body.seed + i) % 2 ** 64)
             decode = DecodeRequest(prompt_ids, max_tokens, task, svd["enabled"],
                                    svd["mu"] if svd["enabled"] else 0.0, svd["alpha"], sampling,
                                    top_logprobs=top_logprobs, ignore_eos=body.ignore_eos,
@@ -652,7 +655,7 @@ class SVDServer:
         return [stop] if isinstance(stop, str) else list(stop or [])
 
     # ------------------------------------------------------------------ OpenAI routes
-    @api.post("/v1/completions", responses=ERRORS)
+    @api.post("/v1/completions", responses=GENERATION)
     async def completions(self, body: CompletionRequest):
         prompt = body.prompt
         if isinstance(prompt, list):
@@ -664,7 +667,7 @@ class SVDServer:
         return await self._respond(jobs, "completion", self._stops(body.stop), body.stream, body.logprobs is not None,
                                    include_usage)
 
-    @api.post("/v1/chat/completions", responses=ERRORS)
+    @api.post("/v1/chat/completions", responses=GENERATION)
     async def chat_completions(self, body: ChatCompletionRequest):
         clean = []
         for message in body.messages:
@@ -735,11 +738,7 @@ class SVDServer:
 
     def _forget(self, task_id: str) -> None:
         """Unload a task from the engine and remove its files."""
-        self.engine.tasks.pop(task_id, None)
-        if self.engine.peft is not None and task_id in getattr(self.engine.peft, "peft_config", {}):
-            with self.engine.lock:
-                if len(self.engine.peft.peft_config) > 1:
-                    self.engine.peft.delete_adapter(task_id)
+        self.engine.unload_task(task_id)
         self.jobs.pop(task_id, None)
         shutil.rmtree(task_path(self.tasks_dir, task_id), ignore_errors=True)
 

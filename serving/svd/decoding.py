@@ -48,6 +48,11 @@ class LoadedTask:
     record: dict
     phi_model: torch.nn.Module | None = None      # IA3: merged copy of the model
     prefix: torch.Tensor | None = None            # prompt tuning: [num_virtual_tokens, hidden]
+    adapter: str | None = None                    # LoRA: its adapter name in the PeftModel (default: id)
+
+    @property
+    def adapter_name(self) -> str:
+        return self.adapter or self.id
 
 
 @dataclass
@@ -240,7 +245,7 @@ class DecodeBatch:
             request.json_state = JSONPrefix() if request.json_mode else None
             task = request.task
             if task is None or task.kind == "lora":
-                lane, name = self._lane("mixed"), task.id if task else BASE
+                lane, name = self._lane("mixed"), task.adapter_name if task else BASE
             else:
                 lane, name = self._lane("ia3" if task.kind == "ia3" else "prefix", task), BASE
             plan.setdefault(id(lane), (lane, []))[1].append((row, "phi", name))
@@ -459,6 +464,7 @@ class SVDEngine:
         self.model_loader = model_loader      # () -> fresh (model, tokenizer), for IA3 copies
         self.peft = None                      # PeftModel holding every LoRA task, made on the first
         self.tasks: dict[str, LoadedTask] = {}
+        self.adapters_loaded = 0
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------------ tasks
@@ -474,10 +480,15 @@ class SVDEngine:
         task = LoadedTask(task_id, kind, float(record["mu_bar"]), float(record["alpha"]), record)
         with self.lock:
             if kind == "lora":
+                # a fresh adapter name per load: a task id may hold '.', which PEFT's module dicts
+                # refuse, and a task deleted and registered again (another rank) must not meet
+                # its old adapter (PEFT cannot delete a model's last adapter)
+                self.adapters_loaded += 1
+                task.adapter = f"task{self.adapters_loaded}"
                 if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=task_id).eval()
+                    self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=task.adapter).eval()
                 else:
-                    self.peft.load_adapter(path, adapter_name=task_id)
+                    self.peft.load_adapter(path, adapter_name=task.adapter)
                     self.peft.eval()
             elif kind == "ia3":
                 fresh, _ = self.model_loader()
@@ -486,6 +497,15 @@ class SVDEngine:
                 task.prefix = load_peft_weights(path)["prompt_embeddings"].to(self.model.dtype)
         self.tasks[task_id] = task
         return task
+
+    def unload_task(self, task_id: str) -> None:
+        """Forget a task; a LoRA adapter is deleted from the PeftModel unless it is the last one
+        (PEFT keeps one; it is never routed to again)."""
+        task = self.tasks.pop(task_id, None)
+        if task is not None and task.kind == "lora" and self.peft is not None:
+            with self.lock:
+                if task.adapter_name in self.peft.peft_config and len(self.peft.peft_config) > 1:
+                    self.peft.delete_adapter(task.adapter_name)
 
     def route(self, names: list[str]):
         """A forward callable whose row i runs with adapter names[i] (BASE = no adapter). It is
@@ -542,7 +562,7 @@ class SVDEngine:
             if task is None:
                 phi = theta = self._last_logits(self.route([BASE] * n), ids, mask, keep)
             elif task.kind == "lora":
-                both = self._last_logits(self.route([task.id] * n + [BASE] * n), ids.repeat(2, 1), mask.repeat(2, 1),
+                both = self._last_logits(self.route([task.adapter_name] * n + [BASE] * n), ids.repeat(2, 1), mask.repeat(2, 1),
                                          keep)
                 phi, theta = both[:n], both[n:]
             else:

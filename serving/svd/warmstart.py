@@ -73,7 +73,7 @@ class TaskSpec:
     calib_mask: str = param("zero", "masked delta entries during calibration: zero (ours) or none",
                             choices=("zero", "none"))
     append_eos: bool = param(True, "append EOS to each target so generation stops after the answer")
-    seed: int = param(0, "shuffle / init seed")
+    seed: int = param(0, "shuffle / init seed", ge=0, le=2 ** 32 - 1)
 
     def validate(self) -> None:
         if self.name and not TASK_ID.match(self.name):
@@ -318,5 +318,7 @@ def run_warm_start(tasks_dir: str, task_id: str, model_source: str, dtype: str, 
         return {**record, "status": "cancelled"}
     except Exception as exc:  # recorded for GET /svd/tasks/{id}; the task itself stays inspectable
         record.update(status="failed", finished=time.time(), error=f"{type(exc).__name__}: {exc}"[:500])
+    if (cancel is not None and cancel.is_set()) or not task_path(tasks_dir, task_id).is_dir():
+        return {**record, "status": "cancelled"}         # deleted meanwhile: never write it back
     write_task(tasks_dir, task_id, record)
     return record
