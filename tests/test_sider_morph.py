@@ -187,3 +187,10 @@ def test_pick_donors_farthest_of_the_same_pose_and_distinct_people():
     only_turned = [donors[3], M.Donor("turned2", None, _face68(turn=-24.0), emb(4.0))]
     assert {d.name for d in _backend(only_turned).pick_donors(subject, emb(0.0), rng)} == {"turned", "turned2"}
     assert [d.name for d in _backend(only_turned, donors_k=1).pick_donors(subject, emb(0.0), rng)] == ["turned"]
+
+
+def test_warps_give_no_map_for_coinciding_target_points():
+    pts = np.array([[30, 30], [80, 30], [55, 60], [40, 70], [70, 72]], float)
+    same = pts.copy()
+    same[1] = same[0]                                  # two targets on one spot (clipped landmarks)
+    assert M.thin_plate_map(pts, same, 90, 110) is None

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from scipy import fft as sfft
 from scipy.ndimage import gaussian_filter, map_coordinates
-from scipy.spatial import ConvexHull, Delaunay
+from scipy.spatial import ConvexHull, Delaunay, QhullError
 from skimage.draw import polygon
 
 from edgeray.errors import UserError
@@ -131,7 +131,10 @@ def piecewise_affine_map(src_pts: np.ndarray, dst_pts: np.ndarray, h: int, w: in
     anchors = _anchors(h, w)
     src = np.vstack([src_pts, anchors if src_anchors is None else src_anchors])
     dst = np.vstack([dst_pts, anchors])
-    tri = Delaunay(dst)
+    try:
+        tri = Delaunay(dst)
+    except QhullError:                  # degenerate target points: no map
+        return None
 
     def orient(p):
         t = p[tri.simplices]
@@ -171,7 +174,10 @@ def thin_plate_map(src_pts: np.ndarray, dst_pts: np.ndarray, h: int, w: int,
     xs = np.unique(np.append(np.arange(0, w, step), w - 1)).astype(np.float64)
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     grid = np.stack([xx.ravel(), yy.ravel()], 1)
-    mapped = RBFInterpolator(dst, src, kernel="thin_plate_spline", smoothing=0.0)(grid)
+    try:
+        mapped = RBFInterpolator(dst, src, kernel="thin_plate_spline", smoothing=0.0)(grid)
+    except np.linalg.LinAlgError:       # two target points coincide (e.g. clipped to the crop): no map
+        return None
     mapped = mapped.reshape(len(ys), len(xs), 2)
     dx = np.gradient(mapped, xs, axis=1)
     dy = np.gradient(mapped, ys, axis=0)
