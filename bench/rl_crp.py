@@ -228,8 +228,10 @@ def main() -> None:
     result["latency_ratio_vs_greedy"] = summarize_ratios(
         [m["rl-crp"]["latency_s"] / m["greedy-latency"]["latency_s"] for m in per_seed.values()])
     result["conflict_ratio_vs_no_crp"] = summarize_ratios(
-        [m["rl-crp"]["conflicts_per_round"] / m["rl-no-crp"]["conflicts_per_round"]
-         if m["rl-no-crp"]["conflicts_per_round"] else None for m in per_seed.values()])
+        [_ratio_or_same(m["rl-crp"]["conflicts_per_round"], m["rl-no-crp"]["conflicts_per_round"])
+         for m in per_seed.values()])
+    result["conflict_diff_vs_no_crp"] = summarize_ratios(
+        [m["rl-crp"]["conflicts_per_round"] - m["rl-no-crp"]["conflicts_per_round"] for m in per_seed.values()])
     result["reward_gain_vs_no_crp"] = summarize_ratios(
         [m["rl-crp"]["reward"] - m["rl-no-crp"]["reward"] for m in per_seed.values()])
     result["env"] = {name: {k: float(np.mean([per_seed[s][name][k] for s in per_seed]))
@@ -281,17 +283,25 @@ def main() -> None:
     ray.shutdown()
     flat = {**{k: (v["mean"] if isinstance(v, dict) and "mean" in v else v) for k, v in result.items()
                if k in ("conflict_ratio_vs_random", "latency_ratio_vs_greedy", "conflict_ratio_vs_no_crp",
-                        "fl_time_to_target_ratio_vs_random", "reward_gain_vs_no_crp")},
+                        "fl_time_to_target_ratio_vs_random", "reward_gain_vs_no_crp", "conflict_diff_vs_no_crp")},
             "env_steps_per_s": result["env_steps_per_s"], "train_env_steps_per_s": result["train_env_steps_per_s"],
             "env": result["env"], "fl": result.get("fl"), "fl_error": result.get("fl_error"),
             "ci95": {k: result[k]["ci95"] for k in ("conflict_ratio_vs_random", "latency_ratio_vs_greedy",
                                                     "conflict_ratio_vs_no_crp", "reward_gain_vs_no_crp",
-                                                    "fl_time_to_target_ratio_vs_random")
+                                                    "conflict_diff_vs_no_crp", "fl_time_to_target_ratio_vs_random")
                      if isinstance(result.get(k), dict)},
             "targets": result["targets"], "seeds": result["seeds"], "fl_target_accuracy": grid["target"],
             "reused_training": result["reused_training"], "wall_s": result["wall_s"],
             "load_avg_start": result["load_avg_start"], "load_avg": result["load_avg"], "cut": result["cut"]}
     print(json.dumps(flat, default=str))
+
+
+def _ratio_or_same(a: float, b: float) -> float | None:
+    """a / b; 0 / 0 is 1.0 (both conflict-free: not fewer), a / 0 with a > 0 is None (no ratio;
+    the difference key shows it)."""
+    if b:
+        return a / b
+    return 1.0 if not a else None
 
 
 def _met(value, bound, strict=False):
