@@ -14,7 +14,9 @@ same number of updates per env step (RLlib's training_intensity = batch / env st
 Everything runs on ns-cartpole (rl.envs.nonstationary, no shift) in this process, one after the
 other, torch single-threaded, with configs/deer_cartpole.yaml's network and detector settings.
 Rows: lean (first and last, the load drifts), RLlib PER fast with 1 and with `--num-envs`
-vectorized env copies, RLlib PER stock and DEER (fast path, reward detector on) with `--num-envs`.
+vectorized env copies (32 env steps per sampling round), the same with 32 steps per copy per round
+(fewer weight syncs and env-runner calls), RLlib PER stock and DEER (fast path, reward detector on)
+with `--num-envs` copies and 32 steps per round.
 `--quick` drops the 1-env row and measures fewer steps.
 Last stdout line: JSON with rllib_vs_lean_steps_ratio (best fast PER row), rllib_steps_per_s,
 lean_steps_per_s, rllib_updates_per_s, lean_updates_per_s, the stock and DEER rows' ratios,
@@ -215,7 +217,10 @@ def main() -> int:
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     vec = (args.num_envs, max(1, 32 // args.num_envs))
-    plan = [("fast", "per", 1, 32), ("fast", "per", *vec), ("stock", "per", *vec), ("fast", "deer", *vec)]
+    # fragment 32 per copy: 4x fewer weight syncs and env-runner calls per env step (the policy lags by up to
+    # 32 x num_envs env steps instead of 32); the other rows keep 32 env steps per sampling round in all
+    plan = [("fast", "per", 1, 32), ("fast", "per", *vec), ("fast", "per", args.num_envs, 32), ("stock", "per", *vec),
+            ("fast", "deer", *vec)]
     if args.quick:
         plan = plan[1:]
     try:
@@ -240,10 +245,16 @@ def main() -> int:
            "rllib_best_num_envs": best["num_envs"], "lean_steps_per_s": lean_steps, "lean_updates_per_s": lean_updates,
            "rllib_stock_vs_lean_steps_ratio": stock["steps_per_s"] / lean_steps,
            "rllib_stock_steps_per_s": stock["steps_per_s"],
-           "fast_vs_stock_speedup": best["steps_per_s"] / stock["steps_per_s"] if stock["num_envs"] == best["num_envs"]
-           else None,
+           "rllib_best_fragment": best["fragment"],
+           # fast vs stock with the same env copies and fragment
+           "fast_vs_stock_speedup": next(r["steps_per_s"] for r in rows if r["impl"] == "rllib-fast"
+                                         and r.get("method") == "per" and r["num_envs"] == stock["num_envs"]
+                                         and r["fragment"] == stock["fragment"]) / stock["steps_per_s"],
            "deer_vs_lean_steps_ratio": deer["steps_per_s"] / lean_steps, "deer_steps_per_s": deer["steps_per_s"],
-           "deer_vs_per_time_ratio": best_of("fast", "per")["steps_per_s"] / deer["steps_per_s"],
+           # DEER against fast PER with the same env copies and fragment
+           "deer_vs_per_time_ratio": next(r["steps_per_s"] for r in rows if r["impl"] == "rllib-fast"
+                                          and r.get("method") == "per" and r["num_envs"] == deer["num_envs"]
+                                          and r["fragment"] == deer["fragment"]) / deer["steps_per_s"],
            "updates_per_env_step": args.intensity / args.batch, "batch": args.batch, "env": "ns-cartpole",
            "measured_steps": steps, "rows": rows, "load_avg_start": load_start, "load_avg_end": list(os.getloadavg())}
     results = Path(__file__).resolve().parent / "results"
