@@ -398,7 +398,7 @@ def main(argv=None) -> int:
                          "others give same-photo pairs only; no no-reference quality score runs offline"
                          + "; 1 seed per probe (2+ with --seeds; the 15-min lock budget)"
                          + "; Pareto: the any-pose donor rule on fractions 0.5/1.0/1.5 only"
-                         + ("; quick: 2 probes, 3 steps, no classical" if quick else "; classical on 2 probes")),
+                         + ("; quick: 2 probes, 3 steps, no classical" if quick else f"; classical on {n_classical} probe(s)")),
         "wall_s": round(time.time() - t_start, 1), "loadavg_start": [round(x, 2) for x in load0],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
