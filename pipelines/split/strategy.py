@@ -66,11 +66,6 @@ def _state_seed(client_id: int, side: int, direction: int) -> int:
     return int(np.random.SeedSequence([client_id, side, direction]).generate_state(1)[0])
 
 
-def array_bytes(params: dict) -> int:
-    """Bytes of a dict of tensors' arrays (the relayed bottom, without the pickle header)."""
-    return sum(np.asarray(v).nbytes for v in params.values())
-
-
 def codec_state(client_id: int, side: int) -> dict:
     """A fresh per-client compressor state, one sub-dict per direction, each seeded (side 0: client, 1: edge)."""
     return {"up": {"seed": _state_seed(client_id, side, 0)}, "down": {"seed": _state_seed(client_id, side, 1)}}
@@ -201,7 +196,7 @@ class SplitLearning(Strategy):
     # ------------------------------------------------------------------ aggregator
     def init_state(self, global_params):
         """The first round's traffic estimate: the relayed bottom (sequential mode) and no steps yet."""
-        relay = (array_bytes({k: v for k, v in global_params.items() if k.startswith(BOTTOM)})
+        relay = (payload_formula({k: v for k, v in global_params.items() if k.startswith(BOTTOM)})
                  if self.settings.mode == "sequential" else 0)
         return {"exchange_estimate": [0.0, 0.0, float(relay), float(relay)]}
 
@@ -245,7 +240,7 @@ class SplitLearning(Strategy):
         relay_down = relay_up = step_down = step_up = 0
         if s.mode == "sequential":
             relayed = ctx.exchange({"op": "pull"})["bottom"]
-            relay_down = array_bytes(relayed)
+            relay_down = payload_formula(relayed)
             with torch.no_grad():
                 params = dict(model.named_parameters())
                 for name, value in relayed.items():
@@ -296,7 +291,7 @@ class SplitLearning(Strategy):
         params = {}
         if s.mode == "sequential":
             ctx.exchange({"op": "push", "bottom": bottom, "examples": seen})
-            relay_up = array_bytes(bottom)
+            relay_up = payload_formula(bottom)
         else:
             params.update(bottom)
         metrics = {"train_loss": loss_sum / max(seen, 1), "compress_s_per_step": compress_s / max(steps, 1),
