@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 from actors.config import FLConfig  # noqa: E402
 from actors.driver import FLRun, prepare  # noqa: E402
 from edgeray.config import load_config  # noqa: E402
+from edgeray.stats import paired_gain  # noqa: E402
 
 CONFIG = ROOT / "configs" / "split_mnist.yaml"
 COMPRESSORS = {
@@ -164,8 +165,6 @@ def summarize(results: dict, target: float) -> dict:
     """Per partition: every seed's summary, and over seeds each headline key's mean (over the
     seeds where it is defined: a ratio is undefined when a method missed the target) with a paired
     bootstrap 95 % interval of the per-seed values (``intervals``; needs 2 or more seeds)."""
-    from rl.deer.analysis import bootstrap_gain  # paired bootstrap over seeds (numpy only)
-
     by_partition = {}
     for part, seeds in results.items():
         per_seed = {seed: summarize_seed(runs, target) for seed, runs in seeds.items()}
@@ -175,7 +174,7 @@ def summarize(results: dict, target: float) -> dict:
             out[key] = float(np.mean(values)) if values else None
             out[f"{key}_seeds_defined"] = len(values)
             if len(values) >= 2:
-                b = bootstrap_gain(np.array(values), np.zeros(len(values)))
+                b = paired_gain(np.array(values), np.zeros(len(values)))
                 out["intervals"][key] = [b["diff_ci_low"], b["diff_ci_high"]]
         by_partition[part] = out
     return by_partition

@@ -48,7 +48,8 @@ from edgeray.config import load_config  # noqa: E402
 from serving.svd.decoding import DecodeRequest, SVDEngine  # noqa: E402
 from serving.svd.mcdata import (MC_DIR, cloze_item, letter_item, load_benchmark, split_questions,  # noqa: E402
                                 truthfulqa_mc1_options)
-from serving.svd.mceval import evaluate, paired_bootstrap  # noqa: E402
+from edgeray.stats import stratified_paired_bootstrap  # noqa: E402
+from serving.svd.mceval import evaluate  # noqa: E402
 from serving.svd.model import SMOLLM2_GGUF, load_model, resolve_source  # noqa: E402
 from serving.svd.warmstart import TaskSpec, calibrate, make_peft_model, warm_start  # noqa: E402
 
@@ -281,7 +282,7 @@ def summarize(runs: dict, names: list[str], methods: list[str], steps: list[int]
                 mc2 = {d: float(np.mean([c["mc2"][d].mean() for c in cloze])) for d in cloze[0]["mc2"]}
                 mc2_diff = np.mean([c["mc2"][DEFAULT_DECODER] - c["mc2"]["warmstart"] for c in cloze], axis=0)
                 bench["mc2"] = mc2
-                boot = paired_bootstrap([diff, mc2_diff], resamples)["per_benchmark"]
+                boot = stratified_paired_bootstrap([diff, mc2_diff], reps=resamples)["per_group"]
                 entry["truthfulqa_mc1"], entry["truthfulqa_mc1_ci"] = boot[0]["mean"], boot[0]["ci"]
                 entry["truthfulqa_mc2"], entry["truthfulqa_mc2_ci"] = boot[1]["mean"], boot[1]["ci"]
             else:
@@ -298,9 +299,9 @@ def summarize(runs: dict, names: list[str], methods: list[str], steps: list[int]
                          "svd_acc": acc[DEFAULT_DECODER], "base_acc": acc["base"],
                          "svd_minus_warmstart": float(diff.mean())})
         if diffs:
-            boot = paired_bootstrap(diffs, resamples)
+            boot = stratified_paired_bootstrap(diffs, reps=resamples)
             entry["mean"], entry["ci"] = boot["mean"]["mean"], boot["mean"]["ci"]
-            for name, b in zip(mc_names, boot["per_benchmark"]):
+            for name, b in zip(mc_names, boot["per_group"]):
                 entry["benchmarks"][name]["svd_minus_warmstart_ci"] = b["ci"]
             entry["warmstart_acc_mean"] = float(np.mean([entry["benchmarks"][n]["acc"]["warmstart"] for n in mc_names]))
             entry["base_acc_mean"] = float(np.mean([entry["benchmarks"][n]["acc"]["base"] for n in mc_names]))

@@ -63,19 +63,6 @@ def test_detection_stats_count_hits_delays_and_false_alarms():
     assert declared["declare_delays"] == [1000] and declared["false_alarms"] == 1
 
 
-def test_paired_bootstrap_gain_and_interval():
-    from rl.deer.analysis import bootstrap_gain
-
-    a, b = np.array([1.1, 1.2, 1.3, 1.15, 1.25]), np.array([1.0, 1.0, 1.1, 1.0, 1.1])
-    out = bootstrap_gain(a, b, reps=2000)
-    assert out["gain_pct"] == pytest.approx((a.mean() - b.mean()) / b.mean() * 100)
-    assert 0 < out["ci_low_pct"] < out["gain_pct"] < out["ci_high_pct"]
-    noisy = bootstrap_gain(np.array([1.0, 0.5, 1.5]), np.array([1.0, 1.0, 1.0]), reps=2000)
-    assert noisy["ci_low_pct"] < 0 < noisy["ci_high_pct"]
-    with pytest.raises(ValueError, match="paired"):
-        bootstrap_gain(a, b[:3])
-
-
 def test_evaluate_policy_freezes_the_dynamics_of_the_step():
     from rl.deer.analysis import evaluate_policy, random_return
 

@@ -13,7 +13,7 @@ import torch
 
 from serving.svd.mcdata import (BENCHMARKS, MC_DIR, cloze_item, letter_item, load_benchmark, split_questions,
                                 truthfulqa_mc1_options)
-from serving.svd.mceval import evaluate, paired_bootstrap
+from serving.svd.mceval import evaluate
 from serving.svd.mctasks import MCItem
 from serving.svd.model import build_tiny_model
 from serving.svd.warmstart import TaskSpec, calibrate, format_token_ids, load_config, make_peft_model
@@ -165,12 +165,3 @@ def test_cloze_never_uses_neg_inf_and_scores_mc2(lora_engine):
     with pytest.raises(ValueError, match="format"):
         evaluate(engine, task, items, "essay", {})
     assert mc1["n"] == 6
-
-
-def test_paired_bootstrap():
-    zero = paired_bootstrap([np.zeros(20), np.zeros(30)], resamples=200)
-    assert zero["mean"] == {"mean": 0.0, "ci": [0.0, 0.0]}
-    gain = paired_bootstrap([np.array([1, 0, 0, 1] * 10), np.array([0, 0, 1, -1] * 10)], resamples=500)
-    assert gain["per_benchmark"][0]["mean"] == 0.5 and gain["mean"]["mean"] == 0.25
-    low, high = gain["mean"]["ci"]
-    assert low < 0.25 < high

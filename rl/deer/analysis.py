@@ -35,6 +35,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from edgeray.stats import paired_gain
 from rl.envs.nonstationary import ShiftSchedule
 
 VARIANTS = ("uniform", "per", "deer", "deer-oracle")
@@ -100,24 +101,6 @@ def detection_stats(detected: list[int], shifts: list[int], *, window: int, hit_
                 declare_delays.append(declared[hits[0]] - s)
     return {"hits": len(delays), "shifts": len(shifts), "delays": delays, "declare_delays": declare_delays,
             "false_alarms": len(detected) - len(used)}
-
-
-def bootstrap_gain(a: np.ndarray, b: np.ndarray, *, reps: int = 10000, seed: int = 0) -> dict:
-    """Paired relative gain of per-seed scores a over b, (mean a - mean b) / |mean b| * 100, with a
-    percentile-bootstrap 95 % interval over seeds (the same resample for a and b)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) != len(b) or len(a) == 0:
-        raise ValueError("paired scores need the same, non-zero number of seeds")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(reps, len(a)))
-    ma, mb = a[idx].mean(1), b[idx].mean(1)
-    boot = (ma - mb) / np.maximum(np.abs(mb), 1e-9) * 100
-    diff = a - b
-    boot_diff = diff[idx].mean(1)
-    return {"gain_pct": float((a.mean() - b.mean()) / max(abs(b.mean()), 1e-9) * 100),
-            "ci_low_pct": float(np.percentile(boot, 2.5)), "ci_high_pct": float(np.percentile(boot, 97.5)),
-            "diff_mean": float(diff.mean()), "diff_ci_low": float(np.percentile(boot_diff, 2.5)),
-            "diff_ci_high": float(np.percentile(boot_diff, 97.5)), "seeds": int(len(a))}
 
 
 def episodes_of(rows: list[dict]) -> np.ndarray:
@@ -345,7 +328,7 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
         keys = sorted(set(scores.get(a, {})) & set(scores.get(b, {})))
         if not keys:
             return None
-        return {**bootstrap_gain([scores[a][k] for k in keys], [scores[b][k] for k in keys], reps=reps),
+        return {**paired_gain([scores[a][k] for k in keys], [scores[b][k] for k in keys], reps=reps),
                 "pairs": len(keys)}
 
     per_env = {}

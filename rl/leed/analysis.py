@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeray.stats import paired_gain
+
 FINAL_ROWS = 3
 
 
@@ -91,8 +93,6 @@ def paired_by_seed(items, ippo) -> dict:
     """Per seed, against IPPO's run of the same seed: the steps ratio to that run's final return
     (None where either never reaches it) with a paired bootstrap 95 % interval over the seeds
     where both do, and the final-return difference with its interval."""
-    from rl.deer.analysis import bootstrap_gain   # paired bootstrap over seeds (numpy only)
-
     ippo_by_seed = {cfg.train.seed: rows for cfg, rows in ippo}
     ratios, own, base = {}, [], []
     for cfg, rows in items:
@@ -109,10 +109,10 @@ def paired_by_seed(items, ippo) -> dict:
            "steps_ratio_vs_ippo_paired_mean": float(np.mean(defined)) if defined else None,
            "steps_ratio_vs_ippo_ci": None, "final_return_minus_ippo": None, "final_return_minus_ippo_ci": None}
     if len(defined) >= 2:
-        b = bootstrap_gain(np.array(defined), np.zeros(len(defined)))
+        b = paired_gain(np.array(defined), np.zeros(len(defined)))
         out["steps_ratio_vs_ippo_ci"] = [b["diff_ci_low"], b["diff_ci_high"]]
     if len(own) >= 2 and None not in own and None not in base:
-        b = bootstrap_gain(np.array(own), np.array(base))
+        b = paired_gain(np.array(own), np.array(base))
         out["final_return_minus_ippo"], out["final_return_minus_ippo_ci"] = b["diff_mean"], [b["diff_ci_low"],
                                                                                           b["diff_ci_high"]]
     return out

@@ -145,21 +145,3 @@ def evaluate(engine, task, items: list[MCItem], fmt: str, mus: dict[str, float],
         out["mc2"] = {d: np.array(v) for d, v in mc2.items()}
     return out
 
-
-def paired_bootstrap(diffs: list[np.ndarray], resamples: int = 2000, seed: int = 0) -> dict:
-    """Paired bootstrap of per-item differences (e.g. SVD - warm start, one array per
-    benchmark, each already averaged over seeds). Items are resampled within each benchmark;
-    returns the mean difference and 95 % percentile interval per benchmark and for the mean
-    over benchmarks."""
-    rng = np.random.default_rng(seed)
-    per, draws = [], []
-    for d in diffs:
-        d = np.asarray(d, dtype=float)
-        sample = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1)
-        draws.append(sample)
-        per.append({"mean": float(d.mean()), "ci": [float(np.percentile(sample, 2.5)),
-                                                     float(np.percentile(sample, 97.5))]})
-    mean_draws = np.mean(draws, axis=0)
-    overall = {"mean": float(np.mean([d.mean() for d in map(np.asarray, diffs)])),
-               "ci": [float(np.percentile(mean_draws, 2.5)), float(np.percentile(mean_draws, 97.5))]}
-    return {"per_benchmark": per, "mean": overall}
