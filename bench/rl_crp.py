@@ -1,8 +1,14 @@
 """Benchmark: RL-CRP vs random, greedy-latency, RL without CRP (ablation) and the conflict-free
 oracle, in RL-CRP's environment and in the FL runtime (FedAvg, MNIST, 4 overlapping edge servers).
 
-Per seed s (population, coverage, RL training and FL run all seeded s; the env of
-configs/crp_mnist.yaml is the population of configs/crp_fedavg_mnist.yaml):
+Two settings (`--setting`, docs/rl_crp.md): ``mnist`` (configs/crp_mnist.yaml and
+configs/crp_fedavg_mnist.yaml: modulo coverage, every client has a home edge, static links) and
+``contested`` (configs/crp_contested.yaml and configs/crp_fedavg_contested.yaml, our
+reconstruction of a setting where conflicts matter: disc coverage whose shared clients have no
+owner, Gilbert-Elliott links, availability U(0.7, 1)).
+
+Per seed s (population, coverage, RL training and FL run all seeded s; the env config is the
+population of the FL config, checked):
   1. train rl-crp and rl-no-crp through the shared loop (rl.loop.train_run, as `edgeray rl train`);
   2. env leg: every method as a `Selector` on the same evaluation episodes (per-round draws seeded
      10_000 + i, never seen in training; rl.crp.analysis.compare): conflicts per round, mean edge
@@ -10,16 +16,20 @@ configs/crp_mnist.yaml is the population of configs/crp_fedavg_mnist.yaml):
   3. FL leg: `edgeray run`'s code path (actors.driver.run_fl) with selection.method = random and
      rl-crp (the exported policy, loaded without RLlib): rounds and simulated
      time to the target accuracy, conflicts per round in the runtime.
-Ratios are per seed (paired), then mean and min..max over seeds. env_steps_per_s: the env alone
-(random masked actions); train_env_steps_per_s: sampling + learning in the RLlib training loop.
+Paired over seeds (edgeray.stats.paired_gain: the seeds resampled, the same draw for both
+methods): a ratio key is mean(ours) / mean(baseline) over seeds with the 95 % percentile interval of
+that ratio, plus the per-seed ratios; a difference key is the mean per-seed difference and its
+interval. With 3 seeds the bootstrap has only 10 distinct resamples: the interval is coarse.
+env_steps_per_s: the env alone (random masked actions); train_env_steps_per_s: sampling + learning
+in the RLlib training loop.
 
-Writes bench/results/rl_crp[-quick]/: runs/ (RL and FL run directories), rows.json, table.md,
+Writes bench/results/rl_crp[_contested][-quick]/: runs/ (RL and FL run directories), rows.json, table.md,
 summary.json, comparison.png, fl_accuracy.png. Last stdout line: JSON with
 conflict_ratio_vs_random, latency_ratio_vs_greedy, conflict_ratio_vs_no_crp,
 fl_time_to_target_ratio_vs_random, env_steps_per_s and what was cut versus the issue's grid.
 
-    python bench/rl_crp.py --quick      # < 2 min on an idle 2-core machine
-    python bench/rl_crp.py              # sized for <= 25 min on the loaded 2-core machine
+    python bench/rl_crp.py --quick [--setting contested]   # < 2 min on an idle 2-core machine
+    python bench/rl_crp.py [--setting contested]           # ~5 min on the quiet 2-core machine
 """
 
 from __future__ import annotations
@@ -39,8 +49,9 @@ import numpy as np  # noqa: E402
 from edgeray import runs  # noqa: E402
 from edgeray.config import load_config  # noqa: E402
 
-ENV_CONFIG = "configs/crp_mnist.yaml"
-FL_CONFIG = "configs/crp_fedavg_mnist.yaml"
+SETTINGS = {"mnist": ("configs/crp_mnist.yaml", "configs/crp_fedavg_mnist.yaml"),
+            "contested": ("configs/crp_contested.yaml", "configs/crp_fedavg_contested.yaml")}
+ENV_CONFIG, FL_CONFIG = SETTINGS["mnist"]   # set by --setting
 FULL = {"seeds": (0, 1, 2), "iters": 24, "steps_per_iter": 300, "eval_episodes": 5, "eval_rounds": 20,
         "fl_rounds": 10, "fl_methods": ("random", "rl-crp"), "target": 0.93}
 QUICK = {"seeds": (0,), "iters": 2, "steps_per_iter": 240, "eval_episodes": 1, "eval_rounds": 10,
@@ -111,33 +122,55 @@ def fl_run(method: str, seed: int, grid: dict, root: Path, checkpoint: Path | No
 
 
 def check_same_population(seed: int) -> None:
-    """The env's profiles and coverage are the FL run's (same sampling, same seed)."""
+    """The env's profiles, coverage, availability draws and links are the FL run's (same sampling,
+    same seed)."""
     from actors.config import FLConfig
     from actors.driver import prepare
     from rl.crp.config import CRPConfig
     from rl.envs.crp import CRPSimulation
 
-    fl = prepare(load_config(FLConfig, FL_CONFIG, [f"seed={seed}"]))
+    from actors.clock import VirtualClock
+    from pipelines.population import LinkModel
+
+    fl_cfg = load_config(FLConfig, FL_CONFIG, [f"seed={seed}"])
+    fl = prepare(fl_cfg)
     sim = CRPSimulation(load_config(CRPConfig, ENV_CONFIG, [f"env.seed={seed}"]).env)
-    same = [(p.compute_speed, p.uplink_mbps, p.downlink_mbps) for p in fl.profiles] == \
-        [(p.compute_speed, p.uplink_mbps, p.downlink_mbps) for p in sim.population.profiles]
-    coverage = {e: [c for c, cov in enumerate(fl.coverage) if e in cov] for e in range(4)}
-    if not same or coverage != sim.coverage or list(sim.population.sizes) != [len(p) for p in fl.parts]:
+    same = [(p.compute_speed, p.uplink_mbps, p.downlink_mbps, p.availability) for p in fl.profiles] == \
+        [(p.compute_speed, p.uplink_mbps, p.downlink_mbps, p.availability) for p in sim.population.profiles]
+    edges = fl_cfg.runtime.num_edge_servers
+    coverage = {e: [c for c, cov in enumerate(fl.coverage) if e in cov] for e in range(edges)}
+    clock = VirtualClock(fl.profiles, seed, links=LinkModel(fl.profiles, seed, fl_cfg.clock.link_model,
+                                                            fl_cfg.clock.link_min_gain))
+    sim.start(seed)
+    draws = all(clock.available(r) == np.flatnonzero(sim.available(r)).tolist() and
+                all(clock.link(r, c) == sim.links.link(r, c) for c in range(len(fl.profiles))) for r in range(1, 21))
+    if not same or coverage != sim.coverage or list(sim.population.sizes) != [len(p) for p in fl.parts] or not draws:
         raise SystemExit(f"seed {seed}: {ENV_CONFIG} does not describe the population of {FL_CONFIG}")
 
 
-def summarize_ratios(values: list[float | None]) -> dict:
-    """Mean, min, max and a paired 95 % t-interval over seeds (each value is one seed's ratio or
-    difference of ours vs the baseline on the same episodes)."""
-    from scipy import stats
+def paired_ratio(ours: list[float | None], base: list[float | None]) -> dict:
+    """mean(ours) / mean(base) over the seeds where both were measured, with the 95 % interval of
+    that ratio from edgeray.stats.paired_gain (seeds resampled, paired), and the per-seed ratios.
+    A baseline whose every value is 0 gives no ratio (``mean`` None; the difference keys show it)."""
+    from edgeray.stats import paired_gain
 
-    vals = [v for v in values if v is not None]
-    ci = None
-    if len(vals) >= 2:
-        half = float(stats.t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / np.sqrt(len(vals)))
-        ci = [float(np.mean(vals)) - half, float(np.mean(vals)) + half]
-    return {"mean": float(np.mean(vals)) if vals else None, "min": min(vals) if vals else None,
-            "max": max(vals) if vals else None, "ci95": ci, "per_seed": values}
+    pairs = [(a, b) for a, b in zip(ours, base) if a is not None and b is not None]
+    per_seed = [a / b if a is not None and b else None for a, b in zip(ours, base)]
+    out = {"mean": None, "ci95": None, "per_seed": per_seed, "ours": ours, "baseline": base, "seeds": len(pairs)}
+    if pairs and any(b for _, b in pairs):
+        g = paired_gain([a for a, _ in pairs], [b for _, b in pairs])
+        out["mean"] = 1 + g["gain_pct"] / 100
+        out["ci95"] = [1 + g["ci_low_pct"] / 100, 1 + g["ci_high_pct"] / 100] if len(pairs) >= 2 else None
+    return out
+
+
+def paired_diff(ours: list[float], base: list[float]) -> dict:
+    """Mean per-seed difference ours - base with its 95 % interval (edgeray.stats.paired_gain)."""
+    from edgeray.stats import paired_gain
+
+    g = paired_gain(ours, base)
+    return {"mean": g["diff_mean"], "ci95": [g["diff_ci_low"], g["diff_ci_high"]] if len(ours) >= 2 else None,
+            "per_seed": [a - b for a, b in zip(ours, base)]}
 
 
 def plots(env_results: dict, fl_rows: list[dict], out: Path) -> list[str]:
@@ -177,17 +210,27 @@ def plots(env_results: dict, fl_rows: list[dict], out: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="mnist",
+                        help="mnist: configs/crp_mnist.yaml (every client has a home edge); contested: "
+                             "configs/crp_contested.yaml (shared clients without owner, time-varying links)")
     parser.add_argument("--skip-fl", action="store_true", help="env leg only")
     parser.add_argument("--reuse-training", action="store_true",
                         help="take the trained rl-crp / rl-no-crp runs of a previous run of this grid from its "
                              "runs/ folder instead of training again (env and FL legs are re-run)")
     args = parser.parse_args()
+    global ENV_CONFIG, FL_CONFIG
+    ENV_CONFIG, FL_CONFIG = SETTINGS[args.setting]
     grid = QUICK if args.quick else FULL
-    out = Path("bench/results") / ("rl_crp-quick" if args.quick else "rl_crp")
+    out = Path("bench/results") / (("rl_crp" if args.setting == "mnist" else f"rl_crp_{args.setting}")
+                                   + ("-quick" if args.quick else ""))
+    from rl.crp.config import CRPConfig
+
+    env_name = load_config(CRPConfig, ENV_CONFIG).env.name
     previous = {}
     if args.reuse_training:
-        previous = {(d.name.split("-crp-mnist-s")[0], int(d.name.split("-crp-mnist-s")[1].split("-")[0])): d
-                    for d in sorted((out / "runs").glob("rl-*-crp-mnist-s*"))}
+        tag = f"-{env_name}-s"
+        previous = {(d.name.split(tag)[0], int(d.name.split(tag)[1].split("-")[0])): d
+                    for d in sorted((out / "runs").glob(f"rl-*{tag}*"))}
         for d in (out / "runs").glob("fl-*"):
             shutil.rmtree(d)
     else:
@@ -198,12 +241,11 @@ def main() -> None:
 
     from edgeray.connect import connect
     from rl.crp.analysis import compare, markdown_table
-    from rl.crp.config import CRPConfig
     from rl.loop import torch_threads
 
     cut = CUT["quick" if args.quick else "full"] + ("; FL leg skipped (--skip-fl)" if args.skip_fl else "")
-    result: dict = {"load_avg_start": list(os.getloadavg()), "cut": cut,
-                    "seeds": list(grid["seeds"]),
+    result: dict = {"load_avg_start": list(os.getloadavg()), "cut": cut, "setting": args.setting,
+                    "env_config": ENV_CONFIG, "fl_config": FL_CONFIG, "seeds": list(grid["seeds"]),
                     "fl_target_accuracy": grid["target"], "reused_training": bool(previous)}
     env_cfg = load_config(CRPConfig, ENV_CONFIG).env
     result["env_steps_per_s"] = env_steps_per_second(env_cfg)
@@ -223,17 +265,23 @@ def main() -> None:
     walls = sum(r["iteration_wall_s"] for rows in histories for r in rows[1:])  # the first one builds
     result["train_env_steps_per_s"] = steps / walls if walls else None
     per_seed = {s: e["methods"] for s, e in env_results.items()}
-    result["conflict_ratio_vs_random"] = summarize_ratios(
-        [m["rl-crp"]["conflicts_per_round"] / m["random"]["conflicts_per_round"] for m in per_seed.values()])
-    result["latency_ratio_vs_greedy"] = summarize_ratios(
-        [m["rl-crp"]["latency_s"] / m["greedy-latency"]["latency_s"] for m in per_seed.values()])
-    result["conflict_ratio_vs_no_crp"] = summarize_ratios(
-        [_ratio_or_same(m["rl-crp"]["conflicts_per_round"], m["rl-no-crp"]["conflicts_per_round"])
-         for m in per_seed.values()])
-    result["conflict_diff_vs_no_crp"] = summarize_ratios(
-        [m["rl-crp"]["conflicts_per_round"] - m["rl-no-crp"]["conflicts_per_round"] for m in per_seed.values()])
-    result["reward_gain_vs_no_crp"] = summarize_ratios(
-        [m["rl-crp"]["reward"] - m["rl-no-crp"]["reward"] for m in per_seed.values()])
+
+    def values(method: str, key: str) -> list[float]:
+        return [m[method][key] for m in per_seed.values()]
+
+    result["conflict_ratio_vs_random"] = paired_ratio(values("rl-crp", "conflicts_per_round"),
+                                                      values("random", "conflicts_per_round"))
+    result["latency_ratio_vs_greedy"] = paired_ratio(values("rl-crp", "latency_s"), values("greedy-latency", "latency_s"))
+    result["conflict_ratio_vs_no_crp"] = paired_ratio(values("rl-crp", "conflicts_per_round"),
+                                                      values("rl-no-crp", "conflicts_per_round"))
+    if not any(values("rl-no-crp", "conflicts_per_round")) and not any(values("rl-crp", "conflicts_per_round")):
+        result["conflict_ratio_vs_no_crp"]["mean"] = 1.0   # both conflict-free: not fewer
+    result["conflict_diff_vs_no_crp"] = paired_diff(values("rl-crp", "conflicts_per_round"),
+                                                    values("rl-no-crp", "conflicts_per_round"))
+    result["latency_ratio_vs_no_crp"] = paired_ratio(values("rl-crp", "latency_s"), values("rl-no-crp", "latency_s"))
+    result["reward_gain_vs_no_crp"] = paired_diff(values("rl-crp", "reward"), values("rl-no-crp", "reward"))
+    result["no_crp_conflict_ratio_vs_random"] = paired_ratio(values("rl-no-crp", "conflicts_per_round"),
+                                                             values("random", "conflicts_per_round"))
     result["env"] = {name: {k: float(np.mean([per_seed[s][name][k] for s in per_seed]))
                             for k in ("conflicts_per_round", "latency_s", "round_latency_s", "jain", "reward")}
                      for name in next(iter(per_seed.values()))}
@@ -253,12 +301,9 @@ def main() -> None:
                     ckpt = trained[seed]["rl-crp"] / "checkpoints" / "crp_policy.pt" if method == "rl-crp" else None
                     fl_rows.append(fl_run(method, seed, grid, out / "runs", ckpt))
                     print(json.dumps({k: v for k, v in fl_rows[-1].items() if k != "curve"}), flush=True)
-            ratios = []
-            for seed in grid["seeds"]:
-                by = {r["method"]: r for r in fl_rows if r["seed"] == seed}
-                a, b = by["rl-crp"]["sim_time_to_target_s"], by["random"]["sim_time_to_target_s"]
-                ratios.append(a / b if a is not None and b else None)
-            result["fl_time_to_target_ratio_vs_random"] = summarize_ratios(ratios)
+            by = {(r["method"], r["seed"]): r["sim_time_to_target_s"] for r in fl_rows}
+            result["fl_time_to_target_ratio_vs_random"] = paired_ratio([by["rl-crp", s] for s in grid["seeds"]],
+                                                                       [by["random", s] for s in grid["seeds"]])
             result["fl"] = {m: {k: float(np.mean([r[k] for r in fl_rows if r["method"] == m and r[k] is not None]))
                                 if any(r[k] is not None for r in fl_rows if r["method"] == m) else None
                                 for k in ("final_accuracy", "rounds_to_target", "sim_time_to_target_s",
@@ -283,25 +328,20 @@ def main() -> None:
     ray.shutdown()
     flat = {**{k: (v["mean"] if isinstance(v, dict) and "mean" in v else v) for k, v in result.items()
                if k in ("conflict_ratio_vs_random", "latency_ratio_vs_greedy", "conflict_ratio_vs_no_crp",
-                        "fl_time_to_target_ratio_vs_random", "reward_gain_vs_no_crp", "conflict_diff_vs_no_crp")},
+                        "fl_time_to_target_ratio_vs_random", "reward_gain_vs_no_crp", "conflict_diff_vs_no_crp",
+                        "latency_ratio_vs_no_crp", "no_crp_conflict_ratio_vs_random")},
             "env_steps_per_s": result["env_steps_per_s"], "train_env_steps_per_s": result["train_env_steps_per_s"],
             "env": result["env"], "fl": result.get("fl"), "fl_error": result.get("fl_error"),
             "ci95": {k: result[k]["ci95"] for k in ("conflict_ratio_vs_random", "latency_ratio_vs_greedy",
                                                     "conflict_ratio_vs_no_crp", "reward_gain_vs_no_crp",
-                                                    "conflict_diff_vs_no_crp", "fl_time_to_target_ratio_vs_random")
+                                                    "conflict_diff_vs_no_crp", "latency_ratio_vs_no_crp",
+                                                    "no_crp_conflict_ratio_vs_random",
+                                                    "fl_time_to_target_ratio_vs_random")
                      if isinstance(result.get(k), dict)},
-            "targets": result["targets"], "seeds": result["seeds"], "fl_target_accuracy": grid["target"],
+            "targets": result["targets"], "setting": args.setting, "seeds": result["seeds"], "fl_target_accuracy": grid["target"],
             "reused_training": result["reused_training"], "wall_s": result["wall_s"],
             "load_avg_start": result["load_avg_start"], "load_avg": result["load_avg"], "cut": result["cut"]}
     print(json.dumps(flat, default=str))
-
-
-def _ratio_or_same(a: float, b: float) -> float | None:
-    """a / b; 0 / 0 is 1.0 (both conflict-free: not fewer), a / 0 with a > 0 is None (no ratio;
-    the difference key shows it)."""
-    if b:
-        return a / b
-    return 1.0 if not a else None
 
 
 def _met(value, bound, strict=False):

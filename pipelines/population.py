@@ -11,8 +11,12 @@ know of them.
 - Links per round (``LinkModel``): ``static`` (the profile's rates), ``rayleigh`` (block fading:
   each (round, client) multiplies the profile's rates by a power gain |h|² ~ Exp(1), the Rayleigh
   channel's, floored at ``min_gain``; a rate is taken proportional to the gain, our simplification
-  of Shannon's log(1 + SNR·|h|²) in the low-SNR regime) or ``trace`` (per-round rates from a file).
-  Every draw is seeded by (seed, round, client), so a resumed run sees the same links.
+  of Shannon's log(1 + SNR·|h|²) in the low-SNR regime), ``trace`` (per-round rates from a file) or
+  ``markov`` (a Gilbert-Elliott channel, OUR reconstruction for RL-CRP's contested setting: each
+  client's link is in a good state (the profile's rates) or a bad one (rates x ``min_gain``) and
+  switches per round with ``MARKOV_P_BAD`` good -> bad and ``MARKOV_P_GOOD`` bad -> good, so a
+  client slow in recent rounds is likely still slow; the chain of client c is seeded by (seed, c)).
+  Every draw is seeded by (seed, round, client) or (seed, client), so a resumed run sees the same links.
 - Coverage geometry: ``modulo_coverage`` (client c's home edge is c mod S, plus ``overlap`` extra
   edges drawn with a seed) and ``disc_coverage`` (edges and clients placed in the unit square;
   an edge covers the clients within ``radius``, and every client at least by its nearest edge).
@@ -79,7 +83,9 @@ def timing(profile: ClientProfile, work: float, down_bytes: float, up_bytes: flo
                         work / profile.compute_speed, up_bytes * 8 / (link.up_mbps * 1e6 * share))
 
 
-LINK_MODELS = ("static", "rayleigh", "trace")
+LINK_MODELS = ("static", "rayleigh", "trace", "markov")
+MARKOV_P_BAD = 0.1    # good -> bad per round (markov links) [R]
+MARKOV_P_GOOD = 0.3   # bad -> good per round: bad spells of 1 / 0.3 = 3.3 rounds, a quarter of all rounds [R]
 
 
 class LinkModel:
@@ -92,17 +98,36 @@ class LinkModel:
         if kind == "trace" and not trace:
             raise UserError("the trace link model needs a link trace (clock.link_trace)")
         self.profiles, self.seed, self.kind, self.min_gain, self.trace = profiles, seed, kind, min_gain, trace or {}
+        self._chains: dict[int, np.ndarray] = {}   # markov: client -> bad-state flags of rounds 0..len-1
 
     def link(self, rnd: int, client_id: int) -> Link:
         p = self.profiles[client_id]
         if self.kind == "static":
             return Link(p.uplink_mbps, p.downlink_mbps)
+        if self.kind == "markov":
+            gain = self.min_gain if self.bad(rnd, client_id) else 1.0
+            return Link(p.uplink_mbps * gain, p.downlink_mbps * gain)
         if self.kind == "trace":
             return self.trace.get((rnd, client_id)) or self.trace.get((-1, client_id)) or \
                 Link(p.uplink_mbps, p.downlink_mbps)
         up_gain, down_gain = np.maximum(np.random.default_rng([self.seed, rnd, client_id, 11]).exponential(1.0, 2),
                                         self.min_gain)
         return Link(p.uplink_mbps * float(up_gain), p.downlink_mbps * float(down_gain))
+
+    def bad(self, rnd: int, client_id: int) -> bool:
+        """Markov links: whether client ``client_id``'s link is in the bad state in round ``rnd``
+        (round 0 starts in the chain's stationary distribution)."""
+        chain = self._chains.get(client_id)
+        if chain is None or rnd >= len(chain):
+            length = max(64, 2 * (rnd + 1))
+            # one uniform per round from (seed, client): the same prefix whatever the length drawn
+            u = np.random.default_rng([self.seed, client_id, 13]).random(length)
+            chain = np.empty(length, dtype=bool)
+            chain[0] = u[0] < MARKOV_P_BAD / (MARKOV_P_BAD + MARKOV_P_GOOD)
+            for r in range(1, length):
+                chain[r] = u[r] >= MARKOV_P_GOOD if chain[r - 1] else u[r] < MARKOV_P_BAD
+            self._chains[client_id] = chain
+        return bool(chain[rnd])
 
 
 LINK_TRACE_COLUMNS = ("round", "client_id", "uplink_mbps", "downlink_mbps")

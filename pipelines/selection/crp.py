@@ -16,9 +16,15 @@ notes/rl.md A1 step 4]:
   participation   the share of this server's rounds in which it picked the client
   staleness       rounds since this server last picked it / ``stale_rounds`` (1 if never, capped at 1)
   latency         the client's static round-time estimate / the population's median estimate
+  observed        the client's simulated time when this server last picked it / the population's
+                  median estimate (capped), the static ``latency`` feature before its first pick;
+                  with ``observed_feature`` off it is 0 [R]. Under time-varying links (``markov``)
+                  it tells a client seen slow lately from one seen fast.
   size            local examples / the population's mean
-  home            1 if this server is the client's home edge (the first its coverage lists: c mod
-                  S under modulo coverage, the nearest under disc coverage); 0 with
+  home            1 if this server is the client's home edge, by ``home_rule`` [R]: ``first`` (the
+                  first edge its coverage lists: c mod S under modulo coverage, the nearest under
+                  disc coverage) or ``exclusive`` (only a client no other server covers has a home:
+                  the contested setting, where shared clients have no owner); 0 with
                   ``coverage_features`` off [R]
   overlap         the other servers covering the client (coverage geometry; 0 with the switch off) [R]
   available       1 if the client is online and covered now
@@ -42,7 +48,9 @@ from pipelines.population import PopulationView
 from pipelines.selection import RoundObservation, Selector, estimated_round_s
 from pipelines.selection.conflict_risk import ConflictRiskModel, RiskSettings
 
-FEATURES = ("risk", "participation", "staleness", "latency", "size", "home", "overlap", "available", "picked")
+FEATURES = ("risk", "participation", "staleness", "latency", "observed", "size", "home", "overlap", "available",
+            "picked")
+HOME_RULES = ("first", "exclusive")
 GLOBALS = ("picks_left",)
 FEATURE_CAP = 10.0                    # latency and size ratios are clipped here (observation bound)
 EXPORT_FORMAT = "edgeray-rl-crp/1"
@@ -62,22 +70,33 @@ def client_scales(population: PopulationView, local_epochs: float, model_bytes: 
             np.clip(sizes / max(float(sizes.mean()), 1e-12), 0, FEATURE_CAP))
 
 
+def latency_reference(population: PopulationView, local_epochs: float, model_bytes: float) -> float:
+    """The population's median static round-time estimate (the scale of ``latency`` and ``observed``)."""
+    return float(np.median(estimated_round_s(population, local_epochs, model_bytes)))
+
+
 class EdgeTracker:
     """One edge server's local knowledge of the clients it covers (``covered``, sorted), built only
     from its own observations: what it picked, and the conflicts it learned of."""
 
     def __init__(self, edge_id: int, covered, latency: np.ndarray, size: np.ndarray, *,
                  risk: RiskSettings = RiskSettings(), use_crp: bool = True, stale_rounds: int = 20, seed: int = 0,
-                 client_edges: list[list[int]] | None = None):
+                 client_edges: list[list[int]] | None = None, home_rule: str = "first",
+                 latency_ref: float | None = None):
         """``client_edges``: every client's covering edges, home first (the coverage geometry,
-        known to every server); given, the ``home`` and ``overlap`` features are filled, else 0."""
+        known to every server); given, the ``home`` (by ``home_rule``) and ``overlap`` features are
+        filled, else 0. ``latency_ref``: the population's median round-time estimate; given, the
+        ``observed`` feature is filled, else 0."""
+        if home_rule not in HOME_RULES:
+            raise UserError(f"home rule {home_rule!r} is not one of {', '.join(HOME_RULES)}")
         self.edge_id = edge_id
         self.covered = np.asarray(sorted(int(c) for c in covered), dtype=np.int64)
         self.index = {int(c): i for i, c in enumerate(self.covered)}
         self.latency, self.size = latency[self.covered], size[self.covered]
+        self.latency_ref = latency_ref
         n = len(self.covered)
-        self.home = np.array([float(client_edges[c][0] == edge_id) for c in self.covered]) if client_edges \
-            else np.zeros(n)
+        self.home = np.array([float(client_edges[c][0] == edge_id and (home_rule == "first" or len(client_edges[c]) == 1))
+                              for c in self.covered]) if client_edges else np.zeros(n)
         self.overlap = np.array([float(len(client_edges[c]) - 1) for c in self.covered]) if client_edges \
             else np.zeros(n)
         self.risk_settings, self.use_crp, self.stale_rounds, self.seed = risk, use_crp, stale_rounds, seed
@@ -88,6 +107,7 @@ class EdgeTracker:
         self.risk = ConflictRiskModel(n, self.risk_settings, self.seed)
         self.picks = np.zeros(n)
         self.last_pick = np.full(n, np.nan)
+        self.observed = self.latency.copy() if self.latency_ref else np.zeros(n)
         self.rounds_seen = 0
         self.consumed = 0          # observations taken from a history (``sync``)
         self.conflicts_seen = 0
@@ -103,6 +123,10 @@ class EdgeTracker:
         self.risk.record(obs.round, picked, conflicted)
         self.picks[picked] += 1
         self.last_pick[picked] = obs.round
+        if self.latency_ref:
+            for o in obs.outcomes:
+                if o.status == "ok" and o.sim_s > 0:
+                    self.observed[self.index[o.client_id]] = min(o.sim_s / self.latency_ref, FEATURE_CAP)
         self.rounds_seen += 1
         self.conflicts_seen += len(conflicted)
 
@@ -121,7 +145,7 @@ class EdgeTracker:
         risk = self.risk.risks(rnd) if self.use_crp else np.zeros(n)
         stale = np.where(np.isnan(self.last_pick), 1.0,
                          np.minimum((rnd - np.nan_to_num(self.last_pick)) / self.stale_rounds, 1.0))
-        return np.stack([risk, self.picks / max(self.rounds_seen, 1), stale, self.latency, self.size,
+        return np.stack([risk, self.picks / max(self.rounds_seen, 1), stale, self.latency, self.observed, self.size,
                          self.home, np.minimum(self.overlap, FEATURE_CAP), available.astype(float), np.zeros(n)],
                         axis=1)
 
@@ -252,13 +276,16 @@ def build_policies(meta: dict, states: dict[int, dict], population: PopulationVi
         raise UserError(f"the RL-CRP checkpoint was trained on {meta['num_clients']} clients, this run has "
                         f"{len(population)} (data.num_clients)")
     latency, size = client_scales(population, meta["local_epochs"], meta["model_bytes"])
+    latency_ref = latency_reference(population, meta["local_epochs"], meta["model_bytes"]) \
+        if meta.get("observed_feature") else None
     risk = RiskSettings(**meta["risk"])
     trackers, nets = {}, {}
     for edge_key, covered in meta["coverage"].items():
         edge = int(edge_key)
         trackers[edge] = EdgeTracker(edge, covered, latency, size, risk=risk, use_crp=meta["use_crp"],
                                      stale_rounds=meta["stale_rounds"], seed=seed,
-                                     client_edges=meta.get("client_edges") if meta.get("coverage_features") else None)
+                                     client_edges=meta.get("client_edges") if meta.get("coverage_features") else None,
+                                     home_rule=meta.get("home_rule", "first"), latency_ref=latency_ref)
         net = CRPPolicyNet(len(covered), meta["hidden"], meta.get("client_bias", False))
         net.load_state_dict(states[edge])
         nets[edge] = net.eval()
@@ -275,12 +302,14 @@ def _logits(net, obs: np.ndarray) -> np.ndarray:
 def export_meta(*, num_clients: int, coverage: dict[int, list[int]], coverage_rule: str, picks_per_edge: int,
                 hidden, use_crp: bool, risk: RiskSettings, stale_rounds: int, local_epochs: float,
                 model_bytes: float, client_bias: bool = False, client_edges: list[list[int]] | None = None,
-                coverage_features: bool = False, **extra) -> dict:
+                coverage_features: bool = False, home_rule: str = "first", observed_feature: bool = False,
+                **extra) -> dict:
     """The meta block of an export: what the selector needs to rebuild the observations."""
     return {"num_clients": num_clients, "num_edges": len(coverage),
             "coverage": {str(e): list(map(int, c)) for e, c in coverage.items()}, "coverage_rule": coverage_rule,
             "picks_per_edge": picks_per_edge, "hidden": list(hidden), "client_bias": bool(client_bias),
-            "features": list(FEATURES), "coverage_features": bool(coverage_features),
+            "features": list(FEATURES), "coverage_features": bool(coverage_features), "home_rule": home_rule,
+            "observed_feature": bool(observed_feature),
             "client_edges": [list(map(int, c)) for c in client_edges] if client_edges else None,
             "use_crp": use_crp, "risk": asdict(risk),
             "stale_rounds": stale_rounds, "local_epochs": local_epochs, "model_bytes": model_bytes, **extra}

@@ -61,7 +61,8 @@ def export_policy(algo, method: str, cfg: CRPConfig, path: Path) -> Path:
     meta = export_meta(num_clients=env.num_clients, coverage=sim.coverage, coverage_rule=rule,
                        picks_per_edge=sim.k, hidden=cfg.policy.hidden,
                        client_bias=cfg.policy.client_bias, client_edges=sim.client_edges,
-                       coverage_features=env.coverage_features, use_crp=env.use_crp, risk=env.risk(),
+                       coverage_features=env.coverage_features, home_rule=env.home_rule,
+                       observed_feature=env.observed_feature, use_crp=env.use_crp, risk=env.risk(),
                        stale_rounds=env.stale_rounds, local_epochs=env.local_epochs, model_bytes=env.model_bytes,
                        method=method, conflict_rule=env.conflict_rule)
     return save_export(path, meta, policies)

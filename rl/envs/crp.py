@@ -52,7 +52,7 @@ from pipelines.population import (COVERAGES, LinkModel, PopulationView, disc_cov
 from pipelines.selection import (CONFLICT_RULES, ClientOutcome, RoundObservation, SelectionRequest, edge_observations,
                                  estimated_round_s, resolve_conflicts)
 from pipelines.selection.conflict_risk import CODINGS, RiskSettings
-from pipelines.selection.crp import EdgeTracker, client_scales
+from pipelines.selection.crp import HOME_RULES, EdgeTracker, client_scales
 
 FAIRNESS = ("jain", "bonus", "none")
 CONFLICT_CREDITS = ("round", "pick")
@@ -80,8 +80,11 @@ class CRPEnvSection:
     sizes_file: str | None = param(None, "per-client local examples: a JSON list, or a run's label_histogram.npy")
     local_epochs: float = param(1.0, "strategy.local_epochs: work = examples x local_epochs", gt=0)
     model_bytes: float = param(1.0e6, "bytes of the model sent down and of the update sent up", ge=0)
-    link_model: str = param("static", "clock.link_model: static or rayleigh", choices=("static", "rayleigh"))
-    link_min_gain: float = param(0.05, "clock.link_min_gain", gt=0, le=1)
+    link_model: str = param("static", "clock.link_model: static, rayleigh, or markov (good / bad link states that "
+                            "persist over rounds; pipelines/population.py) [R]",
+                            choices=("static", "rayleigh", "markov"))
+    link_min_gain: float = param(0.05, "clock.link_min_gain (rayleigh: the fade floor; markov: the bad state's rate "
+                                 "fraction)", gt=0, le=1)
     clients_per_round: int = param(8, "strategy.clients_per_round; each edge picks ceil(this / num_edges)", ge=1)
     conflict_rule: str = param("share", "selection.conflict_rule", choices=CONFLICT_RULES)
     rounds: int = param(30, "FL rounds per episode", ge=2)
@@ -94,6 +97,11 @@ class CRPEnvSection:
                                  "step that made the conflict (module docstring) [R]", choices=CONFLICT_CREDITS)
     coverage_features: bool = param(False, "per-client home / overlap features from the coverage geometry "
                                     "(pipelines/selection/crp.py FEATURES) [R]")
+    home_rule: str = param("first", "which server the home feature marks: the first edge a client's coverage lists "
+                           "(first), or, for a client covered by one server only, that server (exclusive: shared "
+                           "clients have no owner, the contested setting) [R]", choices=HOME_RULES)
+    observed_feature: bool = param(False, "per-client feature: the client's simulated time when this server last "
+                                   "picked it (pipelines/selection/crp.py FEATURES) [R]")
     use_crp: bool = param(True, "conflict risk in the observation (false: the no-CRP ablation)")
     risk_coding: str = param("three_symbol", "sparse coding of the HMM (pipelines/selection/conflict_risk.py) [R]",
                              choices=CODINGS)
@@ -174,7 +182,8 @@ class CRPSimulation:
         latency, size = client_scales(self.population, s.local_epochs, s.model_bytes)
         self.trackers = {e: EdgeTracker(e, cov, latency, size, risk=s.risk(), use_crp=s.use_crp,
                                         stale_rounds=s.stale_rounds, seed=s.seed,
-                                        client_edges=client_edges if s.coverage_features else None)
+                                        client_edges=client_edges if s.coverage_features else None,
+                                        home_rule=s.home_rule, latency_ref=self.t_ref if s.observed_feature else None)
                          for e, cov in self.coverage.items()}
         self.start(s.seed)
 
