@@ -26,7 +26,9 @@ fairness-aware reward (latency, contention, long-term participation); decentrali
 Our reconstruction [R], each a named, tested setting: the conflict rules (selection.conflict_rule:
 share / fail) and what a server learns of a conflict (`contenders`); the sparse coding
 (env.risk_coding), one shared HMM per server, its start and refit schedule (env.risk_*); the
-observation features (pipelines/selection/crp.py FEATURES; env.coverage_features); the action as k masked one-client
+observation features (pipelines/selection/crp.py FEATURES; env.coverage_features, env.home_rule,
+env.observed_feature); the contested setting (configs/crp_contested.yaml: shared clients without an
+owner, Gilbert-Elliott links `markov` in pipelines/population.py); the action as k masked one-client
 steps; the reward and its weights (env.latency_weight, conflict_weight, fairness, fairness_weight)
 and when its conflict term is paid (env.conflict_credit: round / pick); the per-client logit offset
 (policy.client_bias); PPO as the learner (the paper's algorithm was not recovered).
