@@ -53,12 +53,12 @@ SETTINGS = {"mnist": ("configs/crp_mnist.yaml", "configs/crp_fedavg_mnist.yaml")
             "contested": ("configs/crp_contested.yaml", "configs/crp_fedavg_contested.yaml")}
 ENV_CONFIG, FL_CONFIG = SETTINGS["mnist"]   # set by --setting
 FULL = {"seeds": (0, 1, 2), "iters": 24, "steps_per_iter": 300, "eval_episodes": 5, "eval_rounds": 20,
-        "fl_rounds": 10, "fl_methods": ("random", "rl-crp"), "target": 0.93}
+        "fl_rounds": 10, "fl_methods": ("random", "rl-crp", "rl-no-crp"), "target": 0.93}
 QUICK = {"seeds": (0,), "iters": 2, "steps_per_iter": 240, "eval_episodes": 1, "eval_rounds": 10,
          "fl_rounds": 3, "fl_methods": ("random", "rl-crp"), "target": 0.9}
 CUT = {"full": "3 seeds; 24 PPO iterations x 300 env steps per method and seed (7,200; sized to the shared "
-               "15-minute benchmark slot of the 2-core machine; the issue names no budget); FL leg: FedAvg + MLP (not the CNN) for 10 rounds, random vs rl-crp only "
-               "(greedy-latency, rl-no-crp and the oracle in the env leg only)",
+               "15-minute benchmark slot of the 2-core machine; the issue names no budget); FL leg: FedAvg + MLP (not the CNN) for 10 rounds, random vs rl-crp vs rl-no-crp "
+               "(greedy-latency and the oracle in the env leg only)",
        "quick": "1 seed, 2 PPO iterations x 240 env steps (barely trained policies), 1 evaluation episode of 10 "
                 "rounds, FL leg 3 rounds of random vs rl-crp with target 0.9"}
 
@@ -298,12 +298,15 @@ def main() -> None:
         try:
             for seed in grid["seeds"]:
                 for method in grid["fl_methods"]:
-                    ckpt = trained[seed]["rl-crp"] / "checkpoints" / "crp_policy.pt" if method == "rl-crp" else None
+                    ckpt = trained[seed][method] / "checkpoints" / "crp_policy.pt" if method in trained[seed] else None
                     fl_rows.append(fl_run(method, seed, grid, out / "runs", ckpt))
                     print(json.dumps({k: v for k, v in fl_rows[-1].items() if k != "curve"}), flush=True)
             by = {(r["method"], r["seed"]): r["sim_time_to_target_s"] for r in fl_rows}
             result["fl_time_to_target_ratio_vs_random"] = paired_ratio([by["rl-crp", s] for s in grid["seeds"]],
                                                                        [by["random", s] for s in grid["seeds"]])
+            if "rl-no-crp" in grid["fl_methods"]:
+                result["fl_time_to_target_ratio_vs_no_crp"] = paired_ratio(
+                    [by["rl-crp", s] for s in grid["seeds"]], [by["rl-no-crp", s] for s in grid["seeds"]])
             result["fl"] = {m: {k: float(np.mean([r[k] for r in fl_rows if r["method"] == m and r[k] is not None]))
                                 if any(r[k] is not None for r in fl_rows if r["method"] == m) else None
                                 for k in ("final_accuracy", "rounds_to_target", "sim_time_to_target_s",
@@ -329,14 +332,16 @@ def main() -> None:
     flat = {**{k: (v["mean"] if isinstance(v, dict) and "mean" in v else v) for k, v in result.items()
                if k in ("conflict_ratio_vs_random", "latency_ratio_vs_greedy", "conflict_ratio_vs_no_crp",
                         "fl_time_to_target_ratio_vs_random", "reward_gain_vs_no_crp", "conflict_diff_vs_no_crp",
-                        "latency_ratio_vs_no_crp", "no_crp_conflict_ratio_vs_random")},
+                        "latency_ratio_vs_no_crp", "no_crp_conflict_ratio_vs_random",
+                        "fl_time_to_target_ratio_vs_no_crp")},
             "env_steps_per_s": result["env_steps_per_s"], "train_env_steps_per_s": result["train_env_steps_per_s"],
             "env": result["env"], "fl": result.get("fl"), "fl_error": result.get("fl_error"),
             "ci95": {k: result[k]["ci95"] for k in ("conflict_ratio_vs_random", "latency_ratio_vs_greedy",
                                                     "conflict_ratio_vs_no_crp", "reward_gain_vs_no_crp",
                                                     "conflict_diff_vs_no_crp", "latency_ratio_vs_no_crp",
                                                     "no_crp_conflict_ratio_vs_random",
-                                                    "fl_time_to_target_ratio_vs_random")
+                                                    "fl_time_to_target_ratio_vs_random",
+                                                    "fl_time_to_target_ratio_vs_no_crp")
                      if isinstance(result.get(k), dict)},
             "targets": result["targets"], "setting": args.setting, "seeds": result["seeds"], "fl_target_accuracy": grid["target"],
             "reused_training": result["reused_training"], "wall_s": result["wall_s"],
