@@ -482,3 +482,82 @@ def test_kmeans_router_init_makes_the_upcycled_routing_sharp_and_keeps_the_dense
     with pytest.raises(UserError, match="router_init='bogus'"):
         build_model(ModelSpec("moe", {"upcycle": {"router_init": "bogus", "layers": [-1]}}, path=str(tmp_path),
                               data_info={"vocab": "full", "vocab_size": vocab}))
+
+
+# ---------------------------------------------------------------------------- Mixtral, Qwen2-MoE, causal-LM loss
+
+ARCH_CONFIGS = {
+    "mixtral": {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "max_position_embeddings": 32},
+    "qwen2_moe": {"hidden_size": 32, "intermediate_size": 32, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                  "max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_mixtral_and_qwen2_moe_slices_round_trip_and_the_budget_holds(arch, topics):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("moe", {"arch": arch, "router_std": 1.0, "config": ARCH_CONFIGS[arch],
+                                          "lora": {"r": 2, "alpha": 4}}, data_info=topics.info))
+    g = get_params(model)
+    layout = moe_layout({k: v.shape for k, v in g.items()})
+    assert layout.layers == (0, 1) and layout.experts == 4
+    assert all("shared_expert" not in k for k in layout.routers.values())   # Qwen2-MoE's shared gate is no router
+    params = _randomised(g)
+    rows = extract_experts(params, layout, {0: [2], 1: [0, 3]})
+    back = insert_rows({k: np.zeros_like(v) for k, v in params.items()}, rows)
+    for t in layout.tensors:
+        for e in range(4):
+            kept = e in ({0: [2], 1: [0, 3]}[t.layer])
+            np.testing.assert_array_equal(t.slice(back[t.key], e),
+                                          t.slice(params[t.key], e) if kept else 0 * t.slice(params[t.key], e))
+    update = HFedMoE(HFedMoESettings(lr=0.01, batch_size=64)).client_update(
+        _ctx(model, topics, 0, {"budget": 2, "rho": 0.5, "lr": 0.01}, np.arange(64)))
+    new = get_params(model)
+    for i, layer in enumerate(layout.layers):
+        changed = np.zeros(4, bool)
+        for t in layout.of_layer(layer):
+            changed |= [not np.array_equal(t.slice(new[t.key], e), t.slice(g[t.key], e)) for e in range(4)]
+        assert changed.sum() == 2 and np.array_equal(changed, update.stats["trained"][i]), (arch, changed)
+
+
+@pytest.mark.skipif(not (ROOT / DRUG_ZIP).is_file() or not (ROOT / "data/models/smollm2-135m-instruct/hf/tokenizer.json").is_file(),
+                    reason="drug reviews or the SmolLM2 tokenizer not fetched (scripts/assets/fedmoe.sh, svd.sh)")
+def test_instruction_data_trains_the_answer_token_with_the_causal_lm_loss():
+    from pipelines.fedmoe.model import evaluate_answer
+    from pipelines.tasks.lm import next_token_loss
+    data = load_drug_reviews_instruct(seq_len=32, vocab="compact")
+    torch.manual_seed(0)
+    lm = build_model(ModelSpec("moe", {"arch": "qwen2_moe", "router_std": 1.0, "config": ARCH_CONFIGS["qwen2_moe"],
+                                       "lora": {"r": 2, "alpha": 4}}, data_info=data.info))
+    assert not hasattr(lm, "head")                          # no num_classes: the causal LM itself
+    x, y = data.x_train[:32], data.y_train[:32]
+    before = evaluate_answer(lm, x, y)
+    assert before["count"] == 32                            # one answer token per example
+    update = FedAvgMoE(FedAvgMoESettings(lr=0.01, batch_size=8, local_epochs=4)).client_update(
+        ClientContext(0, 1, lm, ClientData(x, y), {"lr": 0.01, "local_epochs": 4}, {}, np.random.default_rng(0),
+                      next_token_loss))
+    after = evaluate_answer(lm, x, y)
+    assert after["test_loss"] < before["test_loss"]          # the answer token is what the loss trains
+    assert update.stats["usage"].shape == (2, 4) and update.stats["budget"] is None
+    np.testing.assert_allclose(update.stats["usage"].sum(1), 1.0, rtol=1e-5)
+
+
+def test_cli_rejects_a_missing_or_dense_model_path_with_exit_2(tmp_path, capsys):
+    from edgeray.cli import main
+    base = ["run", "fedalign-moe", "--config", str(ROOT / "configs" / "fedmoe_topics.yaml"),
+            "--set", f"output_dir={tmp_path / 'runs'}", "--set", "model.args={}"]
+    code = main([*base, "--set", f"model.path={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nowhere" in err[0] and "config.json" in err[0]
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    code = main([*base, "--set", f"model.path={tmp_path / 'dense'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a mixture-of-experts" in err[0]
+    code = main([*base, "--set", "strategy.params.min_usage=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "min_usage" in err[0]
