@@ -22,6 +22,8 @@ llm_valid_instruction_share, ... and "cut" naming what this run left out.
     python bench/leed.py --quick          # < 2 min on an idle 2-core machine
     python bench/leed.py                  # sized for ~40 min on 2 cores (see FULL / "cut")
     python bench/leed.py --agents 16 --seeds 3 --methods leed   # a partial grid: results/leed-16-s3/
+    python bench/leed.py --agents 16 --first-seed 100 --methods leed --no-demo-quality \
+        --set expert.decay=0.97 --out bench/results/leed-tune-d097   # tuning on seeds never reported
 
 With several seeds each LEED run is also paired with IPPO's run of the same seed (its own
 target): per-seed steps ratios, their mean and a bootstrap 95 % interval over seeds
@@ -78,9 +80,23 @@ def _merge(*parts):
     return out
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set section.key=value` pairs (value parsed as YAML) as a nested dict; bad input is one line."""
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not section or not field:
+            raise SystemExit(f"bench/leed.py: --set expects section.key=value, got {pair!r}")
+        out.setdefault(section, {})[field] = yaml.safe_load(value)
+    return out
+
+
 def setting_config(n_agents: int, plan: dict, seed: int = 0, **extra) -> LEEDConfig:
     data = _merge(COMMON, SETTINGS[n_agents], {"train": {"seed": seed, "stop_iters": plan["iters"][n_agents]}},
-                  {"train": plan.get("train", {})}, extra)
+                  {"train": plan.get("train", {})}, plan.get("overrides", {}), extra)
     return load_config(LEEDConfig, data=data)
 
 
@@ -119,7 +135,7 @@ def train_all(plan: dict, out: Path) -> list[Path]:
 
     run_dirs = []
     for n in plan["agents"]:
-        for seed in range(plan["seeds"]):
+        for seed in range(plan["first_seed"], plan["first_seed"] + plan["seeds"]):
             for method in plan["methods"][n]:
                 cfg = setting_config(n, plan, seed)
                 run_dir = runs.new_run_dir(out / "runs", f"{method}-grid{n}-s{seed}", kind="rl", method=method,
@@ -205,7 +221,8 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
     line["quick"] = quick
     line["agents"] = list(plan["agents"])
     line["iterations"] = {str(k): v for k, v in plan["iters"].items()}
-    line["seeds"] = plan["seeds"]
+    line["seeds"] = list(range(plan["first_seed"], plan["first_seed"] + plan["seeds"]))
+    line["overrides"] = plan.get("overrides", {})
     line["env_steps_per_iter"] = setting_config(small, plan).train.env_steps_per_iter
     line["policy_sharing"] = {str(n): SETTINGS[n]["policy"]["sharing"] for n in plan["agents"]}
     line["load_avg_1m_start_end"] = [load_start, os.getloadavg()[0]]
@@ -232,6 +249,8 @@ def plan_cuts(plan: dict, quick: bool) -> list[str]:
                     f"(prompts of the larger grids take minutes on 2 cores)")
     caps = ", ".join(f"{t} tokens ({s}, {n} agents)" for n, s, t in plan["llm_cases"])
     cuts.append(f"SmolLM2 answers are capped at {caps}; what is cut off is completed by shortest paths and counted")
+    if not plan.get("demo_quality", True):
+        cuts.append("no demonstration-quality part (--no-demo-quality): its keys are null")
     if quick:
         cuts.append(f"quick: {plan['train']['env_steps_per_iter']} env steps per iteration, iterations {plan['iters']}")
     return cuts
@@ -243,7 +262,13 @@ def main() -> None:
     parser.add_argument("--llm-url", help="also measure an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--out", help="output folder (default bench/results/leed[-quick])")
     parser.add_argument("--agents", type=int, nargs="+", choices=sorted(SETTINGS), help="agent counts (default: all)")
-    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 per setting (default 1)")
+    parser.add_argument("--seeds", type=int, help="seeds first..first+N-1 per setting (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="first seed (tune on seeds that are never reported, e.g. 100)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a setting of every run (e.g. expert.decay=0.97); repeatable")
+    parser.add_argument("--no-demo-quality", action="store_true",
+                        help="skip the per-backend demonstration-quality part (its keys are null)")
     parser.add_argument("--methods", nargs="+", choices=("ippo", "leed", "bc-ppo"),
                         help="methods (default: the plan's; ippo is always run, it sets the target)")
     args = parser.parse_args()
@@ -253,10 +278,13 @@ def main() -> None:
         plan["llm_cases"] = tuple(c for c in plan["llm_cases"] if c[0] in args.agents)
     if args.seeds:
         plan["seeds"] = args.seeds
+    plan["first_seed"] = args.first_seed
+    plan["overrides"] = parse_overrides(args.set)
+    plan["demo_quality"] = not args.no_demo_quality
     if args.methods:
         plan["methods"] = {n: tuple(dict.fromkeys(["ippo", *args.methods])) for n in plan["agents"]}
     name = "leed-quick" if args.quick else "leed"
-    if args.agents or args.seeds or args.methods:   # a partial grid never overwrites the full run's folder
+    if args.agents or args.seeds or args.methods or args.first_seed or args.set:   # a partial grid never overwrites the full run's folder
         name += "-" + "-".join(map(str, plan["agents"])) + f"-s{plan['seeds']}"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / name)
     if out.exists():
@@ -267,7 +295,7 @@ def main() -> None:
     t0 = time.perf_counter()
     import torch
     torch.set_num_threads(2)
-    quality = demo_quality(plan, args.llm_url)
+    quality = {} if args.no_demo_quality else demo_quality(plan, args.llm_url)
     (out / "demo_quality.json").write_text(json.dumps(quality, indent=2))
 
     from edgeray.connect import connect

@@ -203,6 +203,29 @@ def test_decision_steps_only_keeps_the_steps_whose_action_moved_the_vehicle():
         assert np.array_equal(every_step[agent][~waits], decisions[agent])
 
 
+def test_a_detour_planner_is_a_valid_but_worse_expert():
+    """llm.planner_detour_share: routes via a random intersection are valid paths from start to
+    goal without loops, longer than the shortest, and their demonstrations earn less."""
+    env, scenario = _scenario()
+    prompts = build_prompts(scenario, "joint")
+    optimal = validate(parse_instructions(ShortestPathPlanner().generate(prompts)[0]), scenario)[0]
+    detour = validate(parse_instructions(ShortestPathPlanner(detour_share=1.0, seed=3).generate(prompts)[0]),
+                      scenario)[0]
+    longer = 0
+    for agent, trip in zip(scenario.agents, env.trips):
+        nodes = [trip.start] + [v for _, v in detour[agent].steps]
+        assert nodes[-1] == trip.goal and len(set(nodes)) == len(nodes)
+        assert all(env.graph.edge_between(u, v) is not None for u, v in zip(nodes, nodes[1:]))
+        longer += len(nodes) - 1 > len(optimal[agent].steps)
+    assert longer >= 1
+    assert ShortestPathPlanner(detour_share=0.0).generate(prompts) == ShortestPathPlanner().generate(prompts)
+    best = sum(execute_plans(_scenario()[0], optimal)[2].values())
+    worse = sum(execute_plans(_scenario()[0], detour)[2].values())
+    assert worse < best
+    with pytest.raises(UserError, match="planner_detour_share"):
+        ShortestPathPlanner(detour_share=1.5)
+
+
 def test_planner_refinement_routes_around_congested_roads():
     env, scenario = _scenario(_cfg(env={"num_agents": 1}))
     trip = env.trips[0]

@@ -40,6 +40,8 @@ class LLMSection:
                               choices=("joint", "per_agent"))
     fallback: str = param("planner", "when the endpoint or model cannot be reached: planner (with a warning) "
                           "or error (stop with a one-line error naming the URL / path)", choices=("planner", "error"))
+    planner_detour_share: float = param(0.0, "planner: share of agents sent via a random intermediate "
+                                        "intersection, an imperfect expert (0 = shortest paths) [R]", ge=0, le=1)
     threads: int = param(2, "transformers: torch threads while generating", ge=1)
     answer_prefix: str = param('[["', "transformers: text the answer is started with, so a small model writes the "
                                "JSON list instead of prose (SmolLM2-135M: 0 of 4 prompts parsed without it) [R]")

@@ -9,6 +9,10 @@
   * `ShortestPathPlanner` NOT AN LLM: the fallback that writes the same `[Command, Parameter,
                          AgentID]` JSON from shortest paths (on refinement rounds it routes around
                          the reported congested roads and the roads it already gave earlier agents).
+                         `detour_share` > 0 makes it an imperfect expert [R]: that share of the
+                         agents is sent via a random intermediate intersection (valid but longer
+                         routes, as an LLM's plausible detours are), so LEED's decaying expert
+                         weight can be compared with cloning when the demonstrations are not optimal.
 The paper uses GPT-3.5 [P]; the two LLM backends and the planner are our reconstruction [R] for
 machines that reach no LLM service (notes A3 step 7).
 
@@ -44,8 +48,29 @@ class ShortestPathPlanner:
     congestion_penalty = 1.0   # a congested road costs (1 + penalty * times-capacity) x its free-flow time [R]
     shared_road_penalty = 0.5  # and each agent already routed over a road adds this share of its time [R]
 
+    def __init__(self, detour_share: float = 0.0, seed: int = 0):
+        if not 0.0 <= detour_share <= 1.0:
+            raise UserError(f"llm.planner_detour_share must be in [0, 1], got {detour_share}")
+        self.detour_share = detour_share
+        self.rng = np.random.default_rng(seed)
+
     def generate(self, prompts: list[Prompt]) -> list[str]:
         return [self._plan(p) for p in prompts]
+
+    def _route(self, graph, start: int, goal: int, weights: np.ndarray) -> list[int]:
+        if self.detour_share == 0.0 or self.rng.random() >= self.detour_share:
+            return graph.shortest_path(start, goal, weights)
+        via = int(self.rng.choice([v for v in range(len(graph.names)) if v not in (start, goal)]))
+        first, second = graph.shortest_path(start, via, weights), graph.shortest_path(via, goal, weights)
+        if not first or not second:                  # the detour node is not on any way to the goal
+            return graph.shortest_path(start, goal, weights)
+        route = []
+        for v in first + second[1:]:                  # a loop through the detour is cut at its first return
+            if v in route:
+                del route[route.index(v) + 1:]
+            else:
+                route.append(v)
+        return route
 
     def _plan(self, prompt: Prompt) -> str:
         scenario, graph = prompt.scenario, prompt.scenario.graph
@@ -58,7 +83,7 @@ class ShortestPathPlanner:
         items = []
         for agent in prompt.agents:
             trip = scenario.trips[index[agent]]
-            path = graph.shortest_path(trip.start, trip.goal, weights * (1.0 + self.shared_road_penalty * routed))
+            path = self._route(graph, trip.start, trip.goal, weights * (1.0 + self.shared_road_penalty * routed))
             for u, v in zip(path, path[1:]):
                 routed[graph.edge_between(u, v)] += 1
                 items.append(["MoveTo", graph.names[v], agent])
@@ -185,4 +210,4 @@ def make_client(llm, seed: int = 0):
     if backend == "transformers":
         return TransformersClient(llm.model_path, llm.max_new_tokens, llm.temperature, llm.threads, seed,
                                   llm.answer_prefix)
-    return ShortestPathPlanner()
+    return ShortestPathPlanner(llm.planner_detour_share, seed)
