@@ -200,6 +200,28 @@ def test_option_logprobs_equal_teacher_forced_sums():
             assert option_logprobs(phi[i], theta[i], targets[i]) == pytest.approx(expected, abs=1e-3)
 
 
+def test_shared_prompt_option_logits_equal_one_row_per_option(trained_tasks):
+    """prompt_option_logits (each prompt once, options on its KV cache) gives the logits of
+    option_logits (prompt + option per row) for every PEFT type and for the bare model, with
+    prompts and options of different lengths and a different number of options per prompt."""
+    tasks_dir, records = trained_tasks
+    engine = SVDEngine(*build_tiny_model(0), "tiny", model_loader=lambda: build_tiny_model(0))
+    tok = engine.tokenizer
+    prompts = [tok("Question: Is 7 an odd or an even number?\nAnswer:").input_ids, tok("Q: 2+2=").input_ids]
+    options = [[tok(o).input_ids for o in (" odd", " even, surely not odd", " neither")],
+               [tok(o).input_ids for o in (" 4", " four or so")]]
+    flat_prompts = [p for p, group in zip(prompts, options) for _ in group]
+    flat_options = [o for group in options for o in group]
+    for kind in (None, *records):
+        task = engine.load_task(read_task(tasks_dir, kind)) if kind else None
+        phi, theta, targets = engine.prompt_option_logits(task, prompts, options)
+        ref_phi, ref_theta, ref_targets = engine.option_logits(task, flat_prompts, flat_options)
+        assert len(phi) == len(ref_phi) == 5
+        for a, b in zip(phi + theta, ref_phi + ref_theta):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert all(torch.equal(a, b) for a, b in zip(targets, ref_targets))
+
+
 def test_loading_a_lora_task_mid_generation_leaves_plain_rows_unadapted(trained_tasks):
     tasks_dir, _ = trained_tasks
     reference = SVDEngine(*build_tiny_model(0), "tiny")

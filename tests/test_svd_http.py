@@ -280,6 +280,41 @@ def test_failed_task_can_be_registered_again_and_deleted(svd_url):
     assert httpx.delete(url + "/again", timeout=30).status_code == 404
 
 
+def test_a_task_that_must_wait_says_where_and_how_long(svd_url, ready_task, tmp_path):
+    """serve.task_placement=ray_task with more CPUs per warm start than the cluster has: the
+    202 and GET say why the task waits, its position and an estimate (from the finished task
+    copied in); DELETE cancels a queued warm start."""
+    import shutil
+
+    from ray import serve
+
+    from serving.svd.app import app_builder
+
+    shutil.copytree(svd_url[1] / "parity", tmp_path / "parity")       # one finished warm start
+    serve.run(app_builder({"model.name": MODEL, "model.source": "tiny-random", "serve.tasks_dir": str(tmp_path),
+                           "serve.num_cpus": 0, "serve.task_num_cpus": 3, "serve.task_placement": "ray_task"}),
+              name="svdwait", route_prefix="/svdwait")
+    try:
+        url = svd_url[0].rsplit("/", 1)[0] + "/svdwait/svd/tasks"
+        answers = [httpx.post(url, json={"name": f"w{k}", "train": _examples(8), "max_steps": 1}, timeout=30)
+                   for k in (1, 2)]
+        assert [a.status_code for a in answers] == [202, 202], answers[0].text
+        first, second = (a.json()["waiting"] for a in answers)
+        assert answers[0].json()["runs_in"] == "ray_task"
+        assert (first["position"], second["position"]) == (1, 2)
+        assert first["needs_cpus"] == 3 and first["free_cpus"] < 3 and "free CPU" in first["reason"]
+        record = httpx.get(url + "/w2", timeout=30).json()
+        assert record["status"] == "queued" and record["waiting"]["position"] == 2
+        per_task = record["waiting"]["estimate_s"] / 2
+        assert per_task > 0 and first["estimate_s"] == pytest.approx(per_task, abs=0.1)
+        assert "1 finished task" in record["waiting"]["estimate_basis"]
+        assert httpx.delete(url + "/w1", timeout=30).json() == {"task": "w1", "deleted": True, "was": "queued"}
+        assert httpx.get(url + "/w2", timeout=30).json()["waiting"]["position"] == 1
+        assert httpx.delete(url + "/w2", timeout=30).status_code == 200
+    finally:
+        serve.delete("svdwait")
+
+
 def test_openapi_declares_request_bodies(svd_url):
     schema = httpx.get(svd_url[0] + "/openapi.json", timeout=30).json()
     for path in ("/v1/completions", "/v1/chat/completions", "/svd/score"):

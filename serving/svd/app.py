@@ -39,6 +39,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import threading
 import time
 import typing
@@ -426,16 +427,39 @@ class SVDServer:
             record = {**record, "waiting": self._waiting(task_id)}
         return record
 
-    def _waiting(self, task_id: str) -> dict:
-        """Why a queued task has not started: its place among this replica's queued tasks and
-        the CPUs it needs versus those free in the cluster."""
+    def _queued_ray_tasks(self) -> list[str]:
+        """Ids of this replica's warm starts submitted as Ray tasks that have not started yet
+        (oldest first): Ray counts their CPUs as free until it schedules them."""
+        return [r["id"] for r in sorted(list_tasks(self.tasks_dir), key=lambda r: r.get("created", 0))
+                if r["status"] == "queued" and r["id"] in self.jobs]
+
+    def _free_cpus(self) -> float:
+        """CPUs a new warm-start Ray task could get now: the cluster's free CPUs less those our
+        own queued (submitted, not yet scheduled) warm starts will take."""
         import ray
 
-        queued = [r["id"] for r in list_tasks(self.tasks_dir) if r["status"] == "queued" and r["id"] in self.jobs]
         free = ray.available_resources().get("CPU", 0.0)
-        return {"position": queued.index(task_id) + 1 if task_id in queued else None,
-                "needs_cpus": self.cfg.serve.task_num_cpus, "free_cpus": free,
-                "reason": "waiting for a free CPU in the cluster" if free < self.cfg.serve.task_num_cpus
+        return free - len(self._queued_ray_tasks()) * self.cfg.serve.task_num_cpus
+
+    def _waiting(self, task_id: str) -> dict:
+        """Why a queued task has not started: its place among this replica's queued warm starts,
+        the CPUs it needs versus those free in the cluster, and an estimate of the wait: its
+        position times the median warm-start time of this server's finished tasks (null before
+        one has finished; OUR ESTIMATE: it does not know how long CPUs held by others stay held)."""
+        import ray
+
+        queued = self._queued_ray_tasks()
+        position = queued.index(task_id) + 1 if task_id in queued else 1
+        free = ray.available_resources().get("CPU", 0.0)
+        took = [r["finished"] - r["started"] for r in list_tasks(self.tasks_dir)
+                if r["status"] == "ready" and "started" in r and "finished" in r]
+        per_task = statistics.median(took) if took else None
+        return {"position": position, "needs_cpus": self.cfg.serve.task_num_cpus, "free_cpus": free,
+                "estimate_s": None if per_task is None else round(position * per_task, 1),
+                "estimate_basis": (f"position x median warm-start time of {len(took)} finished task(s)" if took
+                                   else "no warm start has finished on this server yet"),
+                "reason": "waiting for a free CPU in the cluster"
+                if free - (position - 1) * self.cfg.serve.task_num_cpus < self.cfg.serve.task_num_cpus
                 else "scheduled; starting"}
 
     def _ready_task(self, task_id: str):
@@ -716,7 +740,7 @@ class SVDServer:
         if existing is not None:                       # re-registering a failed or cancelled task
             self._forget(task_id)
         record = new_task_record(task_id, spec, self.cfg.model.name, len(examples))
-        free = ray.available_resources().get("CPU", 0.0)
+        free = self._free_cpus()
         args = (self.tasks_dir, task_id, self.source, self.cfg.model.dtype, to_dict(spec), examples,
                 self.cfg.serve.num_threads)
         if self.cfg.serve.task_placement == "replica" or (self.cfg.serve.task_placement == "auto"
@@ -733,8 +757,10 @@ class SVDServer:
             remote = ray.remote(num_cpus=self.cfg.serve.task_num_cpus, max_retries=0)(run_warm_start)
             self.jobs[task_id] = remote.remote(*args)
         status_url = str(request.url).rstrip("/") + f"/{task_id}"
-        return JSONResponse({"task": task_id, "status": "queued", "runs_in": record["runs_in"],
-                             "status_url": status_url}, 202, headers={"Location": status_url})
+        answer = {"task": task_id, "status": "queued", "runs_in": record["runs_in"], "status_url": status_url}
+        if record["runs_in"] == "ray_task":            # it may have to wait: say why, where and how long
+            answer["waiting"] = self._waiting(task_id)
+        return JSONResponse(answer, 202, headers={"Location": status_url})
 
     def _forget(self, task_id: str) -> None:
         """Unload a task from the engine and remove its files."""

@@ -579,6 +579,62 @@ class SVDEngine:
             targets.append(torch.tensor(option))
         return out_phi, out_theta, targets
 
+    @torch.no_grad()
+    def prompt_option_logits(self, task: LoadedTask | None, prompts: list[list[int]], options: list[list[list[int]]]):
+        """`option_logits` for multiple-choice items with a shared prompt: each prompt runs once and
+        its options continue from its KV cache (a prompt with k options costs one prompt plus k
+        options instead of k copies of the prompt). `options[b]` are prompt b's options; returns
+        (phi, theta, targets) flat over (prompt, option) pairs in order, as `option_logits` does."""
+        owner = [b for b, group in enumerate(options) for _ in group]
+        flat = [o for group in options for o in group]
+        n, m = len(prompts), len(flat)
+        with self.lock:
+            if task is None:
+                phi = theta = self._shared_logits(self.route, [BASE] * n, prompts, owner, flat)
+            elif task.kind == "lora":
+                both = self._shared_logits(self.route, [task.adapter_name] * n + [BASE] * n, prompts * 2,
+                                           owner + [n + b for b in owner], flat * 2)
+                phi, theta = both[:m], both[m:]
+            else:
+                theta = self._shared_logits(self.route, [BASE] * n, prompts, owner, flat)
+                if task.kind == "ia3":
+                    phi = self._shared_logits(lambda _names: task.phi_model, [BASE] * n, prompts, owner, flat)
+                else:
+                    phi = self._shared_logits(self.route, [BASE] * n, prompts, owner, flat, task.prefix)
+        return phi, theta, [torch.tensor(o) for o in flat]
+
+    def _shared_logits(self, forward_for, names: list[str], prompts, owner: list[int], options, prefix=None):
+        """Per option row r: logits [len(option), V] predicting its tokens, the prompt
+        `owner[r]` run once (with adapter names[owner[r]]) and the option fed on its cache."""
+        pad = self.tokenizer.pad_token_id
+        ids, mask = left_pad(prompts, pad)
+        kwargs = {"input_ids": ids}
+        if prefix is not None:
+            embed = self.model.get_input_embeddings()
+            kwargs = {"inputs_embeds": torch.cat([prefix.expand(len(prompts), -1, -1).to(embed.weight.dtype),
+                                                  embed(ids)], dim=1)}
+            mask = torch.cat([torch.ones(len(prompts), prefix.shape[0], dtype=mask.dtype), mask], dim=1)
+        positions = _positions(mask)
+        out = forward_for(names)(attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                 **kwargs)
+        first = out.logits[:, -1].float()                  # predicts each option's first token
+        cache = getattr(out, CACHE_KEY)
+        index = torch.tensor(owner, dtype=torch.long)
+        for layer in _cache_layers(cache):
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        # options right-padded: a row's padding comes after its tokens, so causality hides it
+        width = max(len(o) for o in options)
+        option_ids = torch.full((len(options), width), pad, dtype=torch.long)
+        option_mask = torch.zeros((len(options), width), dtype=torch.long)
+        for r, o in enumerate(options):
+            option_ids[r, :len(o)] = torch.tensor(o, dtype=torch.long)
+            option_mask[r, :len(o)] = 1
+        rest = forward_for([names[b] for b in owner])(
+            input_ids=option_ids, attention_mask=torch.cat([mask[index], option_mask], dim=1),
+            position_ids=positions[index, -1:] + 1 + torch.arange(width), use_cache=True, **{CACHE_KEY: cache})
+        logits = rest.logits.float()
+        return [torch.cat([first[b][None], logits[r, :len(o) - 1]]) for r, (b, o) in enumerate(zip(owner, options))]
+
     def _last_logits(self, forward, ids, mask, keep: int, prefix=None):
         kwargs = {"input_ids": ids}
         if prefix is not None:

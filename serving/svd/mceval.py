@@ -1,6 +1,8 @@
 """Multiple-choice evaluation of SVD (arXiv 2509.15888) against its warm start, counting every
 fallback. Scores come from teacher-forced logits of the adapted model (p_phi) and the base
-model (p_theta), one batch at a time (`SVDEngine.option_logits`).
+model (p_theta), one batch at a time (`SVDEngine.prompt_option_logits` for cloze: each prompt once,
+its options on its KV cache; `SVDEngine.option_logits` for letters); items of similar prompt
+length are batched together.
 
 Two formats (serving/svd/mcdata.py renders them):
   * "letter": one answer token decides. Under each decoder the option letters are ranked by
@@ -80,9 +82,9 @@ def evaluate(engine, task, items: list[MCItem], fmt: str, mus: dict[str, float],
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     tok = engine.tokenizer
     decoders = _decoders(mus, fmt)
-    correct = {d: [] for d in decoders}
+    correct = {d: np.zeros(len(items)) for d in decoders}
     fallbacks = {d: 0 for d in decoders}
-    mc2 = {d: [] for d in decoders} if true_options is not None else None
+    mc2 = {d: np.zeros(len(items)) for d in decoders} if true_options is not None else None
     neginf_all_masked = 0
 
     def rank(scores: list[float], allowed: list[int] | None) -> int:
@@ -95,23 +97,19 @@ def evaluate(engine, task, items: list[MCItem], fmt: str, mus: dict[str, float],
             letter_ids = [[tok(o, add_special_tokens=False).input_ids[-1] for o in item.options] for _, item in batch]
             prompts = [tok(item.prompt, add_special_tokens=False).input_ids for _, item in batch]
             phi, theta, _ = engine.option_logits(task, prompts, [ids[:1] for ids in letter_ids])
-            for row, (_, item) in enumerate(batch):
+            for row, (index, item) in enumerate(batch):
                 per = _letter_scores(phi[row][0], theta[row][0], letter_ids[row], mus, alpha)
                 warm = int(torch.argmax(per["warmstart"][0]))
                 for d in decoders:
                     scores, fell_back = per[d]
                     fallbacks[d] += int(fell_back)
                     choice = warm if fell_back else int(torch.argmax(scores))
-                    correct[d].append(choice == item.answer)
+                    correct[d][index] = choice == item.answer
             return
-        prompts, options, owner = [], [], []
-        for k, (_, item) in enumerate(batch):
-            ids = tok(item.prompt, add_special_tokens=False).input_ids
-            for option in item.options:
-                prompts.append(ids)
-                options.append(tok(option, add_special_tokens=False).input_ids)
-                owner.append(k)
-        phi, theta, targets = engine.option_logits(task, prompts, options)
+        # each prompt runs once, its options continue from its KV cache
+        prompts = [tok(item.prompt, add_special_tokens=False).input_ids for _, item in batch]
+        options = [[tok(option, add_special_tokens=False).input_ids for option in item.options] for _, item in batch]
+        phi, theta, targets = engine.prompt_option_logits(task, prompts, options)
         row = 0
         for k, (index, item) in enumerate(batch):
             per_option, would_mask = [], []
@@ -125,13 +123,16 @@ def evaluate(engine, task, items: list[MCItem], fmt: str, mus: dict[str, float],
             for d in decoders:
                 sums = [s[d] for s in per_option]
                 ranked = sums if allowed is not None else [v / max(1, len(o)) for v, o in zip(sums, item.options)]
-                correct[d].append(rank(ranked, allowed) == item.answer)
+                correct[d][index] = rank(ranked, allowed) == item.answer
                 if mc2 is not None:
                     p = np.exp(np.array(sums) - max(sums))
-                    mc2[d].append(float(p[list(true_options[index])].sum() / p.sum()))
+                    mc2[d][index] = float(p[list(true_options[index])].sum() / p.sum())
 
+    # items of similar prompt length share a batch (less left padding); results keep item order
+    order = sorted(range(len(items)), key=lambda i: len(tok(items[i].prompt, add_special_tokens=False).input_ids))
     batch, rows = [], 0
-    for index, item in enumerate(items):
+    for index in order:
+        item = items[index]
         batch.append((index, item))
         rows += 1 if fmt == "letter" else len(item.options)
         if rows >= batch_rows:
@@ -139,9 +140,9 @@ def evaluate(engine, task, items: list[MCItem], fmt: str, mus: dict[str, float],
             batch, rows = [], 0
     if batch:
         flush(batch)
-    out = {"correct": {d: np.array(v, dtype=float) for d, v in correct.items()}, "fallbacks": fallbacks,
+    out = {"correct": correct, "fallbacks": fallbacks,
            "neginf_all_masked": neginf_all_masked if fmt == "cloze" else None, "n": len(items)}
     if mc2 is not None:
-        out["mc2"] = {d: np.array(v) for d, v in mc2.items()}
+        out["mc2"] = mc2
     return out
 
