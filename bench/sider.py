@@ -16,13 +16,19 @@ Protocol (every protect runs through `SiderService` in this process, no HTTP):
 - dlib ResNet (the search optimizes it: WHITE-BOX) and LBPH (never seen by the search: held out):
   threshold at FAR 1 % fixed on the CLEAN gallery's impostor pairs, then TAR and FAR of protected
   probes at it; rank-1 over the gallery without the probe's own source photo;
-- people: Procrustes distance of re-detected 68-point landmarks to the source, against the spread
-  between obama's photos (lineup proxy: "another person" when beyond it), gradient-magnitude SSIM;
+- people: Procrustes distance of re-detected 68-point landmarks to the source and the lineup proxy's
+  decision (`--lineup-rule`: `calibrated` (default) = serving.sider.evaluation.LineupRule fitted on the
+  clean pairs that include a TUNING photo, never reported: points, pose allowance and threshold at the
+  equal-error point; `max_within_spread` = the part-1 rule, beyond the largest spread between obama's
+  photos); the proxy's own rates on the clean REPORTED pairs (same person / different people) are in
+  the JSON (`lineup_proxy`); gradient-magnitude SSIM;
 - naturalness: face-region high-frequency noise energy ratio and colour shift vs the original;
-- Pareto: a sweep of one morph fraction for all components (0 ... 1.5, no search) per probe and donor
-  rule (the default: farthest shape among donors of the subject's head pose; and of any pose), plus
-  the search's outcome at default settings; the lineup proxy is also run on the clean gallery's real
-  impostor pairs (how often two different people are "beyond the within-person spread");
+- Pareto: a sweep of the morph strength, no search: one fraction for all components (0 ... 1.5; above 1
+  goes past the donors' shape), the donor rule (pose-matched farthest = the default; any pose =
+  farther donors), the k-Same average (k = 1, 2, 4 donors) and the donor texture; per point dlib TAR,
+  held-out LBPH TAR, the lineup proxy's rate, the noise-energy ratio, and whether it is on the frontier
+  (no other point has both a higher dlib TAR and a higher lineup rate); plus the search's outcome at
+  default settings;
 - baselines on the same faces: blur (sigma 6), pixelate (10 px), and the old `classical` backend;
 - restore (right password) and wrong passwords at the server's real KDF cost.
 Writes bench/results/sider_rows*.jsonl, sider_pareto*.png, sider_grid*.png; prints the summary JSON last.
@@ -52,8 +58,20 @@ QUICK_PROBES = ("obama2", "t1_0")
 TUNING = ("astronaut", "obama")
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 # Pareto donor rules: the default (farthest shape among donors of the subject's head pose, mirrors
-# included) and the same without the pose gap (farthest shape of any pose: partly a head turn)
+# included) and the same without the pose gap (farthest shape of any pose: farther, partly a head turn)
 DONOR_RULES = {"pose_matched": [], "any_pose": ["morph.max_pose_gap=2.0"]}
+
+
+def sweep_grid(quick: bool) -> list[tuple[str, int, float, bool]]:
+    """(donor rule, k donors, fraction, texture) points of the Pareto sweep."""
+    if quick:
+        return [("pose_matched", 2, f, False) for f in (0.0, 0.5, 1.0, 1.5)] + \
+               [("pose_matched", 1, 1.5, False), ("any_pose", 1, 1.5, False)]
+    grid = [("pose_matched", 2, f, False) for f in SWEEP]                       # the default donors
+    grid += [("pose_matched", 2, f, True) for f in (0.5, 1.0, 1.5)]            # + donor texture
+    for rule, k in (("pose_matched", 1), ("pose_matched", 4), ("any_pose", 1), ("any_pose", 2)):
+        grid += [(rule, k, f, False) for f in (0.5, 1.0, 1.5)]                  # single / wider k-Same, farther
+    return grid
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -136,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--probes", default=None, help="comma-separated probe names (default: all 12)")
     parser.add_argument("--classical", type=int, default=None, help="probes also run with the classical "
                         "backend (3; quick 0)")
+    parser.add_argument("--lineup-rule", default="calibrated", choices=("calibrated", "max_within_spread"),
+                        help="the lineup proxy's decision rule (see the module docstring)")
     parser.add_argument("--onnx", default="", help="optional ONNX recognizer (ArcFace-style) as a 3rd evaluator")
     parser.add_argument("--set", action="append", default=[], help="SiderConfig override key=value")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -192,6 +212,32 @@ def main(argv=None) -> int:
     # the proxy's own calibration: how often two photos of DIFFERENT people are that far apart
     impostor_shape = [E.landmark_distance(feats[a]["landmarks"], feats[b]["landmarks"])
                       for i, a in enumerate(names) for b in names[i + 1:] if ids[a] != ids[b]]
+    # the lineup rule: calibrated on the clean pairs that include a tuning photo (never reported), then
+    # its rates on the clean pairs among the reported photos (the proxy's own ceiling and false alarms)
+    clean_pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    tune_pairs = [(a, b) for a, b in clean_pairs if a in TUNING or b in TUNING]
+    report_pairs = [(a, b) for a, b in clean_pairs if a not in TUNING and b not in TUNING]
+
+    def lm_pairs(pairs, same):
+        return [(feats[a]["landmarks"], feats[b]["landmarks"]) for a, b in pairs if (ids[a] == ids[b]) == same]
+    calibrated, calib_rates = E.LineupRule.calibrate(lm_pairs(tune_pairs, True), lm_pairs(tune_pairs, False))
+    fixed_rule = E.LineupRule.fixed(within)
+    lineup = calibrated if args.lineup_rule == "calibrated" else fixed_rule
+
+    def proxy_rates(rule):
+        same = [rule.score(a, b) for a, b in lm_pairs(report_pairs, True)]
+        diff = [rule.score(a, b) for a, b in lm_pairs(report_pairs, False)]
+        return {"same_person_other_rate": _r(_mean([x > rule.threshold for x in same])),
+                "different_person_other_rate": _r(_mean([x > rule.threshold for x in diff])),
+                "auc": _r(E.pair_auc(same, diff)), "same_pairs": len(same), "different_pairs": len(diff)}
+    lineup_proxy = {
+        "rule": args.lineup_rule, "points": lineup.points, "pose_slope": lineup.slope, "threshold": _r(lineup.threshold),
+        "calibration_on_tuning_pairs": calib_rates,
+        "unprotected_reported_pairs": proxy_rates(lineup),
+        "max_within_spread_rule_on_reported_pairs": proxy_rates(fixed_rule),
+        "note": "calibrated on clean pairs that include a tuning photo (obama.jpg, astronaut); rates on the "
+                "clean pairs among the reported photos: a proxy that tells people apart has a high "
+                "different_person_other_rate and a low same_person_other_rate"}
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +266,8 @@ def main(argv=None) -> int:
         crop = (slice(max(0, top - pad), bottom + pad), slice(max(0, left - pad), right + pad))
         row.update(found=True,
                    landmark_distance=E.landmark_distance(f["landmarks"], feats[src_name]["landmarks"]),
+                   lineup_score=lineup.score(f["landmarks"], feats[src_name]["landmarks"]),
+                   lineup_other=lineup.other_person(f["landmarks"], feats[src_name]["landmarks"]),
                    gradient_ssim=E.gradient_ssim(image[crop], src[crop]),
                    noise_ratio=E.noise_energy(image[crop]) / max(E.noise_energy(src[crop]), 1e-9),
                    colour_shift=float(np.abs(np.mean(image[crop].reshape(-1, 3), 0)
@@ -253,6 +301,9 @@ def main(argv=None) -> int:
                 rows.append({"method": "sider", "probe": probe, "seed": seed, "refused": str(exc)[:200]})
                 continue
             protect_s.append(time.perf_counter() - t0)
+            if not resp.get("published", True):      # refused (fail closed): 200, nothing published
+                rows.append({"method": "sider", "probe": probe, "seed": seed, "refused": resp["refused"]})
+                continue
             sample = resp["samples"][0]
             published = base64.b64decode(sample["image_b64"])
             image = from_png(published)
@@ -287,30 +338,31 @@ def main(argv=None) -> int:
             except Exception as exc:
                 rows.append({"method": "classical", "probe": probe, "refused": str(exc)[:200]})
                 continue
+            if not resp.get("published", True):
+                rows.append({"method": "classical", "probe": probe, "refused": resp["refused"]})
+                continue
             rows.append(evaluate("classical", probe, from_png(base64.b64decode(resp["samples"][0]["image_b64"])), {}))
 
-    # ---- Pareto: one global morph fraction for every component, no search, per donor rule (texture
-    # off; texture at its maximum for the default rule at 0.5 and 1.0); fractions above 1 go past the
-    # donors' shape
+    # ---- Pareto: the morph strength swept with no search (sweep_grid): one fraction for every
+    # component, the donor rule, k-Same k, the donor texture (at its maximum when on)
     from serving.sider.morph import MorphBackend
-    sweep = (0.0, 0.5, 1.0, 1.5) if quick else SWEEP
-    for rule, rule_set in DONOR_RULES.items():
-        mcfg = load_config(SiderConfig, overrides=overrides + rule_set + [f"morph.max_fraction={max(SWEEP)}"])
+    grid_points = sweep_grid(quick)
+    for rule, k in sorted({(r, k) for r, k, _, _ in grid_points}):
+        mcfg = load_config(SiderConfig, overrides=overrides + DONOR_RULES[rule]
+                           + [f"morph.max_fraction={max(SWEEP)}", f"morph.donors_k={k}"])
         backend = MorphBackend(mcfg.morph, faces, donors=svc.backend.donors, threshold=mcfg.faces.threshold)
         for probe in probes:
             src = photos[probe][1]
             face = faces.detect(src)[0]
             gen = backend.generator(src, head_region(face, src.shape, cfg.head_scale), 0, face=face)
-            if rule == "pose_matched":
-                grid_tex = [(f, False) for f in sweep] + [(0.5, True), (1.0, True)]
-            else:       # the comparison rule on a coarser grid (0 is the same image under every rule)
-                grid_tex = [(f, False) for f in sweep if f in (0.5, 1.0, 1.5)]
-            for frac, tex in grid_tex:
+            for r, kk, frac, tex in grid_points:
+                if (r, kk) != (rule, k):
+                    continue
                 top = mcfg.morph.max_fraction
                 logit = np.log(frac / (top - frac)) if 0 < frac < top else (-30.0 if frac <= 0 else 30.0)
                 theta = np.full(gen.dim, logit)
                 theta[-1] = 30.0 if tex else -30.0
-                rows.append(evaluate("sweep", probe, gen.render(theta), {"fraction": frac, "texture": tex,
+                rows.append(evaluate("sweep", probe, gen.render(theta), {"fraction": frac, "texture": tex, "k": k,
                                                                          "rule": rule, "donors": gen.donors}))
 
     # ---- wrong passwords at the real KDF cost
@@ -328,7 +380,7 @@ def main(argv=None) -> int:
         for r in rows:
             fh.write(json.dumps(r, default=_json) + "\n")
     save_grid(grid, out_dir / f"sider_grid{suffix}.png")
-    pareto = save_pareto(rows, thr, within, out_dir / f"sider_pareto{suffix}.png", within_median,
+    pareto = save_pareto(rows, thr, lineup, out_dir / f"sider_pareto{suffix}.png",
                          [r for r in rows if r.get("method") == "sider" and "refused" not in r])
 
     # ---- summary
@@ -352,7 +404,8 @@ def main(argv=None) -> int:
                 "impostor_far": _r(E.far_at(pairs(method, "dlib_impostor"), thr["dlib"])),
                 "heldout_impostor_far": _r(E.far_at(pairs(method, "lbph_impostor"), thr["lbph"])),
                 "dlib_rank1": _r(_mean(per(method, "dlib_rank1"))), "heldout_rank1": _r(_mean(per(method, "lbph_rank1"))),
-                "lineup_other_person_rate": _r(_mean([d > within for d in per(method, "landmark_distance")])),
+                "lineup_other_person_rate": _r(_mean(per(method, "lineup_other"))),
+                "lineup_rate_vs_max_within_spread": _r(_mean([d > within for d in per(method, "landmark_distance")])),
                 "lineup_rate_vs_median_spread": _r(_mean([d > within_median for d in per(method, "landmark_distance")])),
                 "landmark_distance_mean": _r(_mean(per(method, "landmark_distance"))),
                 "gradient_ssim_mean": _r(_mean(per(method, "gradient_ssim"))),
@@ -383,6 +436,7 @@ def main(argv=None) -> int:
                           "impostor_pairs": len(clean_imp["dlib"]), "genuine_pairs": len(clean_gen["dlib"])},
         "within_person_landmark_spread": {"max": _r(within), "median": _r(within_median),
                                            "pairs": [_r(x) for x in sorted(spread)]},
+        "lineup_proxy": lineup_proxy,
         "lineup_proxy_on_real_impostor_pairs": {
             "other_person_rate": _r(_mean([d > within for d in impostor_shape])),
             "rate_vs_median_spread": _r(_mean([d > within_median for d in impostor_shape])),
@@ -397,8 +451,8 @@ def main(argv=None) -> int:
         "cut_vs_issue": ("one identity (obama) has several photos, so the cross-photo genuine pairs are his; "
                          "others give same-photo pairs only; no no-reference quality score runs offline"
                          + "; 1 seed per probe (2+ with --seeds; the 15-min lock budget)"
-                         + "; Pareto: the any-pose donor rule on fractions 0.5/1.0/1.5 only"
-                         + ("; quick: 2 probes, 3 steps, no classical" if quick else f"; classical on {n_classical} probe(s)")),
+                         + "; Pareto: k = 1 and 4, the any-pose rule and the texture on fractions 0.5/1.0/1.5 only"
+                         + ("; quick: 2 probes, 3 steps, no classical, a 6-point sweep" if quick else f"; classical on {n_classical} probe(s)")),
         "wall_s": round(time.time() - t_start, 1), "loadavg_start": [round(x, 2) for x in load0],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
@@ -406,58 +460,56 @@ def main(argv=None) -> int:
     return 0
 
 
-def save_pareto(rows: list[dict], thr: dict, within: float, path: Path, within_median: float,
-                searched: list[dict]) -> list[dict]:
-    """Per donor rule and morph fraction (no search): face found, dlib distance and TAR, LBPH TAR,
-    landmark distance and the lineup rates; then the search's own outcomes (`searched`, the sider
-    rows) as one more point. Plotted: landmark distance (people) vs dlib distance (machines)."""
+def save_pareto(rows: list[dict], thr: dict, lineup, path: Path, searched: list[dict]) -> list[dict]:
+    """Per sweep point (donor rule, k, fraction, texture; no search) and for the search's own outcomes
+    (`searched`, the sider rows): face found, dlib distance to the source photo and cross-photo TAR
+    (white-box), held-out LBPH cross-photo TAR, the lineup proxy's rate (`lineup`), landmark distance,
+    the median face-region noise-energy ratio; `frontier` marks the points that no other point beats
+    on both dlib TAR and lineup rate. Plotted: lineup rate (people) vs dlib TAR (machines)."""
     def point(sel: list[dict], every: list[dict], **key) -> dict:
         cross = [d for r in sel for d in r["dlib_cross"]]
         lbph = [d for r in sel for d in r["lbph_cross"]]
         return {**key, "face_found_rate": _r(len(sel) / max(len(every), 1)),
                 "dlib_same_photo": _r(_mean([r["dlib_same_photo"] for r in sel])),
-                "dlib_same_photo_match_0.6": _r(_mean([r["dlib_same_photo"] < 0.6 for r in sel])),
-                "dlib_cross_tar_far1": _r(float(np.mean(np.array(cross) < thr["dlib"]))) if cross else None,
-                "lbph_cross_tar_far1": _r(float(np.mean(np.array(lbph) < thr["lbph"]))) if lbph else None,
+                "dlib_tar_at_far1": _r(float(np.mean(np.array(cross) < thr["dlib"]))) if cross else None,
+                "heldout_tar_at_far1": _r(float(np.mean(np.array(lbph) < thr["lbph"]))) if lbph else None,
+                "lineup_other_person_rate": _r(_mean([r["lineup_other"] for r in sel])),
                 "landmark_distance": _r(_mean([r["landmark_distance"] for r in sel])),
-                "lineup_other_person_rate": _r(_mean([r["landmark_distance"] > within for r in sel])),
-                "lineup_rate_vs_median_spread": _r(_mean([r["landmark_distance"] > within_median for r in sel]))}
+                "noise_energy_ratio": _r(float(np.median([r["noise_ratio"] for r in sel]))),
+                "genuine_cross_pairs": len(cross)}
 
+    sweep = [r for r in rows if r.get("method") == "sweep"]
     points = []
-    for rule in DONOR_RULES:
-        for tex in (False, True):
-            for frac in sorted({r["fraction"] for r in rows if r.get("method") == "sweep"}):
-                every = [r for r in rows if r.get("method") == "sweep" and r.get("rule") == rule
-                         and r["fraction"] == frac and r["texture"] == tex]
-                sel = [r for r in every if r.get("found")]
-                if sel:
-                    points.append(point(sel, every, rule=rule, fraction=frac, texture=tex))
+    for key in sorted({(r["rule"], r["k"], r["texture"], r["fraction"]) for r in sweep}):
+        every = [r for r in sweep if (r["rule"], r["k"], r["texture"], r["fraction"]) == key]
+        sel = [r for r in every if r.get("found")]
+        if sel:
+            points.append(point(sel, every, rule=key[0], k=key[1], texture=key[2], fraction=key[3]))
     done = [r for r in searched if r.get("found")]
     if done:
-        points.append(point(done, searched, rule="search (default settings)", fraction=None, texture=None))
+        points.append(point(done, searched, rule="search (default settings)", k=None, texture=None, fraction=None))
+    for p in points:
+        a, b = p["dlib_tar_at_far1"] or 0.0, p["lineup_other_person_rate"] or 0.0
+        p["frontier"] = not any((q["dlib_tar_at_far1"] or 0.0) >= a and (q["lineup_other_person_rate"] or 0.0) >= b
+                                and ((q["dlib_tar_at_far1"] or 0.0) > a or (q["lineup_other_person_rate"] or 0.0) > b)
+                                for q in points)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for rule in DONOR_RULES:
-            for tex, marker in ((False, "o"), (True, "s")):
-                pts = [p for p in points if p["rule"] == rule and p["texture"] == tex]
-                if not pts:
-                    continue
-                ax.plot([p["landmark_distance"] for p in pts], [p["dlib_same_photo"] for p in pts], marker=marker,
-                        label=f"{rule}, texture {'on' if tex else 'off'}")
-                for p in pts:
-                    ax.annotate(str(p["fraction"]), (p["landmark_distance"], p["dlib_same_photo"]), fontsize=7)
+        fig, ax = plt.subplots(figsize=(6.5, 4.8))
+        for series in sorted({(p["rule"], p["k"], p["texture"]) for p in points if p["fraction"] is not None}):
+            pts = sorted([p for p in points if (p["rule"], p["k"], p["texture"]) == series], key=lambda p: p["fraction"])
+            ax.plot([p["lineup_other_person_rate"] for p in pts], [p["dlib_tar_at_far1"] for p in pts],
+                    marker="s" if series[2] else "o", label=f"{series[0]}, k={series[1]}, texture {'on' if series[2] else 'off'}")
+            for p in pts:
+                ax.annotate(str(p["fraction"]), (p["lineup_other_person_rate"], p["dlib_tar_at_far1"]), fontsize=7)
         for p in points:
             if p["fraction"] is None:
-                ax.plot([p["landmark_distance"]], [p["dlib_same_photo"]], "k*", ms=12, label=p["rule"])
-        ax.axhline(0.6, ls="--", c="grey", lw=0.8)
-        ax.axvline(within, ls=":", c="red", lw=0.8, label="within-person spread (max)")
-        ax.axvline(within_median, ls=":", c="orange", lw=0.8, label="within-person spread (median)")
-        ax.set_xlabel("landmark Procrustes distance to the original (people)")
-        ax.set_ylabel("dlib distance to the original (machines)")
-        ax.legend(fontsize=7)
+                ax.plot([p["lineup_other_person_rate"]], [p["dlib_tar_at_far1"]], "k*", ms=12, label=p["rule"])
+        ax.set_xlabel(f"lineup proxy: 'another person' rate ({lineup.name} rule)")
+        ax.set_ylabel("dlib cross-photo TAR at FAR 1 % (white-box)")
+        ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

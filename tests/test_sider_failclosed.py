@@ -44,21 +44,16 @@ def service():
     return SiderService(load_config(SiderConfig, overrides=FAST))
 
 
-def _error(fn, *args, **kwargs):
-    from serving.sider.service import ApiError
-    with pytest.raises(ApiError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
 def test_group_photo_with_small_faces_is_refused_naming_them(service):
     group = _group(400)                       # six people, faces of 37-44 px: some under min_face_px
     faces, unhandled = service.find_faces(group)
     assert unhandled, "the small faces must be found (first pass under min_face_px or second pass)"
-    err = _error(service.protect, _png(group), PASSWORD)
-    assert (err.status, err.code) == (422, "unprotected_face")
+    out = service.protect(_png(group), PASSWORD)
+    assert out["published"] is False and out["samples"] == []        # nothing is published
+    assert out["refused"]["error"] == "unprotected_face"
     for box in unhandled:                     # the message names every face it could not handle
-        assert str(tuple(int(v) for v in box)) in str(err)
+        assert str(tuple(int(v) for v in box)) in out["refused"]["message"]
+        assert [int(v) for v in box] in out["refused"]["boxes"]
 
 
 def test_a_face_only_the_second_pass_finds_is_not_published(service):
@@ -93,8 +88,9 @@ def test_a_face_the_search_cannot_change_is_refused():
     from serving.sider.service import SiderService
     svc = SiderService(load_config(SiderConfig, overrides=FAST + ["search.min_change=1000"]))
     obama = np.asarray(Image.open(FACES / "obama2.jpg").convert("RGB").resize((267, 512)))
-    err = _error(svc.protect, _png(obama), PASSWORD)
-    assert (err.status, err.code) == (422, "unprotected_face") and "could not be changed" in str(err)
+    out = svc.protect(_png(obama), PASSWORD)
+    assert out["published"] is False and out["samples"] == []
+    assert out["refused"]["error"] == "unprotected_face" and "could not be changed" in out["refused"]["message"]
 
 
 def test_nfc_and_nfd_passwords_are_one_key(service):

@@ -194,3 +194,39 @@ def test_warps_give_no_map_for_coinciding_target_points():
     same = pts.copy()
     same[1] = same[0]                                  # two targets on one spot (clipped landmarks)
     assert M.thin_plate_map(pts, same, 90, 110) is None
+
+
+def test_lineup_rule_calibrates_to_the_equal_error_point_and_allows_for_a_head_turn():
+    rng = np.random.default_rng(3)
+    base = _face68()
+
+    def person(k):       # another person: a fixed change of the inner face's shape
+        p = base.copy()
+        p[17:68] += np.random.default_rng(100 + k).normal(0, 3.0, (51, 2))
+        return p
+
+    def photo(p, turn=0.0):   # another photo: landmark noise and a head turn
+        q = p.copy() + rng.normal(0, 0.4, p.shape)
+        q[27:68, 0] += turn
+        return q
+
+    people = [person(k) for k in range(4)]
+    same = [(photo(p), photo(p, turn=t)) for p in people for t in (0.0, 4.0, -4.0)]
+    different = [(photo(a), photo(b)) for i, a in enumerate(people) for b in people[i + 1:]]
+    rule, rates = E.LineupRule.calibrate(same, different)
+    assert rule.name == "calibrated" and rule.points in E.LINEUP_POINTS and rule.slope in (0.0, 0.1, 0.2, 0.3)
+    assert rates["auc"] > 0.9 and rates["same_pairs"] == 12 and rates["different_pairs"] == 6
+    assert rates["same_person_other_rate"] <= 0.2 and rates["different_person_other_rate"] >= 0.8
+    assert rule.other_person(*different[0]) and not rule.other_person(*same[0])
+    # the pose allowance: the same landmark change counts less when the heads are turned differently
+    turned = E.LineupRule("t", "all68", 0.3, 0.05)
+    a, b = people[0], people[1].copy()
+    b_turned = b.copy()
+    b_turned[27:68, 0] += 8.0
+    assert turned.score(a, b_turned) < E.landmark_distance(a, b_turned)
+    fixed = E.LineupRule.fixed(0.3)
+    assert (fixed.points, fixed.slope, fixed.threshold) == ("all68", 0.0, 0.3)
+    assert not fixed.other_person(base, base)
+    with pytest.raises(Exception, match="same-person and different-person"):
+        E.LineupRule.calibrate([], different)
+    assert E.pair_auc([0.1, 0.2], [0.3, 0.4]) == 1.0 and E.pair_auc([0.3], [0.3]) == 0.5

@@ -161,21 +161,22 @@ def test_service_input_checks(service):
     assert status(service.decode_image, huge) == (413, "too_large")
     assert status(service.protect, png, "") == (422, "invalid_password")
     assert status(service.protect, png, "x" * 2000) == (422, "invalid_password")
-    assert status(service.protect, png, "password123") == (422, "weak_password")          # 11 bytes
-    assert status(service.protect, png, "aaaaaaaaaaaaaaaaaaaa") == (422, "weak_password")   # low entropy
-    assert status(service.protect, _png(np.full((128, 128, 3), 90, np.uint8)), STRONG) == \
-        (422, "no_face_detected")
+    assert status(service.protect, png, "password123") == (422, "invalid_password")        # 11 characters
     assert status(service.protect, png, STRONG, 9) == (422, "invalid_request")
+    # content the schema cannot describe: 200, nothing published, the reason named
+    weak = service.protect(png, "aaaaaaaaaaaaaaaaaaaa")                                      # low entropy
+    assert (weak["published"], weak["samples"], weak["refused"]["error"]) == (False, [], "weak_password")
+    blank = service.protect(_png(np.full((128, 128, 3), 90, np.uint8)), STRONG)
+    assert (blank["published"], blank["refused"]["error"]) == (False, "no_face_detected")
 
 
 def test_many_faces_are_refused(service):
     face = data.astronaut()[30:230, 120:320]
     tiled = np.concatenate([np.concatenate([face] * 3, axis=1)] * 2, axis=0)   # 6 faces
     assert len(service.faces.detect(tiled)) > service.cfg.faces.max_faces
-    from serving.sider.service import ApiError
-    with pytest.raises(ApiError) as info:
-        service.protect(_png(tiled), STRONG)
-    assert (info.value.status, info.value.code) == (422, "too_many_faces")
+    out = service.protect(_png(tiled), STRONG)
+    assert out["published"] is False and out["samples"] == [] and out["refused"]["error"] == "too_many_faces"
+    assert len(out["refused"]["boxes"]) > service.cfg.faces.max_faces
 
 
 def test_app_builder_args_and_serve_deploy_config():

@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -35,16 +36,21 @@ from serving.sider.config import SiderConfig
 from serving.sider.service import ApiError, SiderService, restore_failed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# exactly what base64.b64decode(validate=True) accepts (standard alphabet, padded to 4), stated in the
+# schema as the pattern of every *_b64 field so that a schema-valid string always decodes
+B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 log = logging.getLogger("ray.serve")
 
 
 class ProtectJson(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_b64: str = Field(min_length=1, description="PNG/JPEG/WebP file, base64; at least 64x64 px, at most limits.max_side "
-                           "per side; every face in it must be protectable (else 422 unprotected_face)")
-    password: str = Field(min_length=1, description="passphrase: at least crypto.min_password_bytes (12) UTF-8 "
-                          "bytes and crypto.min_password_bits (40) estimated bits, NFC-normalized; only "
-                          "sent in the body, never logged")
+                           "per side. An image that cannot be used (does not decode, no face, a face that "
+                           "cannot be protected) gets 200 with published=false and `refused` naming why")
+    password: str = Field(min_length=1, description="passphrase: crypto.min_password_bytes (12) to "
+                          "crypto.max_password_bytes/4 (256) characters, NFC-normalized; only sent in the body, "
+                          "never logged. One whose estimated entropy is under crypto.min_password_bits (40) "
+                          "gets 200 with published=false, refused.error=weak_password")
     n_samples: int = Field(1, ge=1, le=16, description="diverse protected samples (seeds seed, seed+7919, ...); "
                            "at most limits.max_samples")
     gamma: float | None = Field(None, ge=0, le=1, description="semantic-visual balancing factor")
@@ -64,8 +70,9 @@ class RestoreJson(BaseModel):
 
 class VerifyJson(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    image_a_b64: str = Field(min_length=1, description="PNG/JPEG/WebP, base64, at least 64x64 px, with a detectable face")
-    image_b_b64: str = Field(min_length=1, description="PNG/JPEG/WebP, base64, at least 64x64 px, with a detectable face")
+    image_a_b64: str = Field(min_length=1, description="PNG/JPEG/WebP, base64; an image that cannot be used "
+                             "(does not decode, under 64x64 px, no face) gives comparable=false")
+    image_b_b64: str = Field(min_length=1, description="as image_a_b64")
 
 
 def _multipart_schema(fields: dict, files: tuple, required: tuple = ()) -> dict:
@@ -92,8 +99,9 @@ _PROTECT_FORM = {"password": {"type": "string", "minLength": 1},
 _ERRORS = {status: {"description": text, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}}}}
     for status, text in ((403, "restore failed (every failure: one answer)"), (413, "too large"),
-                         (415, "unsupported format"), (422, "bad input, no face, a face that cannot be "
-                                                               "protected, or a weak passphrase"),
+                         (415, "not JSON or multipart"), (422, "the request breaks a rule this schema "
+                                                                "states (a field missing, out of range, "
+                                                                "too short or long, not base64)"),
                          (429, "too many password operations in progress"))}
 
 api = FastAPI(title="SIDeR", version="sider/1",
@@ -164,37 +172,62 @@ def _parse(model: type[BaseModel], fields: dict, files: tuple) -> dict:
         where = ", ".join(".".join(map(str, e["loc"])) + ": " + e["msg"] for e in exc.errors()[:3])
         raise ApiError(422, "invalid_request", f"invalid request ({where})") from None
     for key in files:
+        value = parsed.pop(f"{key}_b64")
         try:
-            parsed[key] = base64.b64decode(parsed.pop(f"{key}_b64"), validate=True)
+            if not re.fullmatch(B64_PATTERN, value):
+                raise ValueError
+            parsed[key] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(422, "invalid_image", f"{key}_b64 is not valid base64") from None
+            raise ApiError(422, "invalid_image", f"{key}_b64 is not valid base64 (padded, standard "
+                                                 f"alphabet)") from None
     return parsed
 
 
 def declare_limits(schema: dict, cfg: SiderConfig) -> dict:
-    """The OpenAPI schema with this deployment's own limits (so a request the schema calls valid is
-    not refused for a limit it did not state): n_samples <= limits.max_samples, protect passphrases
-    of at least crypto.min_password_bytes characters (UTF-8 has at least as many bytes), and the
-    image requirements a JSON Schema cannot state (at least 64x64 px, at most limits.max_side, the
-    formats, a detectable face) in x-sider-image and the field descriptions."""
+    """The OpenAPI schema with this deployment's own limits, so that every request the schema calls
+    valid is accepted (2xx; /restore: 403 for a failed restore) and every one it calls invalid is a
+    4xx: n_samples <= limits.max_samples; passwords of 1 (restore) or crypto.min_password_bytes
+    (protect) to crypto.max_password_bytes // 4 characters (the service counts characters, so the
+    rule is the schema's); image parts of at most limits.max_image_bytes (base64 in JSON, declared
+    with contentEncoding). What a JSON Schema cannot state -- an image's pixel size, format and
+    content, a passphrase's estimated entropy -- is not a 4xx: /protect answers 200 with
+    published=false and `refused`, /verify 200 with comparable=false (service module docstring); it
+    is also described in each operation's description and its x-sider-image extension."""
     image = {"min_side_px": 64, "max_side_px": cfg.limits.max_side, "max_bytes": cfg.limits.max_image_bytes,
-             "formats": list(cfg.limits.formats), "needs_face": True}
+             "formats": list(cfg.limits.formats), "needs_face": True,
+             "else": {"/protect": "200 published=false, refused", "/verify": "200 comparable=false, problems",
+                      "/restore": "403 restore_failed"}}
+    b64_max = 4 * -(-cfg.limits.max_image_bytes // 3)
+    pw_max = max(2, cfg.crypto.max_password_bytes // 4)
     paths = schema.get("paths", {})
-    content = paths.get("/protect", {}).get("post", {}).get("requestBody", {}).get("content", {})
-    for body in content.values():                   # the JSON and the multipart form alike
-        props = body.get("schema", {}).get("properties", {})
-        if "n_samples" in props:
-            props["n_samples"]["maximum"] = cfg.limits.max_samples
-        if "password" in props:
-            props["password"]["minLength"] = max(1, cfg.crypto.min_password_bytes)
     for route in ("/protect", "/restore", "/verify"):
         op = paths.get(route, {}).get("post")
-        if op is not None:
-            op["x-sider-image"] = image
-            op.setdefault("description", "")
-            op["description"] = (op["description"] + f" Images: PNG/JPEG/WebP, 64 to {cfg.limits.max_side} px per "
-                                 f"side, at most {cfg.limits.max_image_bytes} bytes"
-                                 + (", with a detectable face (else 422)." if route != "/restore" else ".")).strip()
+        if op is None:
+            continue
+        for media, body in op.get("requestBody", {}).get("content", {}).items():   # the JSON and the form
+            props = body.get("schema", {}).get("properties", {})
+            if "n_samples" in props:
+                props["n_samples"]["maximum"] = cfg.limits.max_samples
+            if "password" in props:
+                props["password"]["minLength"] = max(1, cfg.crypto.min_password_bytes) if route == "/protect" else 1
+                props["password"]["maxLength"] = pw_max
+            for name, prop in props.items():
+                if media == "application/json" and name.endswith("_b64"):
+                    prop.update(contentEncoding="base64", pattern=B64_PATTERN, maxLength=b64_max)
+                elif prop.get("format") == "binary":
+                    prop["maxLength"] = cfg.limits.max_image_bytes
+        op["x-sider-image"] = image
+        op["description"] = (op.get("description", "") + f" Images: PNG/JPEG/WebP, 64 to {cfg.limits.max_side} px "
+                             f"per side, at most {cfg.limits.max_image_bytes} bytes. " + {
+                                 "/protect": "A schema-valid request whose content cannot be protected (the image "
+                                             "does not decode or has no face, a face cannot be protected, too "
+                                             "many faces, a weak passphrase) gets 200 with published=false, no "
+                                             "samples and `refused` naming the reason and the boxes: nothing is "
+                                             "published.",
+                                 "/verify": "An image that cannot be used (does not decode, under 64 px, no "
+                                            "face) gives 200 with comparable=false and `problems` per image.",
+                                 "/restore": "Every failure, an unusable image included, is the same 403."}[route]
+                             ).strip()
     return schema
 
 

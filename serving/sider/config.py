@@ -34,7 +34,8 @@ class FacesConfig:
                               "second pass (0 = off; ~2-9 s on 2 CPU cores at 384 px)", ge=0, le=2048)
     unprotected: str = param("refuse", "a face found by either pass that cannot be protected (too small, "
                              "not matched by the first pass, or the search could not change it): refuse = "
-                             "422 unprotected_face naming its box, nothing published; blur = pixelate it "
+                             "nothing published, 200 with published=false and refused.error="
+                             "unprotected_face naming its box; blur = pixelate it "
                              "(restorable with the rest)", choices=("refuse", "blur"))
     evaluator_view: str = param("chip5_pad25", "view used by /verify and reported identity_distance "
                                 "(the standard face_recognition pipeline)", choices=VIEWS)
@@ -126,12 +127,18 @@ class MorphConfig:
 class DiffusionConfig:
     """Diffusion backend (GPU): DDIM inversion of the head crop in a VAE latent, then recomposition
     along a low-dimensional latent offset found by the same momentum search."""
-    weights_dir: str = param("", "local diffusers folder with vae/ (AutoencoderKL), unet/ (UNet2DModel "
-                                 "over latents) and scheduler/ (DDIM); required when backend=diffusion")
+    weights_dir: str = param("", "local diffusers folder with vae/ (AutoencoderKL) or vqvae/ (VQModel, e.g. "
+                                 "CompVis/ldm-celebahq-256), unet/ (UNet2DModel over latents) and scheduler/ "
+                                 "(DDIM); required when backend=diffusion")
     resolution: int = param(256, "head crop side fed to the VAE", ge=16, le=1024)
     inversion_steps: int = param(20, "DDIM steps of the inversion / regeneration", ge=1, le=200)
     strength: float = param(0.5, "fraction of the schedule inverted (0 = no change, 1 = pure noise)", gt=0, le=1)
-    latent_directions: int = param(16, "seeded random latent directions the search moves along", ge=1, le=256)
+    latent_directions: int = param(16, "latent directions the search moves along", ge=1, le=256)
+    directions: str = param("identity", "how the directions are chosen: identity = the latent_directions of "
+                            "direction_candidates x as many seeded candidates along which the evaluator's "
+                            "identity distance grows least per unit of visual change (OUR RULE); random = "
+                            "seeded random directions", choices=("identity", "random"))
+    direction_candidates: int = param(4, "identity directions: candidates drawn per kept direction", ge=1, le=16)
     latent_amplitude: float = param(1.0, "max offset along each direction (latent std units)", gt=0)
     device: str = param("cuda", "torch device, e.g. cuda, cuda:1, cpu")
     dtype: str = param("float16", "torch dtype of the models", choices=("float16", "bfloat16", "float32"))
@@ -145,16 +152,20 @@ class CryptoConfig:
     argon2_memory_kib: int = param(65536, "Argon2id memory cost in KiB", ge=8192, le=1048576)
     argon2_iterations: int = param(3, "Argon2id passes", ge=1, le=10)
     scrypt_log2_n: int = param(15, "scrypt cost n = 2**this", ge=10, le=20)
-    min_password_bytes: int = param(12, "protect: shorter passphrases are a 422 weak_password", ge=1)
+    min_password_bytes: int = param(12, "protect: passphrases of fewer characters (Unicode code points as sent, so "
+                                    "at least this many UTF-8 bytes; the schema's minLength) are a 422 "
+                                    "invalid_password", ge=1)
     min_password_bits: float = param(40.0, "protect: passphrases whose estimated entropy (crypto."
                                      "estimate_entropy_bits, a crude character-class estimate; OUR "
-                                     "policy) is below this are a 422 weak_password", ge=0)
+                                     "policy) is below this are refused: 200, published=false, "
+                                     "refused.error=weak_password (JSON Schema cannot state it)", ge=0)
     pepper_file: str = param("", "optional server-side pepper: a file of >= 16 secret bytes the deployment "
                              "holds; the key becomes HMAC(pepper, KDF(password)), so a leaked image cannot "
                              "be attacked offline, but restoring needs this server (or the file)")
     max_concurrent_kdf: int = param(2, "KDF runs at once per replica (each holds its memory cost)", ge=1, le=64)
     kdf_wait_s: float = param(30.0, "a request waiting longer than this for a KDF slot gets 429", gt=0)
-    max_password_bytes: int = param(1024, "longer passwords are a 422", ge=8, le=65536)
+    max_password_bytes: int = param(1024, "passwords of more than this // 4 characters (so at most this "
+                                    "many UTF-8 bytes; the schema's maxLength) are a 422", ge=8, le=65536)
 
 
 @dataclass
@@ -189,7 +200,7 @@ class SiderConfig:
     def validate(self) -> None:
         if self.backend == "diffusion" and not self.diffusion.weights_dir:
             raise UserError("sider.backend=diffusion needs sider.diffusion.weights_dir: a local diffusers "
-                            "folder with vae/, unet/ and scheduler/")
+                            "folder with vae/ (or vqvae/), unet/ and scheduler/")
         if self.search.identity_margin >= self.faces.threshold:
             raise UserError(f"sider.search.identity_margin={self.search.identity_margin} must be below "
                             f"sider.faces.threshold={self.faces.threshold}")

@@ -1,16 +1,24 @@
 """Diffusion backend: semantic recomposition of the head in a VAE latent (GPU; any device works).
 
 OUR RECONSTRUCTION of SIDeR's generator (the paper names momentum-based latent optimization and
-semantic guidance but not the backbone): the head crop is encoded by an AutoencoderKL, DDIM-inverted
-to `strength` of the schedule with an unconditional latent UNet2DModel, shifted along a seeded
+semantic guidance but not the backbone): the head crop is encoded by the autoencoder, DDIM-inverted
+to `strength` of the schedule with an unconditional latent UNet2DModel, shifted along a
 low-dimensional set of latent directions (theta = the coordinates, tanh-bounded), regenerated with
 deterministic DDIM and decoded. The same momentum search as the CPU backend (anonymize.py) drives
 theta, so the identity ensemble and gamma work identically; the recomposition through the
 denoiser is what keeps the result on the model's image manifold (the "semantic" part).
 
+Edit directions (`diffusion.directions`): `identity` (default) draws `direction_candidates` x k seeded
+latent directions, renders each at full amplitude, and keeps the k along which the evaluator's dlib
+identity distance grows least per unit of visual change (1 - SSIM of the head crop): directions the
+identity objective is blind to, so the search spends its budget on appearance, not on fighting the
+recognizer (OUR RULE). `random` = the k seeded directions as drawn (the part-1 rule).
+
 Weights come only from a local folder (`sider.diffusion.weights_dir`) in diffusers layout:
-    vae/ (AutoencoderKL)   unet/ (UNet2DModel over the VAE latents)   scheduler/ (DDIMScheduler)
-No hub access. Tests build a tiny random model of that layout from a config.
+    vae/ (AutoencoderKL) or vqvae/ (VQModel)   unet/ (UNet2DModel over the latents)   scheduler/ (DDIM)
+`vqvae/ + unet/ + scheduler/` is the layout of the public face LDM CompVis/ldm-celebahq-256 (VQ
+autoencoder, latents used unscaled as in diffusers' LDMPipeline); `vae/` the KL layout (latents times
+the VAE's scaling_factor). No hub access. Tests build tiny random models of both layouts.
 """
 
 from __future__ import annotations
@@ -31,20 +39,24 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 class DiffusionBackend:
     name = "diffusion"
 
-    def __init__(self, cfg: DiffusionConfig):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+    def __init__(self, cfg: DiffusionConfig, faces=None):
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
 
         root = Path(cfg.weights_dir)
-        missing = [sub for sub in ("vae", "unet", "scheduler") if not (root / sub).is_dir()]
+        auto = "vqvae" if (root / "vqvae").is_dir() and not (root / "vae").is_dir() else "vae"
+        missing = [sub for sub in (auto, "unet", "scheduler") if not (root / sub).is_dir()]
         if missing:
             raise UserError(f"sider.diffusion.weights_dir={cfg.weights_dir!r} lacks {', '.join(missing)}/; "
-                            f"it must be a local diffusers folder with vae/, unet/ and scheduler/")
+                            f"it must be a local diffusers folder with vae/ (or vqvae/), unet/ and scheduler/")
+        if cfg.directions == "identity" and faces is None:
+            raise UserError("sider.diffusion.directions=identity needs the face stack (the identity evaluator)")
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"sider.diffusion.device={cfg.device!r} but no CUDA GPU is visible; "
                             f"set sider.diffusion.device=cpu (slow) or use backend=classical")
-        self.cfg = cfg
+        self.cfg, self.faces, self.kind = cfg, faces, auto
         self.device, self.dtype = torch.device(cfg.device), _DTYPES[cfg.dtype]
-        self.vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=self.dtype).to(self.device).eval()
+        model = VQModel if auto == "vqvae" else AutoencoderKL
+        self.vae = model.from_pretrained(root / auto, torch_dtype=self.dtype).to(self.device).eval()
         self.unet = UNet2DModel.from_pretrained(root / "unet", torch_dtype=self.dtype).to(self.device).eval()
         scheduler = DDIMScheduler.from_pretrained(root / "scheduler")
         self.alphas = scheduler.alphas_cumprod.to(torch.float32)
@@ -52,10 +64,16 @@ class DiffusionBackend:
         n_edit = max(1, round(cfg.inversion_steps * cfg.strength))
         stride = train_steps // cfg.inversion_steps
         self.timesteps = [i * stride for i in range(n_edit)]  # ascending: the inversion order
-        self.scale = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        self.scale = 1.0 if auto == "vqvae" else float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "vqvae":
+            return self.vae.encode(x.to(self.device, self.dtype)).latents.float()
+        return self.vae.encode(x.to(self.device, self.dtype)).latent_dist.mean.float()
 
     def generator(self, image: np.ndarray, region: Region, seed: int, face=None) -> "DiffusionGenerator":
-        return DiffusionGenerator(self, image, region, np.random.default_rng(seed))
+        return DiffusionGenerator(self, image, region, np.random.default_rng(seed), face)
 
     @torch.no_grad()
     def _eps(self, latent: torch.Tensor, t: int) -> torch.Tensor:
@@ -88,7 +106,8 @@ def _ddim_move(latent: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha
 
 
 class DiffusionGenerator:
-    def __init__(self, backend: DiffusionBackend, image: np.ndarray, region: Region, rng: np.random.Generator):
+    def __init__(self, backend: DiffusionBackend, image: np.ndarray, region: Region, rng: np.random.Generator,
+                 face=None):
         self.b, self.image, self.region = backend, image, region
         crop = torch.from_numpy(image[region.slices].astype(np.float32)).permute(2, 0, 1)[None]
         self.crop = crop
@@ -96,20 +115,51 @@ class DiffusionGenerator:
         self.mask = torch.from_numpy(region.mask()).permute(2, 0, 1)[None]
         side = backend.cfg.resolution
         x = F.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False) / 127.5 - 1
-        with torch.no_grad():
-            latent = backend.vae.encode(x.to(backend.device, backend.dtype)).latent_dist.mean.float()
-        self.noised = backend.invert(latent * backend.scale)
+        self.noised = backend.invert(backend.encode(x) * backend.scale)
         k = backend.cfg.latent_directions
-        directions = torch.from_numpy(rng.standard_normal((k, *self.noised.shape[1:])).astype(np.float32))
+        n = k * (backend.cfg.direction_candidates if backend.cfg.directions == "identity" else 1)
+        directions = torch.from_numpy(rng.standard_normal((n, *self.noised.shape[1:])).astype(np.float32))
         self.directions = (directions * self.noised.std().cpu()).to(backend.device)
         self.dim = k
+        self.direction_scores: list[float] = []
+        if backend.cfg.directions == "identity":
+            self._keep_identity_blind_directions(face, k)
+
+    def _keep_identity_blind_directions(self, face, k: int) -> None:
+        """Score every candidate direction by the evaluator's identity distance per unit of visual
+        change when rendered at full amplitude (a lost face scores inf), keep the k lowest."""
+        from serving.sider.anonymize import ssim
+
+        faces = self.b.faces
+        reference = (faces.embeddings(self.image, face, [faces.cfg.evaluator_view])[0] if face is not None
+                     else faces.identity(self.image)[1])
+        all_dirs, scores = self.directions, []
+        crop = self.image[self.region.slices]
+        for i in range(len(all_dirs)):
+            self.directions = all_dirs[i:i + 1]
+            rendered = self._render_coords(torch.ones(1, device=self.b.device) * self.b.cfg.latent_amplitude)
+            change = 1.0 - ssim(rendered[self.region.slices], crop)
+            found = faces.detect(rendered)
+            if not found or change <= 1e-6:
+                scores.append(float("inf"))
+                continue
+            emb = faces.embeddings(rendered, found[0], [faces.cfg.evaluator_view])[0]
+            scores.append(float(np.linalg.norm(emb - reference)) / change)
+        order = np.argsort(scores, kind="stable")[:k]
+        self.directions = all_dirs[torch.from_numpy(np.sort(order)).to(all_dirs.device)]
+        self.direction_scores = [scores[i] for i in np.sort(order)]
+        self.candidate_scores = scores
 
     def initial(self, rng: np.random.Generator) -> np.ndarray:
         return rng.normal(0.0, 0.05, self.dim)
 
     def render(self, theta: np.ndarray) -> np.ndarray:
         b = self.b
-        coords = torch.from_numpy(np.tanh(theta).astype(np.float32)).to(b.device) * b.cfg.latent_amplitude
+        return self._render_coords(torch.from_numpy(np.tanh(theta).astype(np.float32)).to(b.device)
+                                   * b.cfg.latent_amplitude)
+
+    def _render_coords(self, coords: torch.Tensor) -> np.ndarray:
+        b = self.b
         latent = self.noised + (coords[:, None, None, None] * self.directions).sum(0, keepdim=True)
         with torch.no_grad():
             clean = b.regenerate(latent) / b.scale

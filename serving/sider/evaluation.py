@@ -13,6 +13,13 @@ and build the rest from scratch:
   distance of re-detected 68-point landmarks; a lineup says "another person" when it exceeds the
   spread between photos of one person) and `gradient_ssim` (SSIM of gradient magnitudes:
   structure, not colour).
+- `LineupRule`: the lineup proxy's decision, "another person" when the landmark distance exceeds
+  `threshold + slope * |pose gap|` (pose gap = difference of `morph.pose_asymmetry`, a head-turn
+  proxy: a turned head moves the landmarks without being another person). OUR RULE: the points
+  (all 68 or the inner 51), the slope and the threshold are calibrated by `LineupRule.calibrate` on
+  same-person and different-person pairs of photos that are never reported (the equal-error point:
+  the fewest of the worse of the two error rates). `LineupRule.fixed` is the part-1 rule (beyond the
+  largest within-person spread, no pose allowance).
 - Naturalness: `noise_energy` (high-frequency energy, grey minus its Gaussian blur at sigma 1) and
   `colour_stats` of a face region.
 - Pair metrics: `threshold_at_far`, `tar_at`, `far_at`, `rank1`.
@@ -21,6 +28,7 @@ All pure numpy/skimage; the chips come from the caller (the face stack aligns th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +112,66 @@ class OnnxMatcher:
 def landmark_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Procrustes shape distance of two 68-point landmark sets (position, scale, rotation removed)."""
     return procrustes_distance(np.asarray(a, float), np.asarray(b, float))
+
+
+LINEUP_POINTS = {"all68": tuple(range(68)), "inner": tuple(range(17, 68))}
+
+
+@dataclass(frozen=True)
+class LineupRule:
+    """Lineup proxy decision (see the module docstring): a pair of faces is "another person" when
+    `landmark_distance` on `points` exceeds `threshold + slope * |pose gap|`."""
+    name: str
+    points: str
+    slope: float
+    threshold: float
+
+    def score(self, a: np.ndarray, b: np.ndarray) -> float:
+        from serving.sider.morph import pose_asymmetry
+        idx = list(LINEUP_POINTS[self.points])
+        gap = abs(pose_asymmetry(np.asarray(a, float)) - pose_asymmetry(np.asarray(b, float)))
+        return landmark_distance(np.asarray(a, float)[idx], np.asarray(b, float)[idx]) - self.slope * gap
+
+    def other_person(self, a: np.ndarray, b: np.ndarray) -> bool:
+        return self.score(a, b) > self.threshold
+
+    @classmethod
+    def fixed(cls, threshold: float) -> "LineupRule":
+        """The part-1 rule: beyond a given within-person spread, all 68 points, no pose allowance."""
+        return cls("max_within_spread", "all68", 0.0, float(threshold))
+
+    @classmethod
+    def calibrate(cls, same: list[tuple[np.ndarray, np.ndarray]], different: list[tuple[np.ndarray, np.ndarray]],
+                  slopes=(0.0, 0.1, 0.2, 0.3), points=("all68", "inner")) -> tuple["LineupRule", dict]:
+        """Pick points and slope by the best separation (AUC) of same- vs different-person pairs
+        (ties: the smaller slope, then all68), then the threshold at the equal-error point. Returns the
+        rule and its rates on the calibration pairs. Needs at least one pair of each kind."""
+        if not same or not different:
+            raise UserError("the lineup calibration needs same-person and different-person pairs")
+        best = None
+        for pts in points:
+            for slope in slopes:
+                probe = cls("calibrated", pts, slope, 0.0)
+                g = np.array([probe.score(a, b) for a, b in same])
+                d = np.array([probe.score(a, b) for a, b in different])
+                auc = pair_auc(g, d)
+                if best is None or auc > best[0] + 1e-12:
+                    best = (auc, pts, slope, g, d)
+        auc, pts, slope, g, d = best
+        cands = np.sort(np.concatenate([g, d]))
+        thr = float(min(cands, key=lambda t: (max(np.mean(g > t), np.mean(d <= t)), t)))
+        rule = cls("calibrated", pts, slope, thr)
+        return rule, {"auc": round(float(auc), 4), "same_person_other_rate": round(float(np.mean(g > thr)), 4),
+                      "different_person_other_rate": round(float(np.mean(d > thr)), 4),
+                      "same_pairs": len(g), "different_pairs": len(d)}
+
+
+def pair_auc(same_scores, different_scores) -> float:
+    """P(a different-person pair scores higher than a same-person pair), ties half."""
+    g, d = np.asarray(same_scores, float), np.asarray(different_scores, float)
+    if not len(g) or not len(d):
+        return float("nan")
+    return float(np.mean((d[:, None] > g[None, :]) + 0.5 * (d[:, None] == g[None, :])))
 
 
 def gradient_ssim(a: np.ndarray, b: np.ndarray) -> float:

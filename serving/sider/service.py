@@ -3,6 +3,16 @@
 `SiderService` holds the face models and the backend (loaded once, one per Serve replica) and
 raises `ApiError` (status + short code + message) for every bad input; the HTTP layer only maps
 it to JSON. The password is only ever passed to the KDF: it is never logged, stored or returned.
+
+Status rule (so the OpenAPI schema tells the truth, and `schemathesis run` with its default checks
+passes without allowances): a request that breaks a rule the schema states (a field missing, out of
+range, too short or too long, not base64, another media type) is a 4xx; a schema-valid request whose
+CONTENT cannot be used -- an image that does not decode, is not PNG/JPEG/WebP, is under 64 px or
+shows no face; on /protect also a face that cannot be protected, too many faces, a passphrase the
+entropy policy rejects, a token that does not fit -- gets 200 with a body that says so: /protect
+`published: false`, no samples, `refused: {error, message, boxes}` (nothing is published: fail
+closed); /verify `comparable: false` with `problems` per image. 413 stays for the size limits
+(declared as maxLength where a schema can say it). /restore answers every failure with one 403.
 """
 
 from __future__ import annotations
@@ -31,6 +41,23 @@ class ApiError(UserError):
         self.status, self.code = status, code
 
 
+class Refused(ApiError):
+    """A schema-valid request whose content cannot be used (see the module docstring): /protect and
+    /verify answer it with 200 and this reason in the body, never with a published image."""
+
+    def __init__(self, code: str, message: str, boxes=()):
+        super().__init__(422, code, message)
+        self.boxes = [[int(v) for v in b] for b in boxes]
+
+    def as_dict(self) -> dict:
+        return {"error": self.code, "message": str(self), "boxes": self.boxes}
+
+
+def _content_problem(exc: ApiError) -> ApiError:
+    """An image problem other than a size limit (413) is a content refusal."""
+    return exc if exc.status == 413 else Refused(exc.code, str(exc))
+
+
 def restore_failed() -> ApiError:
     return ApiError(403, "restore_failed", "restore failed: wrong password, or the image or token "
                                             "is not the one that was protected")
@@ -43,7 +70,7 @@ def busy() -> ApiError:
 def build_backend(cfg: SiderConfig, faces: FaceStack):
     if cfg.backend == "diffusion":
         from serving.sider.diffusion import DiffusionBackend
-        return DiffusionBackend(cfg.diffusion)
+        return DiffusionBackend(cfg.diffusion, faces)
     if cfg.backend == "morph":
         from serving.sider.morph import MorphBackend
         return MorphBackend(cfg.morph, faces, threshold=cfg.faces.threshold)
@@ -97,34 +124,47 @@ class SiderService:
             raise ApiError(422, "invalid_image", f"{name} is truncated or corrupt") from None
         return pixels, dict(getattr(img, "text", {}) or {})
 
-    def check_password(self, password: str | bytes | None, policy: bool = False) -> bytes:
-        """NFC-normalized UTF-8 bytes (so NFC and NFD spellings of one password are one key). With
-        `policy` (protect), the passphrase policy applies too: min bytes and estimated entropy."""
+    def password_limits(self, protect: bool) -> tuple[int, int]:
+        """(min, max) length in characters (Unicode code points, as sent), the schema's
+        minLength/maxLength: protect needs crypto.min_password_bytes characters (so at least as many
+        UTF-8 bytes), every password at most crypto.max_password_bytes // 4 characters (so at most
+        max_password_bytes bytes)."""
+        c = self.cfg.crypto
+        return (max(1, c.min_password_bytes) if protect else 1), max(2, c.max_password_bytes // 4)
+
+    def check_password(self, password: str | bytes | None, policy: bool = False, protect: bool | None = None) -> bytes:
+        """NFC-normalized UTF-8 bytes (so NFC and NFD spellings of one password are one key). The
+        length in characters is checked as the schema states it (422 invalid_password; `protect`, which
+        defaults to `policy`, applies protect's minimum); with `policy` the passphrase's estimated
+        entropy too (a content refusal: `Refused` weak_password)."""
         if isinstance(password, bytes):
             try:
                 password = password.decode("utf-8")
             except UnicodeDecodeError:
                 raise ApiError(422, "invalid_password", "password must be UTF-8 text") from None
-        text = unicodedata.normalize("NFC", password or "")
+        password = password or ""
+        low, high = self.password_limits(policy if protect is None else protect)
+        if not low <= len(password) <= high:
+            raise ApiError(422, "invalid_password", f"password must be {low} to {high} characters"
+                                                    + (" (the passphrase policy's minimum length)" if policy else ""))
+        text = unicodedata.normalize("NFC", password)
         raw = text.encode("utf-8")
-        c = self.cfg.crypto
-        if not 1 <= len(raw) <= c.max_password_bytes:
-            raise ApiError(422, "invalid_password", f"password must be 1 to {c.max_password_bytes} bytes (UTF-8)")
         if policy:
+            c = self.cfg.crypto
             bits = crypto.estimate_entropy_bits(text)
-            if len(raw) < c.min_password_bytes or bits < c.min_password_bits:
-                raise ApiError(422, "weak_password", f"passphrase too weak: {len(raw)} bytes, about {bits:.0f} "
-                                                     f"bits estimated; at least {c.min_password_bytes} bytes "
-                                                     f"and {c.min_password_bits} bits are required (use "
-                                                     f"several unrelated words or mixed character classes)")
+            if bits < c.min_password_bits:
+                raise Refused("weak_password", f"passphrase too weak: about {bits:.0f} bits estimated; at least "
+                                               f"{c.min_password_bits} bits are required (use several unrelated "
+                                               f"words or mixed character classes)")
         return raw
 
     # ------------------------------------------------------------------ endpoints
 
     def protect(self, image: bytes, password: str | bytes, n_samples: int = 1, gamma: float | None = None,
                 seed: int = 0, embed: str = "none") -> dict:
-        pixels, _ = self.decode_image(image)
-        secret = self.check_password(password, policy=True)
+        """Protected samples, or (200, nothing published) `published: false` with `refused` naming why
+        the content cannot be protected. Schema-level problems raise ApiError (4xx) first."""
+        self.check_password(password, protect=True)        # the schema's length rule, before content
         if not 1 <= n_samples <= self.cfg.limits.max_samples:
             raise ApiError(422, "invalid_request", f"n_samples must be 1..{self.cfg.limits.max_samples}")
         gamma = self.cfg.default_gamma if gamma is None else gamma
@@ -132,10 +172,23 @@ class SiderService:
             raise ApiError(422, "invalid_request", "gamma must be in [0, 1]")
         if embed not in restoration.EMBED_MODES:
             raise ApiError(422, "invalid_request", f"embed must be one of {', '.join(restoration.EMBED_MODES)}")
+        try:
+            return self._protect(image, password, n_samples, gamma, seed, embed)
+        except Refused as exc:
+            return {"published": False, "refused": exc.as_dict(), "samples": [], "faces": [], "blurred": [],
+                    "backend": self.backend.name, "gamma": gamma, "embed": embed,
+                    "kdf": self.kdf.describe()["kdf"], "version": API_VERSION}
+
+    def _protect(self, image: bytes, password, n_samples: int, gamma: float, seed: int, embed: str) -> dict:
+        try:
+            pixels, _ = self.decode_image(image)
+        except ApiError as exc:
+            raise _content_problem(exc) from None
+        secret = self.check_password(password, policy=True)
         faces, unhandled = self.find_faces(pixels)
         if len(faces) > self.cfg.faces.max_faces:
-            raise ApiError(422, "too_many_faces", f"{len(faces)} faces detected; the limit is "
-                                                  f"{self.cfg.faces.max_faces}")
+            raise Refused("too_many_faces", f"{len(faces)} faces detected; the limit is {self.cfg.faces.max_faces}",
+                          [f.box for f in faces])
         working, blurred = self._handle_unprotected(pixels, unhandled, "could not be protected (too small or "
                                                     "found only by the second detection pass)")
         if faces:
@@ -155,18 +208,18 @@ class SiderService:
                 published, token = restoration.protect_payload(pixels, changed, region, secret, self.kdf,
                                                                embed, self._kdf_gate)
             except restoration.CarrierError as exc:
-                raise ApiError(422, "carrier_too_small", str(exc)) from None
+                raise Refused("carrier_too_small", str(exc)) from None
             except crypto.KdfBusy:
                 raise busy() from None
             out.append(self._sample_json(pixels, published, token, embed, faces, sample, regions, region))
-        return {"samples": out, "faces": [f.as_dict() for f in faces], "blurred": [list(b) for b in unhandled],
-                "backend": self.backend.name, "gamma": gamma, "embed": embed,
-                "kdf": self.kdf.describe()["kdf"], "version": API_VERSION}
+        return {"published": True, "refused": None, "samples": out, "faces": [f.as_dict() for f in faces],
+                "blurred": [list(b) for b in unhandled], "backend": self.backend.name, "gamma": gamma,
+                "embed": embed, "kdf": self.kdf.describe()["kdf"], "version": API_VERSION}
 
     def find_faces(self, pixels: np.ndarray) -> tuple[list, list[tuple[int, int, int, int]]]:
         """(faces to protect, boxes of faces that cannot be): the first pass's faces at least
         faces.min_face_px wide; smaller ones and second-pass boxes that overlap no protected face are
-        the unprotected ones. 422 no_face_detected only when neither pass finds anything."""
+        the unprotected ones. Refused no_face_detected only when neither pass finds anything."""
         found = self.faces.detect(pixels, min_px=0)
         faces = [f for f in found if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= self.cfg.faces.min_face_px]
         unhandled = [f.box for f in found if f not in faces]
@@ -174,18 +227,19 @@ class SiderService:
             if not any(_covers(f.box, box) for f in faces) and not any(_covers(b, box) for b in unhandled):
                 unhandled.append(box)
         if not faces and not unhandled:
-            raise ApiError(422, "no_face_detected", "no face detected in the image")
+            raise Refused("no_face_detected", "no face detected in the image: nothing was changed and nothing "
+                                              "is published")
         return faces, unhandled
 
     def _handle_unprotected(self, image: np.ndarray, boxes: list, why: str) -> tuple[np.ndarray, list]:
-        """Fail closed: refuse (422 unprotected_face, nothing published) or blur each box."""
+        """Fail closed: refuse (`Refused` unprotected_face: nothing published) or blur each box."""
         if not boxes:
             return image, []
         if self.cfg.faces.unprotected == "refuse":
             where = "; ".join(f"box (left, top, right, bottom) = {tuple(int(v) for v in b)}" for b in boxes)
-            raise ApiError(422, "unprotected_face", f"{len(boxes)} face(s) {why}: {where}. Nothing was "
-                                                    f"published. Crop them out, or set "
-                                                    f"sider.faces.unprotected=blur to pixelate them")
+            raise Refused("unprotected_face", f"{len(boxes)} face(s) {why}: {where}. Nothing was "
+                                              f"published. Crop them out, or set "
+                                              f"sider.faces.unprotected=blur to pixelate them", boxes)
         regions = []
         for box in boxes:
             image, region = blur_face(image, box)
@@ -243,14 +297,25 @@ class SiderService:
                 "version": API_VERSION}
 
     def verify(self, image_a: bytes, image_b: bytes) -> dict:
-        a, _ = self.decode_image(image_a, "image_a")
-        b, _ = self.decode_image(image_b, "image_b")
-        try:
-            distance = self.faces.distance(a, b)
-        except NoFaceError:
-            raise ApiError(422, "no_face_detected", "no face detected in one of the images") from None
+        """Distance between the largest faces of two images (the built-in evaluator). An image that
+        cannot be used (does not decode, another format, under 64 px, no face) makes the pair not
+        comparable: 200 with `comparable: false` and the problem per image (413 for size limits)."""
+        problems, ids = {}, {}
+        for name, data in (("image_a", image_a), ("image_b", image_b)):
+            try:
+                pixels, _ = self.decode_image(data, name)
+                ids[name] = self.faces.identity(pixels)[1]
+            except NoFaceError:
+                problems[name] = {"error": "no_face_detected", "message": f"no face detected in {name}"}
+            except ApiError as exc:
+                if exc.status == 413:
+                    raise
+                problems[name] = {"error": exc.code, "message": str(exc)}
         threshold = self.cfg.faces.threshold
-        return {"distance": round(distance, 4), "same_identity": distance < threshold,
+        distance = None if problems else float(np.linalg.norm(ids["image_a"] - ids["image_b"]))
+        return {"comparable": not problems, "distance": _rounded(distance),
+                "same_identity": distance is not None and distance < threshold,
+                "face_found": {name: name in ids for name in ("image_a", "image_b")}, "problems": problems,
                 "threshold": threshold, "model": "dlib_resnet_v1", "view": self.cfg.faces.evaluator_view}
 
     def health(self) -> dict:
