@@ -1,5 +1,5 @@
 """SIDeR over HTTP against a real Ray Serve instance (session fixture `serve_url`), including a
-schemathesis fuzz run of the served OpenAPI schema that must find no 5xx."""
+schemathesis run of the served OpenAPI schema with all its default checks (slow)."""
 
 import base64
 import io
@@ -215,9 +215,13 @@ def test_password_never_reaches_the_logs(client, protected):
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_5xx(base):
+def test_schemathesis_default_checks_pass(base):
+    """Every default schemathesis check (no 5xx, schema-valid requests accepted, schema-invalid ones
+    rejected, responses as documented) on generated requests, with no allowances (the CLI run is in
+    docs/sider.md)."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
+    from schemathesis.core.failures import FailureGroup
 
     schema = schemathesis.openapi.from_url(base + "/openapi.json")
     failures, statuses = [], []
@@ -227,14 +231,15 @@ def test_schemathesis_finds_no_5xx(base):
         @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def call(case):
-            response = case.call(base_url=base, timeout=120)
-            statuses.append(response.status_code)
-            if response.status_code >= 500:
-                failures.append((operation.label, response.status_code, response.text[:200]))
+            try:
+                response = case.call_and_validate(base_url=base, timeout=120)
+                statuses.append(response.status_code)
+            except (AssertionError, FailureGroup) as exc:    # a failed check
+                failures.append((operation.label, str(exc)[:300]))
 
         call()
     assert failures == []
-    assert len(statuses) >= 40 and any(400 <= code < 500 for code in statuses)   # it did exercise the API
+    assert len(statuses) >= 40 and 200 in statuses        # it did exercise the API
     with httpx.Client(base_url=base) as c:
         assert c.get("/health").status_code == 200
 
