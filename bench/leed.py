@@ -202,6 +202,10 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
         line[f"steps_ratio_vs_ippo_{n}_per_seed"] = method_value(n, "leed", "steps_ratio_vs_ippo_per_seed")
         line[f"steps_ratio_vs_ippo_{n}_paired_mean"] = method_value(n, "leed", "steps_ratio_vs_ippo_paired_mean")
         line[f"steps_ratio_vs_ippo_{n}_ci"] = method_value(n, "leed", "steps_ratio_vs_ippo_ci")
+        line[f"steps_ratio_vs_ippo_{n}_90pct_per_seed"] = method_value(n, "leed", "steps_ratio_vs_ippo_90pct_per_seed")
+        line[f"steps_ratio_vs_ippo_{n}_90pct_paired_mean"] = method_value(n, "leed",
+                                                                         "steps_ratio_vs_ippo_90pct_paired_mean")
+        line[f"steps_ratio_vs_ippo_{n}_90pct_ci"] = method_value(n, "leed", "steps_ratio_vs_ippo_90pct_ci")
         line[f"final_return_leed_minus_ippo_{n}_ci"] = method_value(n, "leed", "final_return_minus_ippo_ci")
     llm_items = sum(r["parsed"] + r["malformed"] for r in llm_rows)
     line["llm_valid_instruction_share"] = sum(r["valid"] for r in llm_rows) / llm_items if llm_items else (

@@ -382,6 +382,12 @@ def test_analysis_pairs_each_seed_with_ippos_run_of_that_seed():
     # final returns (last 3 iterations): seed 0 3 vs 3, seed 1 16/3 vs 11/3, seed 2 1 vs 3
     assert leed["final_return_minus_ippo"] == pytest.approx((0 + 5 / 3 - 2) / 3)
     assert leed["final_return_minus_ippo_ci"][0] < leed["final_return_minus_ippo"] < leed["final_return_minus_ippo_ci"][1]
+    # 90 % of IPPO's improvement: seed 0 first 0, final 3 -> 2.7: leed 200 / ippo 400; seed 1 0 -> 5:
+    # 4.5: 200 / 500; seed 2 0 -> 3: 2.7: never / 600
+    assert leed["steps_ratio_vs_ippo_90pct_per_seed"] == {0: 0.5, 1: 0.4, 2: None}
+    runs[1] = run("leed", 0, [1, 2, 2.8, 2.9, 3, 3])   # crosses 2.7 at 300, reaches 3 only at 500
+    leed = summarize(runs)["grid-4"]["methods"]["leed"]
+    assert leed["steps_ratio_vs_ippo_per_seed"][0] == 1.25 and leed["steps_ratio_vs_ippo_90pct_per_seed"][0] == 0.75
 
 
 @pytest.mark.parametrize("argv, message", [
