@@ -101,8 +101,10 @@ def fl_run(method: str, seed: int, grid: dict, root: Path, checkpoint: Path | No
     from actors.config import FLConfig
     from actors.driver import run_fl
 
+    # both trained methods run through the one `rl-crp` selector; the ablation's export says use_crp false
+    selector = "rl-crp" if method in ("rl-crp", "rl-no-crp") else method
     overrides = [f"seed={seed}", f"rounds={grid['fl_rounds']}", f"target_accuracy={grid['target']}",
-                 f"selection.method={method}", f"output_dir={root}"]
+                 f"selection.method={selector}", f"output_dir={root}"]
     if checkpoint is not None:
         overrides.append(f"selection.settings.checkpoint={checkpoint}")
     if method == "greedy-latency":
