@@ -20,6 +20,12 @@ evaluation episodes whose per-round draws training never saw:
    env) with and without ``client_bias``, with the round-level reward and with per-pick conflict
    credit (``env.conflict_credit``); conflicts per round of the sampled policy afterwards.
 
+4. ``trained`` (``--runs RUN_DIR ...``, trained rl-crp / rl-no-crp runs of the config's seed): is
+   the HMM risk predictive under the trained policies? Each run's exported policy picks through
+   the FL selector; for every pick, the edge's HMM risk before the round (computed for the
+   ablation too, which does not observe it) against "this pick conflicted": AUC, and the
+   conflict rate among the picks in the top and bottom half of risk.
+
 Writes bench/results/rl_crp_diag/diag.json and prints it.
 """
 
@@ -144,6 +150,35 @@ def risk_auc(env, episodes: int, preference_scale: float) -> dict:
             "risk_auc": auc(np.asarray(risks), labels), "true_probability_auc": auc(np.asarray(truth), labels)}
 
 
+def trained_risk(env, run_dir: Path, episodes: int) -> dict:
+    """The HMM risk's AUC for "this pick conflicted" when the run's exported policies pick (see 4.)."""
+    from pipelines.selection.crp import RLCRPSelector
+
+    sim = CRPSimulation(env)
+    risks, labels = [], []
+    for ep in range(episodes):
+        selector = RLCRPSelector(sim.population, ep, checkpoint=str(run_dir))
+        sim.start(EVAL_SEED0 + ep)
+        for _ in range(env.rounds):
+            rnd = sim.round
+            picks = selector.select_all(sim.requests(rnd), rnd)
+            before = {e: selector.trackers[e].risk.risks(rnd) for e in picks}   # synced to rounds < rnd
+            result = sim.play(picks)
+            if rnd <= env.risk_lag + 1:
+                continue
+            for e, chosen in picks.items():
+                conflicted = {o.client_id for o in result.observations[e].outcomes if o.contenders > 0}
+                for c in chosen:
+                    risks.append(before[e][selector.trackers[e].index[c]])
+                    labels.append(c in conflicted)
+    risks, labels = np.asarray(risks), np.asarray(labels)
+    high = risks > np.median(risks)
+    return {"run": run_dir.name, "picks": int(len(labels)), "conflict_rate": float(labels.mean()),
+            "risk_auc": auc(risks, labels),
+            "conflict_rate_high_risk": float(labels[high].mean()) if high.any() else None,
+            "conflict_rate_low_risk": float(labels[~high].mean()) if (~high).any() else None}
+
+
 def learn(env, episodes: int, *, client_bias: bool, credit: str, lr: float, hidden=(64, 64), seed: int = 0,
           eval_episodes: int = 3) -> dict:
     """Independent REINFORCE per edge on the env's own observations and pick loop (one update per
@@ -237,6 +272,8 @@ def main() -> None:
     parser.add_argument("--learners", nargs="+", default=["features:round", "features:pick", "bias:round", "bias:pick"],
                         help="learner variants, policy:credit (policy features | bias, credit round | pick)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. env.conflict_weight=4")
+    parser.add_argument("--runs", nargs="*", default=[], help="trained runs for the 'trained' part (their seed must "
+                        "be the first of --seeds)")
     parser.add_argument("--out", default="bench/results/rl_crp_diag")
     args = parser.parse_args()
     import torch
@@ -260,6 +297,12 @@ def main() -> None:
                 row["learners"].append(learn(env, args.episodes, client_bias=policy == "bias", credit=credit,
                                              lr=args.lr, seed=seed, eval_episodes=args.eval_episodes))
                 print(json.dumps({"seed": seed, "learner": row["learners"][-1]}), flush=True)
+        if "trained" in args.parts:
+            for run in args.runs:
+                if not Path(run).is_dir():
+                    parser.error(f"--runs {run}: not a directory")
+            row["trained"] = [trained_risk(env, Path(run), args.eval_episodes) for run in args.runs]
+            print(json.dumps({"seed": seed, "trained": row["trained"]}), flush=True)
         report[str(seed)] = row
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
