@@ -15,15 +15,19 @@ Everything runs on ns-cartpole (rl.envs.nonstationary, no shift) in this process
 other, torch single-threaded, with configs/deer_cartpole.yaml's network and detector settings.
 Rows: lean (first and last, the load drifts), RLlib PER fast with 1 and with `--num-envs`
 vectorized env copies (32 env steps per sampling round), the same with 32 steps per copy per round
-(fewer weight syncs and env-runner calls), RLlib PER stock and DEER (fast path, reward detector on)
-with `--num-envs` copies and 32 steps per round.
+(fewer weight syncs and env-runner calls), 2 x `--num-envs` copies with 16 steps each, RLlib PER
+stock and DEER (fast path, reward detector on) with `--num-envs` copies and 32 steps per round.
+The fast path hands each update to the learner through `rl.deer.fast_replay.lean_learner_update`
+(the same gradient step and target updates as `Learner.update`, without its per-update
+bookkeeping); two rows with `lean_update` off (`Learner.update()` per update, as before) measure
+that change side by side in the same run (`lean_update_speedup`).
 `--quick` drops the 1-env row and measures fewer steps.
 Last stdout line: JSON with rllib_vs_lean_steps_ratio (best fast PER row), rllib_steps_per_s,
 lean_steps_per_s, rllib_updates_per_s, lean_updates_per_s, the stock and DEER rows' ratios,
 per-config rows and the load average.
 
-    python bench/rl_throughput.py --quick     # ~1 min
-    python bench/rl_throughput.py             # ~3 min
+    python bench/rl_throughput.py --quick     # ~2 min
+    python bench/rl_throughput.py             # ~4 min
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def measure_lean(steps: int, batch: int, intensity: float, seed: int) -> dict:
 
 
 def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragment: int, seed: int,
-                  impl: str = "fast", method: str = "per") -> dict:
+                  impl: str = "fast", method: str = "per", lean_update: bool = True) -> dict:
     from edgeray.config import load_config
     from rl.deer.algorithms import build_algo_config
     from rl.deer.config import ExperimentConfig
@@ -177,7 +181,10 @@ def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragm
         f"train.env_steps_per_iter={per_iter}", f"train.rollout_fragment_length={fragment}",
         f"train.num_envs={num_envs}", f"train.training_intensity={intensity}", f"train.train_batch_size={batch}",
         "train.learning_starts=500", f"train.replay_impl={impl}", "eval.every_iters=0"])
-    algo = build_algo_config(method, cfg).build_algo()
+    config = build_algo_config(method, cfg)
+    if not lean_update:  # the fast path as before: Learner.update() per update, env-runner module toggled per step
+        config.replay_buffer_config = {**config.replay_buffer_config, "lean_update": False}
+    algo = config.build_algo()
     try:
         algo.train()  # warm-up: build, fill learning_starts, first updates
         r0 = algo.train()
@@ -189,7 +196,7 @@ def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragm
         done = last["num_env_steps_sampled_lifetime"] - r0["num_env_steps_sampled_lifetime"]
         trained = (last["learners"]["default_policy"]["num_module_steps_trained_lifetime"]
                    - r0["learners"]["default_policy"]["num_module_steps_trained_lifetime"])
-        return {"impl": f"rllib-{impl}", "method": method, "algo_class": type(algo).__name__,
+        return {"impl": f"rllib-{impl}" + ("" if lean_update else "-learner-update"), "method": method, "algo_class": type(algo).__name__,
                 "buffer_class": type(algo.local_replay_buffer).__name__,
                 "num_envs": num_envs, "fragment": fragment, "steps_per_s": done / seconds,
                 "updates_per_s": trained / batch / seconds, "seconds": seconds,
@@ -201,7 +208,7 @@ def measure_rllib(steps: int, batch: int, intensity: float, num_envs: int, fragm
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps")
-    parser.add_argument("--steps", type=int, help="measured env steps per config (default 4000, quick 1000)")
+    parser.add_argument("--steps", type=int, help="measured env steps per config (default 4000, quick 2000)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--intensity", type=float, default=16.0,
                         help="RLlib training_intensity (replayed / sampled); 16 with batch 64 = 1 update per 4 env steps")
@@ -209,7 +216,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.batch < 1 or args.intensity <= 0 or args.num_envs < 1:
         parser.error("--batch and --num-envs must be >= 1 and --intensity > 0")
-    steps = args.steps or (1000 if args.quick else 4000)
+    steps = args.steps or (2000 if args.quick else 4000)
     torch.set_num_threads(1)
     load_start = list(os.getloadavg())
     rows = [measure_lean(steps, args.batch, args.intensity, 0)]
@@ -219,13 +226,17 @@ def main() -> int:
     vec = (args.num_envs, max(1, 32 // args.num_envs))
     # fragment 32 per copy: 4x fewer weight syncs and env-runner calls per env step (the policy lags by up to
     # 32 x num_envs env steps instead of 32); the other rows keep 32 env steps per sampling round in all
-    plan = [("fast", "per", 1, 32), ("fast", "per", *vec), ("fast", "per", args.num_envs, 32), ("stock", "per", *vec),
-            ("fast", "deer", *vec)]
+    # (impl, method, env copies, fragment per copy, lean learner update); the lean_update=False rows are the fast
+    # path as it was before the lean learner update (Learner.update() per update), side by side in the same run
+    plan = [("fast", "per", 1, 32, True), ("fast", "per", *vec, True), ("fast", "per", args.num_envs, 32, True),
+            ("fast", "per", 2 * args.num_envs, 16, True), ("fast", "per", args.num_envs, 32, False),
+            ("fast", "per", *vec, False), ("stock", "per", *vec, True), ("fast", "deer", *vec, True)]
     if args.quick:
         plan = plan[1:]
     try:
-        for impl, method, num_envs, fragment in plan:
-            rows.append(measure_rllib(steps, args.batch, args.intensity, num_envs, fragment, 0, impl=impl, method=method))
+        for impl, method, num_envs, fragment, lean_update in plan:
+            rows.append(measure_rllib(steps, args.batch, args.intensity, num_envs, fragment, 0, impl=impl, method=method,
+                                      lean_update=lean_update))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
@@ -255,6 +266,11 @@ def main() -> int:
            "deer_vs_per_time_ratio": next(r["steps_per_s"] for r in rows if r["impl"] == "rllib-fast"
                                           and r.get("method") == "per" and r["num_envs"] == deer["num_envs"]
                                           and r["fragment"] == deer["fragment"]) / deer["steps_per_s"],
+           # the lean learner update against Learner.update() per update, same env copies and fragment
+           "lean_update_speedup": {f"{r['num_envs']}x{r['fragment']}": next(
+               q["steps_per_s"] for q in rows if q["impl"] == "rllib-fast" and q.get("method") == "per"
+               and q["num_envs"] == r["num_envs"] and q["fragment"] == r["fragment"]) / r["steps_per_s"]
+               for r in rows if r["impl"] == "rllib-fast-learner-update"},
            "updates_per_env_step": args.intensity / args.batch, "batch": args.batch, "env": "ns-cartpole",
            "measured_steps": steps, "rows": rows, "load_avg_start": load_start, "load_avg_end": list(os.getloadavg())}
     results = Path(__file__).resolve().parent / "results"

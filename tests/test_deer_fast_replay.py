@@ -295,3 +295,91 @@ def test_fast_dqn_trains_through_the_batched_path_and_stock_stays_available(ray_
         assert deer.local_replay_buffer.num_priority_updates == deer.local_replay_buffer.num_samples
     finally:
         deer.stop()
+
+
+@pytest.mark.parametrize("env,method", [("ns-cartpole", "per"), ("ns-cartpole", "deer"), ("ns-pendulum", "per")])
+def test_lean_learner_update_is_the_same_gradient_step_as_learner_update(ray_session, env, method):
+    """From the same learner state and batch, `lean_learner_update` and RLlib's `Learner.update`
+    leave the same weights (main and target nets, optimizer steps included) and log the same
+    per-sample |TD| (DEER: its priorities) for the buffer; the lean path's step counts add up."""
+    import copy
+
+    import torch
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, TD_ERROR_KEY
+
+    from edgeray.config import load_config
+    from rl.deer.algorithms import build_algo_config
+    from rl.deer.config import ExperimentConfig
+    from rl.deer.fast_replay import lean_learner_update, log_trained_steps
+
+    tiny = [f"env.name={env}", "train.env_steps_per_iter=120", "train.rollout_fragment_length=10",
+            "train.num_envs=2", "train.learning_starts=40", "train.train_batch_size=16", "train.hidden=[16]",
+            "train.training_intensity=4", "env.max_episode_steps=50", "train.target_update_freq=10"]
+    if method == "deer":
+        tiny += ["deer.change_source=oracle", "env.shift_every=100"]
+    algo = build_algo_config(method, load_config(ExperimentConfig, None, tiny)).build_algo()
+    try:
+        algo.train()
+        algo.train()
+        learner, buffer = algo.learner_group._learner, algo.local_replay_buffer
+        if method == "deer":
+            assert learner.has_q_snapshot()  # the oracle marked a change: DoE enters the priorities
+        columns = algo.replay_columns(buffer)
+        buffer._last_sampled_indices = []
+        # far enough past the last target sync that both paths sync the target nets
+        timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: 10**6}
+        module = learner.module[DEFAULT_MODULE_ID]
+        optimizers = learner._named_optimizers
+        alphas = getattr(learner, "curr_log_alpha", {})  # SAC's entropy coefficient lives in the learner
+        saved = (copy.deepcopy(module.state_dict()), {n: copy.deepcopy(o.state_dict()) for n, o in optimizers.items()},
+                 {k: v.detach().clone() for k, v in alphas.items()}, learner._weights_seq_no,
+                 copy.deepcopy(getattr(learner, "last_update_ts_by_mid", None)),
+                 copy.deepcopy({k: v for k, v in vars(learner).items() if k in ("_doe_scale", "_td_scale")}))
+
+        def restore():
+            module.load_state_dict(saved[0])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(copy.deepcopy(saved[1][name]))
+            with torch.no_grad():
+                for k, v in alphas.items():
+                    v.copy_(saved[2][k])
+            learner._weights_seq_no = saved[3]
+            if saved[4] is not None:
+                learner.last_update_ts_by_mid = copy.deepcopy(saved[4])
+            vars(learner).update(copy.deepcopy(saved[5]))
+
+        def weights():
+            out = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            out.update({f"alpha/{k}": v.detach().clone() for k, v in alphas.items()})
+            return out
+
+        def td():
+            out = learner.metrics.peek((DEFAULT_MODULE_ID, TD_ERROR_KEY), compile=False)[-1]
+            learner.metrics.delete(DEFAULT_MODULE_ID, TD_ERROR_KEY)
+            return torch.as_tensor(out).reshape(-1).clone()
+
+        start = weights()
+        torch.manual_seed(7)  # SAC samples actions in its loss: both paths draw the same noise
+        learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(copy.deepcopy(columns))},
+                                             env_steps=len(columns["rewards"])), timesteps=timesteps,
+                       _no_metrics_reduce=True)
+        stock_w, stock_td = weights(), td()
+        restore()
+        torch.manual_seed(7)
+        losses = lean_learner_update(learner, copy.deepcopy(columns), timesteps)
+        lean_w, lean_td = weights(), td()
+        assert set(stock_w) == set(lean_w)
+        changed = [k for k in start if not torch.equal(start[k], stock_w[k])]
+        assert changed  # the update moved the weights (a no-op on both sides would also be "equal")
+        assert any("target" in k for k in changed)  # and synced a target net
+        for k in stock_w:
+            assert torch.equal(stock_w[k], lean_w[k]), k
+        assert torch.equal(stock_td, lean_td)
+        assert set(losses) == {DEFAULT_MODULE_ID}
+        before = learner.metrics.peek(("__all_modules__", "num_env_steps_trained_lifetime"), default=0)
+        log_trained_steps(learner, 48, 3, losses)
+        assert learner.metrics.peek(("__all_modules__", "num_env_steps_trained_lifetime")) == before + 48
+    finally:
+        algo.stop()

@@ -147,6 +147,8 @@ class FastPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
         self._open_tail: dict = {}  # episode id -> tree node of its last stored timestep (episode not done)
         self._assigned: list[int] | None = None
         self.fast_ok = True  # False once a chunk's data cannot be stored flat (then sample() only)
+        # sample_batch()'s metrics, summed over draws and logged into RLlib's buffer metrics on get_metrics()
+        self._pending_sample_metrics: list[int] | None = None
 
     # ---- storing
     def _get_free_node_and_assign(self, sample_index, weight: float = 1.0) -> int:
@@ -272,8 +274,26 @@ class FastPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
         return batch
 
     def _log_sample_metrics(self, nodes: np.ndarray, count: int, n_step: int, resamples: int) -> None:
+        """Accumulate this draw's sample metrics; `get_metrics()` logs the sums once (RLlib's stock
+        sample() logs 15 values per draw, ~0.4 ms, for diagnostics only). Counts are summed (RLlib
+        reduces them by sum anyway); the n-step is the same for every draw."""
         episodes = len(np.unique(self._node_episode[nodes]))
         steps = len(np.unique(nodes))
+        pending = self._pending_sample_metrics
+        if pending is None or pending[4] != n_step:
+            self.flush_sample_metrics()
+            pending = self._pending_sample_metrics = [0, 0, 0, 0, n_step]
+        pending[0] += count
+        pending[1] += episodes
+        pending[2] += steps
+        pending[3] += resamples
+
+    def flush_sample_metrics(self) -> None:
+        """Log the accumulated sample_batch() metrics into RLlib's buffer metrics (same keys as stock)."""
+        pending, self._pending_sample_metrics = self._pending_sample_metrics, None
+        if pending is None:
+            return
+        count, episodes, steps, resamples, n_step = pending
         self._update_sample_metrics(
             num_env_steps_sampled=count, num_episodes_per_sample=episodes, num_env_steps_per_sample=steps,
             sampled_n_step=float(n_step), num_resamples=resamples,
@@ -287,6 +307,10 @@ class FastPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer):
             module_to_num_steps_per_sample={DEFAULT_MODULE_ID: steps},
             module_to_sampled_n_step={DEFAULT_MODULE_ID: float(n_step)},
             module_to_num_resamples={DEFAULT_MODULE_ID: resamples})
+
+    def get_metrics(self):
+        self.flush_sample_metrics()
+        return super().get_metrics()
 
     # ---- priorities
     def update_priorities(self, priorities, module_id=None) -> None:
@@ -351,6 +375,12 @@ class FastReplayMixin:
         from ray.rllib.algorithms.dqn.dqn import calculate_rr_weights
 
         store_weight, sample_and_train_weight = calculate_rr_weights(self.config)
+        # RLlib's forward_exploration / forward_inference switch the module to eval() and back to
+        # train() around every call (two recursive walks over its submodules per env step); the env
+        # runner never trains its copy, so it stays in eval mode (the same outputs, fewer calls)
+        runner_module = getattr(getattr(self, "env_runner", None), "module", None)
+        if runner_module is not None and getattr(runner_module, "training", False):
+            runner_module.eval()
         for _ in range(store_weight):
             with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
                 episodes, env_runner_results = synchronous_parallel_sample(
@@ -370,6 +400,9 @@ class FastReplayMixin:
 
         learner_results = None
         local = self.learner_group._learner if self.learner_group.is_local else None
+        lean = local is not None and self.config.replay_buffer_config.get("lean_update", True)
+        trained = updates = 0
+        loss_per_module = {}
         for _ in range(sample_and_train_weight):
             with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
                 columns = self.replay_columns(buffer)
@@ -384,7 +417,12 @@ class FastReplayMixin:
                 if local is not None:
                     # one local learner: its metrics are reduced once per training step, below;
                     # this update's |TD| (DEER: its priorities) is the last item of the series
-                    local.update(batch=batch, timesteps=timesteps, _no_metrics_reduce=True)
+                    if lean:
+                        loss_per_module = lean_learner_update(local, columns, timesteps)
+                        trained += size
+                        updates += 1
+                    else:
+                        local.update(batch=batch, timesteps=timesteps, _no_metrics_reduce=True)
                     td_errors = []
                     for module_id in local.module.keys():
                         if (module_id, TD_ERROR_KEY) in local.metrics:
@@ -403,6 +441,8 @@ class FastReplayMixin:
                 if td_errors:
                     buffer.update_priorities(np.concatenate([np.reshape(t, -1) for t in td_errors]))
         if local is not None:
+            if lean and updates:
+                log_trained_steps(local, trained, updates, loss_per_module)
             learner_results = [local.metrics.reduce()]
             self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
         # the buffer's sample metrics: reduced once per training step (the stock step does it per update)
@@ -432,6 +472,55 @@ class FastReplayMixin:
         kwargs = {k: v for k, v in replay.items() if k not in ("type", "buffer_class", "fast_sampling")}
         kwargs["metrics_num_episodes_for_smoothing"] = self.config.metrics_num_episodes_for_smoothing
         return cls(**kwargs)
+
+
+def lean_learner_update(learner, columns: dict, timesteps: dict) -> dict:
+    """One gradient update of a local learner on one module's numpy batch: what
+    `Learner.update(batch=...)` does for a single minibatch (`before_gradient_based_update`, the
+    weights sequence number, float64 -> float32 tensors as `convert_to_torch_tensor` makes them,
+    `_update` = forward_train, losses, gradients, postprocessing (clipping), optimizer step;
+    `after_gradient_based_update` = DQN / SAC target-network updates), without its per-update
+    bookkeeping (TrainingData, minibatch iterator, SampleBatch slicing flags, Ray/Prometheus
+    timers, seven step-count metrics): `log_trained_steps` logs those once per training step.
+    Returns the losses per module."""
+    import torch
+
+    learner.before_gradient_based_update(timesteps=timesteps)
+    learner._weights_seq_no += 1
+    device = learner._device
+    tensors = {}
+    for key, value in columns.items():
+        t = torch.from_numpy(np.ascontiguousarray(value))
+        if t.is_floating_point() and t.dtype != torch.float16:
+            t = t.float()
+        tensors[key] = t.to(device) if device is not None else t
+    _, loss_per_module, _ = learner._update({DEFAULT_MODULE_ID: tensors})
+    learner.after_gradient_based_update(timesteps=timesteps)
+    return loss_per_module
+
+
+def log_trained_steps(learner, trained: int, updates: int, loss_per_module: dict) -> None:
+    """The step counts `Learner.update` logs per update (`_log_steps_trained_metrics`), logged once
+    for `updates` updates of `trained` module steps in all (sums and lifetime sums are the same;
+    the mean batch size is trained / updates), and the last update's total loss (window 1)."""
+    from ray.rllib.core.learner.learner import Learner
+    from ray.rllib.utils.metrics import (ALL_MODULES, MODULE_TRAIN_BATCH_SIZE_MEAN, NUM_ENV_STEPS_TRAINED,
+                                         NUM_ENV_STEPS_TRAINED_LIFETIME, NUM_MODULE_STEPS_TRAINED,
+                                         NUM_MODULE_STEPS_TRAINED_LIFETIME, WEIGHTS_SEQ_NO)
+
+    m = learner.metrics
+    m.log_value((DEFAULT_MODULE_ID, WEIGHTS_SEQ_NO), learner._weights_seq_no, window=1)
+    m.log_value((DEFAULT_MODULE_ID, MODULE_TRAIN_BATCH_SIZE_MEAN), trained / updates, reduce="mean")
+    m.log_value((DEFAULT_MODULE_ID, NUM_MODULE_STEPS_TRAINED), trained, reduce="sum")
+    m.log_value((DEFAULT_MODULE_ID, NUM_MODULE_STEPS_TRAINED_LIFETIME), trained, reduce="lifetime_sum",
+                with_throughput=True)
+    m.log_value((ALL_MODULES, NUM_MODULE_STEPS_TRAINED), trained, reduce="sum", with_throughput=True)
+    m.log_value((ALL_MODULES, NUM_MODULE_STEPS_TRAINED_LIFETIME), trained, reduce="lifetime_sum",
+                with_throughput=True)
+    m.log_value((ALL_MODULES, NUM_ENV_STEPS_TRAINED), trained, reduce="sum", with_throughput=True)
+    m.log_value((ALL_MODULES, NUM_ENV_STEPS_TRAINED_LIFETIME), trained, reduce="lifetime_sum", with_throughput=True)
+    for mid, loss in loss_per_module.items():
+        m.log_value(key=(mid, Learner.TOTAL_LOSS_KEY), value=loss, window=1)
 
 
 class FastDQN(FastReplayMixin, DQN):
