@@ -21,8 +21,11 @@ line: JSON with gain_vs_per_pct, gain_vs_per_ci_low_pct, oracle_gain_vs_per_pct,
 time_ratio_vs_per, false_alarms_per_run, detection_delay_steps, ... and `cut` (what this grid
 leaves out against issue 17's matrix).
 
-    python bench/deer.py --quick          # < 2 min
-    python bench/deer.py                  # the grid below, ~40 min on a loaded 2-core machine
+    python bench/deer.py --quick                     # < 2 min (ns-cartpole, DQN)
+    python bench/deer.py --quick --envs ns-pendulum  # the SAC leg's smoke test, < 2 min
+    python bench/deer.py                  # issue 17's matrix: ns-cartpole + ns-acrobot (DQN), ns-pendulum (SAC),
+                                          # 5 seeds x 4 variants = 60 runs, sized to ~60-75 min on the quiet
+                                          # 2-core machine (the plan line prints the estimate)
     python bench/deer.py --summarize-only # re-read finished runs and print the JSON
 """
 
@@ -44,7 +47,12 @@ from rl.deer.config import REPLAY_METHODS, ExperimentConfig  # noqa: E402
 
 ENVS = ("ns-cartpole", "ns-acrobot", "ns-pendulum", "ns-mountaincar")
 VARIANTS = {"uniform": ("uniform", []), "per": ("per", []), "deer": ("deer", []),
-            "deer-oracle": ("deer", ["deer.change_source=oracle"])}
+            "deer-oracle": ("deer", ["deer.change_source=oracle"]),
+            # optional (not in the default matrix): the dynamics-model detector, rl.deer.dynamics_detector
+            "deer-dynamics": ("deer", ["deer.change_source=dynamics", "deer.detector.epochs=150", "deer.detector.check_every=250",
+                                       "deer.detector.hidden=32", "deer.detector.lr=0.01",
+                                       "deer.detector.permutations=99", "deer.detector.quantile=0.99"])}
+DEFAULT_VARIANTS = ("uniform", "per", "deer", "deer-oracle")
 
 # Non-reverting schedule nominal -> +100 % -> +200 % of ONE quantity (see PER_ENV);
 # 100-step episodes so the detector's 1000-step windows span >= 10 episodes; 4 vectorized env copies
@@ -64,20 +72,70 @@ QUICK = ["env.max_episode_steps=50", "env.shift_every=400", "env.magnitudes=[0.0
          "eval.every_iters=1", "eval.episodes=2",
          "deer.detector.window=200", "deer.detector.subseq_len=8", "deer.detector.stride=4", "deer.detector.epochs=10",
          "deer.detector.check_every=200", "deer.detector.cooldown=200", "deer.detector.permutations=5"]
-# ns-cartpole shifts the pole length: +100 % / +200 % gravity barely moves a trained greedy policy (92 -> 92.5 of
-# 100 in a probe), a 3x longer pole drops it to 43, so only this shift leaves something to recover.
+# Per-env sizing of the full matrix (quick runs only take the shifted quantity):
+# * ns-cartpole shifts the pole length: +100 % / +200 % gravity barely moves a trained greedy policy (92 -> 92.5 of
+#   100 in a probe), a 3x longer pole drops it to 43, so only this shift leaves something to recover; the greedy
+#   return reaches ~90 of 100 within ~3k steps, so 5k-step segments (15 iterations);
+# * ns-acrobot: 12k-step segments (the 12k probe was the first budget at which the policies learned part of the way),
+#   200-step episodes, 2,000-step detector windows (10 episodes);
+# * ns-pendulum (SAC): 8k-step segments, 1 update of 64 per 2 env steps (training_intensity 32; at the earlier 1 per
+#   64 SAC stayed at random level), 2,000-step windows.
 PER_ENV = {"ns-cartpole": ["env.shift_params=[length]"],
-           "ns-pendulum": ["train.training_intensity=4.0"],  # SAC updates cost ~2x a DQN update
-           "ns-acrobot": ["env.max_episode_steps=200", "deer.detector.window=2000"]}
-CUT = ("issue 17 asks for ns-cartpole + ns-acrobot (DQN) + ns-pendulum (SAC), >= 5 seeds, 20-25k env steps "
-       "per segment, ~90 min; this grid (sized to <= ~50 min on the shared 2-core machine at load 20-30, RLlib "
-       "at ~100-250 env steps/s with the stock PER path it was measured with) runs ns-cartpole only (pole length shifted), {seeds} seeds, 5k env steps per "
-       "segment (3 segments; CartPole's greedy return reaches ~90 of 100 within ~3k steps); --envs / --seeds run more")
-ASSUMED_STEPS_PER_S = 300.0  # fast replay path (bench/rl_throughput.py) on a loaded machine; refined after the first run
+           "ns-acrobot": ["env.max_episode_steps=200", "deer.detector.window=2000", "env.shift_every=12000",
+                          "train.stop_iters=36", "train.checkpoint_every=36"],
+           "ns-pendulum": ["env.max_episode_steps=200", "deer.detector.window=2000", "env.shift_every=8000",
+                           "train.stop_iters=24", "train.checkpoint_every=24", "train.training_intensity=32.0"]}
+DEFAULT_ENVS = ("ns-cartpole", "ns-acrobot", "ns-pendulum")  # issue 17's matrix; --quick: ns-cartpole
+BUDGET_MIN = 90.0  # issue 17: the full matrix fits 90 minutes on the 2-core machine
+# Time model of the plan line: seconds per 1,000 env steps of one run (training + greedy evaluation, PER) and
+# seconds to build / stop a run, measured under the shared lock on this machine (see docs/deer.md, Measured);
+# DEER's detector and snapshots add DEER_FACTOR. The first finished run refines the estimate.
+SEC_PER_KSTEP = {"ns-cartpole": 1.2, "ns-acrobot": 1.3, "ns-pendulum": 3.6, "ns-mountaincar": 1.3}
+BUILD_S = 6.0
+DEER_FACTOR = 1.15
+CUT = ("issue 17 asks for 20-25k env steps per segment; this matrix (ns-cartpole + ns-acrobot DQN, ns-pendulum SAC, "
+       "{seeds} seeds, uniform / PER / DEER / DEER-oracle, sized to fit 90 min on 2 cores) uses 5k (cartpole), 12k "
+       "(acrobot) and 8k (pendulum) env steps per segment, 3 segments (nominal, +100 %, +200 %); ns-mountaincar is "
+       "not in it (--envs adds it)")
+
+
+def run_seconds(cfg, variant: str) -> float:
+    """Modelled wall seconds of one run (SEC_PER_KSTEP, BUILD_S, DEER_FACTOR); scaled by the updates per env step
+    relative to the env's default intensity when --set changes it (updates dominate)."""
+    default = load_config(ExperimentConfig, None, overrides(cfg.env.name, 0, "per", False))
+    per_update = cfg.train.training_intensity / cfg.train.train_batch_size
+    base = default.train.training_intensity / default.train.train_batch_size
+    kstep = SEC_PER_KSTEP.get(cfg.env.name, 1.3) * (0.4 + 0.6 * per_update / base)
+    seconds = cfg.train.stop_iters * cfg.train.env_steps_per_iter / 1000 * kstep
+    return BUILD_S + seconds * (DEER_FACTOR if variant.startswith("deer") else 1.0)
+
+
+def print_plan(jobs, configs: dict, seeds: int, variants, budget_min) -> float:
+    """Print the plan (runs, env steps and the modelled time per env) and return the estimate in seconds."""
+    total_s, total_steps = 0.0, 0
+    for env, cfg in configs.items():
+        env_jobs = [(s, v) for s, e, v in jobs if e == env]
+        secs = sum(run_seconds(cfg, v) for _, v in env_jobs)
+        steps = cfg.train.stop_iters * cfg.train.env_steps_per_iter
+        algo = "DQN" if env != "ns-pendulum" else "SAC"
+        updates = steps * cfg.train.training_intensity / cfg.train.train_batch_size
+        print(f"plan {env} ({algo}): {len(env_jobs)} runs x {steps} env steps ({len(cfg.env.magnitudes)} segments of "
+              f"{cfg.env.shift_every}), ~{updates:.0f} updates of {cfg.train.train_batch_size} per run; "
+              f"~{secs / 60:.1f} min", flush=True)
+        total_s += secs
+        total_steps += steps * len(env_jobs)
+    fits = "fits" if total_s <= 60 * BUDGET_MIN else "does NOT fit"
+    print(f"plan: {len(jobs)} runs ({', '.join(configs)} x {seeds} seeds x {', '.join(variants)}), {total_steps} env "
+          f"steps; estimate {total_s / 60:.0f} min on a quiet 2-core machine ({fits} issue 17's {BUDGET_MIN:.0f} min; "
+          f"model: {', '.join(f'{e} {SEC_PER_KSTEP[e]} s' for e in configs if e in SEC_PER_KSTEP)} per 1,000 env steps, "
+          f"{BUILD_S:.0f} s per run, DEER x{DEER_FACTOR}; a loaded machine is slower)"
+          + (f"; --budget-min {budget_min:g} stops starting runs after that" if budget_min is not None else ""),
+          flush=True)
+    return total_s
 
 
 def plan(envs, seeds, variants=None):
-    jobs, names = [], list(variants or VARIANTS)
+    jobs, names = [], list(variants or DEFAULT_VARIANTS)
     for seed in range(seeds):
         for k, env in enumerate(envs):
             rotation = (seed + k) % len(names)
@@ -139,6 +197,8 @@ def summarize(out: Path, complete: bool, planned: int, load_start, seeds: int) -
         "oracle_gain_vs_per_pct": ovp.get("gain_pct", nan), "oracle_gain_vs_per_ci_low_pct": ovp.get("ci_low_pct", nan),
         "oracle_gain_vs_per_ci_high_pct": ovp.get("ci_high_pct", nan),
         "oracle_vs_deer_pct": (post["oracle_vs_deer"] or {}).get("gain_pct", nan),
+        "dynamics_gain_vs_per_pct": (post["dynamics_vs_per"] or {}).get("gain_pct", nan),
+        "detection_dynamics": post["detection_dynamics"],
         "gain_vs_uniform_pct": (post["deer_vs_uniform"] or {}).get("gain_pct", nan),
         "per_vs_uniform_pct": (post["per_vs_uniform"] or {}).get("gain_pct", nan),
         "time_ratio_vs_per": summary["time_ratio_vs_per"],
@@ -163,14 +223,17 @@ def summarize(out: Path, complete: bool, planned: int, load_start, seeds: int) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="ns-cartpole, 1 seed, 3 short iterations")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 short iterations (default env ns-cartpole)")
     parser.add_argument("--seeds", type=int, help="seeds per env (default 5, quick 1)")
-    parser.add_argument("--envs", nargs="+", choices=ENVS, help="envs (default ns-cartpole)")
+    parser.add_argument("--envs", nargs="+", choices=ENVS,
+                        help="envs (default ns-cartpole ns-acrobot ns-pendulum; quick: ns-cartpole)")
     parser.add_argument("--budget-min", type=float, default=None, help="start no new run after this many minutes")
     parser.add_argument("--out", help="results folder (default bench/results/deer or deer-quick)")
     parser.add_argument("--summarize-only", action="store_true", help="only summarize finished runs")
+    parser.add_argument("--plan-only", action="store_true", help="print the plan and its time estimate, run nothing")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
-                        help="variants to train (default all four; e.g. --variants per deer for a paired probe)")
+                        help="variants to train (default uniform per deer deer-oracle; deer-dynamics = the optional "
+                             "dynamics-model detector; e.g. --variants per deer for a paired probe)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to every run after the grid's own (e.g. env.shift_every=8000)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed+seeds-1")
@@ -184,16 +247,16 @@ def main() -> int:
 
     root = Path(__file__).resolve().parents[1]
     out = Path(args.out) if args.out else root / "bench" / "results" / ("deer-quick" if args.quick else "deer")
-    envs = args.envs or ("ns-cartpole",)
+    envs = tuple(dict.fromkeys(args.envs or (("ns-cartpole",) if args.quick else DEFAULT_ENVS)))
     seeds = args.seeds or (1 if args.quick else 5)
-    variants = list(dict.fromkeys(args.variants or VARIANTS))
+    variants = list(dict.fromkeys(args.variants or DEFAULT_VARIANTS))
     jobs = [(seed + args.first_seed, env, variant) for seed, env, variant in plan(envs, seeds, variants)]
     load_start = list(os.getloadavg())
     steps = {env: load_config(ExperimentConfig, None, overrides(env, 0, "per", args.quick, args.set)) for env in envs}
     total = sum(steps[env].train.stop_iters * steps[env].train.env_steps_per_iter for _, env, _ in jobs)
-    print(f"plan: {len(jobs)} runs ({', '.join(envs)} x {seeds} seeds x {', '.join(variants)}), {total} env steps; "
-          f"estimate {total / ASSUMED_STEPS_PER_S / 60:.0f} min at {ASSUMED_STEPS_PER_S:.0f} env steps/s "
-          f"(+ ~5 s build per run)", flush=True)
+    estimate_s = print_plan(jobs, steps, seeds, variants, args.budget_min)
+    if args.plan_only:
+        return 0
     if args.summarize_only:
         line = summarize(out, True, len(jobs), load_start, seeds)
         line["grid"] = {"envs": list(envs), "variants": variants, "set": list(args.set)}
@@ -227,14 +290,17 @@ def main() -> int:
             RL_METHODS[method].train(cfg, run_dir, log=lambda msg: print(msg, file=sys.stderr, flush=True))
             done += 1
             if done == 1:
-                rate = cfg.train.stop_iters * cfg.train.env_steps_per_iter / (time.time() - t0)
-                print(f"first run: {rate:.0f} env steps/s -> estimate {total / rate / 60:.0f} min in all", flush=True)
+                modelled = run_seconds(cfg, variant)
+                actual = time.time() - t0
+                print(f"first run: {actual:.0f} s against {modelled:.0f} s modelled -> estimate "
+                      f"{estimate_s * actual / modelled / 60:.0f} min in all", flush=True)
     finally:
         if connection is not None:  # None: this process was connected already, by someone else
             import ray
             ray.shutdown()
     line = summarize(out, done == len(jobs), planned, load_start, seeds)
     line["bench_wall_s"] = time.time() - t0
+    line["estimate_s"] = estimate_s
     line["grid"] = {"envs": list(envs), "variants": variants, "set": list(args.set)}
     print(json.dumps(line))
     return 0

@@ -38,7 +38,7 @@ import numpy as np
 from edgeray.stats import paired_gain
 from rl.envs.nonstationary import ShiftSchedule
 
-VARIANTS = ("uniform", "per", "deer", "deer-oracle")
+VARIANTS = ("uniform", "per", "deer", "deer-oracle", "deer-dynamics")
 
 
 def evaluate_policy(env_name: str, env_config: dict, step: int, act, episodes: int, seed: int) -> list[float]:
@@ -312,6 +312,7 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
         per_run.append((cfg.env.name, variant_of(method, cfg), cfg.train.seed, aucs, (detected, declared), shifts, cfg))
     scores = defaultdict(dict)  # variant -> {(env, seed): normalized mean AUC}
     detection = defaultdict(list)
+    detection_dynamics = defaultdict(list)  # deer.change_source=dynamics (optional variant)
     for env, variant, seed, aucs, detected, shifts, cfg in per_run:
         normed = []
         for a in aucs:
@@ -319,8 +320,8 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
             normed.append((a["auc"] - lo) / (hi - lo) if hi > lo else 0.0)
         if normed:
             scores[variant][(env, seed)] = float(np.mean(normed))
-        if variant == "deer":
-            detection[env].append(detection_stats(detected[0], shifts, window=cfg.deer.detector.window,
+        if variant in ("deer", "deer-dynamics"):
+            (detection if variant == "deer" else detection_dynamics)[env].append(detection_stats(detected[0], shifts, window=cfg.deer.detector.window,
                                                   hit_steps=hit_steps or cfg.env.shift_every // 2,
                                                   declared=detected[1]))
 
@@ -335,22 +336,29 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
     for env in sorted({k[0] for v in scores.values() for k in v}):
         per_env[env] = {v: float(np.mean([x for (e, _), x in scores[v].items() if e == env]))
                         for v in VARIANTS if any(e == env for e, _ in scores.get(v, {}))}
-    all_det = [d for ds in detection.values() for d in ds]
-    delays = [x for d in all_det for x in d["declare_delays"]]
-    errors = [x for d in all_det for x in d["delays"]]
+    out_dynamics = _detection_summary(detection_dynamics) if detection_dynamics else None
     return {
         "normalized_auc": per_env,
         "deer_vs_per": paired("deer", "per"), "oracle_vs_per": paired("deer-oracle", "per"),
         "deer_vs_uniform": paired("deer", "uniform"), "oracle_vs_deer": paired("deer-oracle", "deer"),
         "per_vs_uniform": paired("per", "uniform"),
-        "detection": {
-            "runs": len(all_det),
-            "hit_rate": float(sum(d["hits"] for d in all_det) / max(1, sum(d["shifts"] for d in all_det))),
-            "false_alarms_per_run": float(np.mean([d["false_alarms"] for d in all_det])) if all_det else float("nan"),
-            "delay_steps_median": float(np.median(delays)) if delays else float("nan"),
-            "change_point_error_median": float(np.median(errors)) if errors else float("nan"),
-            "per_env": {env: {"hit_rate": float(sum(d["hits"] for d in ds) / max(1, sum(d["shifts"] for d in ds))),
-                              "false_alarms_per_run": float(np.mean([d["false_alarms"] for d in ds]))}
-                        for env, ds in detection.items()},
-        },
+        "dynamics_vs_per": paired("deer-dynamics", "per"),
+        "detection": _detection_summary(detection),
+        "detection_dynamics": out_dynamics,
+    }
+
+
+def _detection_summary(detection: dict) -> dict:
+    all_det = [d for ds in detection.values() for d in ds]
+    delays = [x for d in all_det for x in d["declare_delays"]]
+    errors = [x for d in all_det for x in d["delays"]]
+    return {
+        "runs": len(all_det),
+        "hit_rate": float(sum(d["hits"] for d in all_det) / max(1, sum(d["shifts"] for d in all_det))),
+        "false_alarms_per_run": float(np.mean([d["false_alarms"] for d in all_det])) if all_det else float("nan"),
+        "delay_steps_median": float(np.median(delays)) if delays else float("nan"),
+        "change_point_error_median": float(np.median(errors)) if errors else float("nan"),
+        "per_env": {env: {"hit_rate": float(sum(d["hits"] for d in ds) / max(1, sum(d["shifts"] for d in ds))),
+                          "false_alarms_per_run": float(np.mean([d["false_alarms"] for d in ds]))}
+                    for env, ds in detection.items()},
     }

@@ -10,6 +10,9 @@
   * `sample()` tags each sampled transition with its phase (0 no change yet, 1 pre, 2 post) in
     `extra_model_outputs["deer_phase"]`, which reaches the learner as `batch["deer_phase"]`;
     `sample_batch()` (the vectorized path) adds the same phases as a "deer_phase" column;
+  * with `keep_transitions = True` (set by the callback for `deer.change_source=dynamics`) every added
+    transition (s, a, s', stamp) is also kept, in arrival order, for the dynamics-model detector
+    (`drain_transitions`);
   * `sample()` and `update_priorities()` must alternate: a second sample before the priorities of
     the first were written back raises (PER would silently drop those updates otherwise).
 
@@ -44,6 +47,8 @@ class DEERPrioritizedEpisodeReplayBuffer(FastPrioritizedEpisodeReplayBuffer):
         self._awaiting_update = False
         # Opaque detector state kept here so it travels with the buffer in checkpoints.
         self.detector_state: dict | None = None
+        self.keep_transitions = False  # rl.deer.dynamics_detector's input
+        self._pending_transitions: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def add(self, episodes, weight=None) -> None:
         episodes = episodes if isinstance(episodes, list) else [episodes]
@@ -52,6 +57,9 @@ class DEERPrioritizedEpisodeReplayBuffer(FastPrioritizedEpisodeReplayBuffer):
             rewards, stamps = self._open.setdefault(episode.id_, ([], []))
             rewards.append(np.asarray(episode.get_rewards(), dtype=np.float64))
             stamps.append(np.arange(first, first + len(episode), dtype=np.int64))
+            if self.keep_transitions and len(episode):
+                obs = np.asarray(episode.get_observations())
+                self._pending_transitions.append((obs[:-1], np.asarray(episode.get_actions()), obs[1:], stamps[-1]))
             first += len(episode)
             if episode.is_done:
                 del self._open[episode.id_]
@@ -74,6 +82,14 @@ class DEERPrioritizedEpisodeReplayBuffer(FastPrioritizedEpisodeReplayBuffer):
         starts = np.cumsum([0] + [len(r) for r in self._pending_rewards[:-1]]).tolist()
         out = (np.concatenate(self._pending_rewards), starts, np.concatenate(self._pending_stamps))
         self._pending_rewards, self._pending_stamps = [], []
+        return out
+
+    def drain_transitions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Transitions added since the last call (with `keep_transitions`): (obs, actions, next obs, stamps)."""
+        if not self._pending_transitions:
+            return None
+        out = tuple(np.concatenate([t[i] for t in self._pending_transitions]) for i in range(4))
+        self._pending_transitions = []
         return out
 
     def drain_rewards(self) -> np.ndarray:

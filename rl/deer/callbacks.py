@@ -12,7 +12,8 @@ every method is evaluated from the same start states): `result["ns_eval"]`.
   2. change points: either the reward-window detector (`RewardChangeDetector`) fed with the
      episodes the DEER buffer received, or, with `deer_change_source="oracle"` (the ablation that
      measures the priority rule apart from the detector), the true shift steps of the env's
-     schedule;
+     schedule, or, with "dynamics" (optional, our reconstruction), the dynamics-model detector
+     (`rl.deer.dynamics_detector`) fed with the buffer's transitions;
   3. on a change at step c: the buffer marks c (older transitions become "pre") and every learner
      freezes the ring snapshot taken at or before c (`freeze_snapshot`).
 """
@@ -27,7 +28,7 @@ from rl.envs.nonstationary import ShiftSchedule
 
 NS_EPISODES_KEY = "ns_episodes"
 NS_EVAL_KEY = "ns_eval"
-CHANGE_SOURCES = ("detector", "oracle")
+CHANGE_SOURCES = ("detector", "oracle", "dynamics")
 
 
 def _schedule(env_config: dict) -> ShiftSchedule:
@@ -80,7 +81,26 @@ class NonStationaryEpisodeLogger(RLlibCallback):
 class DEERCallback(NonStationaryEpisodeLogger):
     def __init__(self):
         super().__init__()
-        self.detector: RewardChangeDetector | None = None
+        self.detector = None  # RewardChangeDetector, or DynamicsChangeDetector for change_source "dynamics"
+
+    def on_algorithm_init(self, *, algorithm, metrics_logger=None, **kwargs) -> None:
+        if algorithm.config.learner_config_dict.get("deer_change_source") == "dynamics":
+            algorithm.local_replay_buffer.keep_transitions = True
+
+    @staticmethod
+    def _make_detector(algorithm, buffer, source, cfg):
+        settings = DetectorSettings(**cfg.get("deer_detector", {}))
+        if source == "dynamics":
+            from rl.deer.dynamics_detector import DynamicsChangeDetector
+
+            buffer.keep_transitions = True
+            if buffer.detector_state is not None and buffer.detector_state.get("kind") == "dynamics":
+                return DynamicsChangeDetector.from_state(buffer.detector_state)
+            space = algorithm.get_module().action_space
+            return DynamicsChangeDetector(settings, int(space.n) if hasattr(space, "n") else None)
+        if buffer.detector_state is not None:  # resumed from a checkpoint
+            return RewardChangeDetector.from_state(buffer.detector_state)
+        return RewardChangeDetector(settings)
 
     def on_train_result(self, *, algorithm, metrics_logger=None, result, **kwargs) -> None:
         super().on_train_result(algorithm=algorithm, metrics_logger=metrics_logger, result=result, **kwargs)
@@ -88,14 +108,14 @@ class DEERCallback(NonStationaryEpisodeLogger):
         cfg = algorithm.config.learner_config_dict
         source = cfg.get("deer_change_source", "detector")
         if self.detector is None:
-            if buffer.detector_state is not None:  # resumed from a checkpoint
-                self.detector = RewardChangeDetector.from_state(buffer.detector_state)
-            else:
-                self.detector = RewardChangeDetector(DetectorSettings(**cfg.get("deer_detector", {})))
+            self.detector = self._make_detector(algorithm, buffer, source, cfg)
         step = buffer.steps_added
         algorithm.learner_group.foreach_learner(lambda learner: learner.push_snapshot(step))
         rewards, starts, stamps = buffer.drain_stream()
-        if source == "oracle":
+        if source == "dynamics":
+            transitions = buffer.drain_transitions()
+            changes = self.detector.update(*transitions) if transitions is not None else []
+        elif source == "oracle":
             seen = buffer.change_steps[-1] if buffer.change_steps else 0
             changes = [s for s in _schedule(algorithm.config.env_config).shift_steps(step) if s > seen]
             self.detector.change_points.extend(changes)

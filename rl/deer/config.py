@@ -21,7 +21,9 @@ REPLAY_IMPLS = ("fast", "stock")  # rl.deer.fast_replay
 
 def variant_of(method: str, cfg) -> str:
     """The label a run is reported under: DEER told the true shifts is "deer-oracle"."""
-    return "deer-oracle" if method == "deer" and cfg.deer.change_source == "oracle" else method
+    if method == "deer" and cfg.deer.change_source != "detector":
+        return f"deer-{cfg.deer.change_source}"  # deer-oracle, deer-dynamics
+    return method
 
 
 @dataclass
@@ -105,6 +107,8 @@ class DetectorSection:
     null_refresh: int = param(1, "checks between fresh permutation nulls (also recomputed whenever S beats the "
                               "last threshold) [R]", ge=1)
     stride: int = param(1, "every stride-th subsequence of a window is a classifier sample (cost / stride) [R]", ge=1)
+    dynamics_min_ratio: float = param(3.0, "change_source=dynamics: a change also needs the test window's held-out "
+                                      "model error >= this x the reference's (rl.deer.dynamics_detector) [R]", gt=1)
 
     def validate(self) -> None:
         if self.subseq_len >= self.window:
@@ -131,8 +135,11 @@ class PrioritySection:
 class DEERSection:
     """DEER-only settings (ignored by the baselines)."""
     change_source: str = param("detector", "detector = the reward-window detector; oracle = the env's true "
-                               "shift steps (ablation: the priority rule without detector errors)",
-                               choices=("detector", "oracle"))
+                               "shift steps (ablation: the priority rule without detector errors); dynamics = "
+                               "prediction error of s' from (s, a) of a small model, rl.deer.dynamics_detector "
+                               "(optional; uses deer.detector's window, subseq_len (block), check_every, epochs, "
+                               "hidden, lr, quantile, permutations, confirmations, cooldown) [R]",
+                               choices=("detector", "oracle", "dynamics"))
     snapshot_ring: int = param(8, "Q snapshots kept (one per iteration); a change freezes the newest one taken "
                                "at or before the change point", ge=1)
     detector: DetectorSection = section(DetectorSection)

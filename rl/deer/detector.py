@@ -63,6 +63,7 @@ class DetectorSettings:
     confirmations: int = 2
     stride: int = 1
     null_refresh: int = 1
+    dynamics_min_ratio: float = 3.0
 
 
 NULLS = ("episode_permutation", "iid_gaussian")
