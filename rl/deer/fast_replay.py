@@ -469,7 +469,7 @@ class FastReplayMixin:
 
         module, _, name = replay["buffer_class"].rpartition(".")
         cls = getattr(importlib.import_module(module), name)
-        kwargs = {k: v for k, v in replay.items() if k not in ("type", "buffer_class", "fast_sampling")}
+        kwargs = {k: v for k, v in replay.items() if k not in ("type", "buffer_class", "fast_sampling", "lean_update")}
         kwargs["metrics_num_episodes_for_smoothing"] = self.config.metrics_num_episodes_for_smoothing
         return cls(**kwargs)
 
