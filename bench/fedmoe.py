@@ -459,7 +459,9 @@ def merge(tags: list[str], started, load_before) -> None:
                              f"under {OUT}; run it with --tag {tag} first")
         results += [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
         old = json.loads(summary_file.read_text())
-        targets.update(old.get("centralised_best_accuracy", {}))
+        targets.update(old.get("centralised_best_accuracy") or     # summaries before 3 Dec 2026 kept 0.9 x best
+                       {k: v["centralised_target"] / 0.9 for k, v in old.get("per_leg", {}).items()
+                        if v.get("centralised_target") is not None})
         if not timing and old.get("round_time_ratio_vs_inprocess") is not None:
             timing = {k: old[k] for k in ("round_time_ratio_vs_inprocess", "round_time_ratio_iqr",
                                           "edgeray_median_round_s", "inprocess_median_round_s",
