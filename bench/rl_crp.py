@@ -29,7 +29,7 @@ conflict_ratio_vs_random, latency_ratio_vs_greedy, conflict_ratio_vs_no_crp,
 fl_time_to_target_ratio_vs_random, env_steps_per_s and what was cut versus the issue's grid.
 
     python bench/rl_crp.py --quick [--setting contested]   # < 2 min on an idle 2-core machine
-    python bench/rl_crp.py [--setting contested]           # ~5 min on the quiet 2-core machine
+    python bench/rl_crp.py [--setting contested]           # training + env leg ~5 min, FL leg ~3 min more
 """
 
 from __future__ import annotations
