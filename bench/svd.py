@@ -98,7 +98,7 @@ def evaluate_checkpoint(peft_model, tokenizer, source: str, spec: TaskSpec, spli
     # one task in the engine; each benchmark passes its own calibrated mu values to `evaluate`
     task = engine.load_task({"id": task_id, "peft_type": spec.peft.type, "adapter_path": str(ckpt_dir / "adapter"),
                              "mu_bar": 0.0, "alpha": spec.alpha})
-    results = {}
+    results, started = {}, time.time()
     for name, split in splits.items():
         c = calib[name]
         mus = {est: c[f"mu_{est}"] for est in ESTIMATORS}
@@ -116,6 +116,13 @@ def evaluate_checkpoint(peft_model, tokenizer, source: str, spec: TaskSpec, spli
         if name == splits_first(splits) and args.speed_task is None and spec.peft.type == "lora":
             speed_task = dataclasses.replace(task, mu_bar=c["mu_bar"])
             args.speed_task = (engine, speed_task, [tokenizer(cloze_item(q).prompt).input_ids for q in questions[:4]])
+        # a run cut mid-checkpoint (time budget) keeps the benchmarks already scored
+        partial = Path(args.out) / "checkpoints" / f"{task_id}.pkl.partial"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(pickle.dumps(results))
+        print(json.dumps({"checkpoint": task_id, "benchmark": name, "n": cloze["n"],
+                          "acc": {d: round(float(v.mean()), 4) for d, v in cloze["correct"].items()},
+                          "seconds": round(time.time() - started, 1)}), flush=True)
     return results
 
 
@@ -156,7 +163,7 @@ def main(argv=None) -> int:
     names = (args.benchmarks or ("piqa,sciq,truthfulqa" if quick else FULL_BENCHMARKS)).split(",")
     methods = (args.methods or "prompt_tuning,lora,ia3").split(",")
     seeds = args.seeds or (1 if quick else 3)
-    steps = sorted(int(s) for s in (args.steps or ("1,2" if quick else "4,12")).split(","))
+    steps = sorted(int(s) for s in (args.steps or ("2" if quick else "4,12")).split(","))
     n_train = args.n_train or (4 if quick else 24)
     n_calib = args.n_calib or (3 if quick else 8)
     args.batch_size = args.batch_size or (4 if quick else 8)
@@ -206,6 +213,7 @@ def main(argv=None) -> int:
                 runs.setdefault((method, step), {})[seed] = res
                 (out / "checkpoints").mkdir(exist_ok=True)
                 (out / "checkpoints" / f"{method}-s{seed}-k{step}.pkl").write_bytes(pickle.dumps(res))
+                (out / "checkpoints" / f"{method}-s{seed}-k{step}.pkl.partial").unlink(missing_ok=True)
                 line = {"method": method, "seed": seed, "step": step, "elapsed_s": round(time.time() - t0, 1)}
                 for name, r in res.items():
                     acc = {d: round(float(v.mean()), 4) for d, v in r["cloze"]["correct"].items()}
