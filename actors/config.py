@@ -90,8 +90,10 @@ class ClockConfig:
     over_selection: float = param(1.0, "invite ceil(clients_per_round * this) clients", ge=1)
     dropout_prob: float = param(0.0, "probability an invited client drops out mid-round", ge=0, lt=1)
     link_model: str = param("static", "client rates per round: the profile's (static), Rayleigh block fading "
-                            "(rayleigh), or per-round rates from clock.link_trace (trace)", choices=LINK_MODELS)
-    link_min_gain: float = param(0.05, "floor of the Rayleigh power gain (rate fraction in a deep fade)", gt=0, le=1)
+                            "(rayleigh), per-round rates from clock.link_trace (trace), or good/bad Gilbert-Elliott "
+                            "states that persist over rounds (markov)", choices=LINK_MODELS)
+    link_min_gain: float = param(0.05, "floor of the Rayleigh power gain (rate fraction in a deep fade), or the "
+                                 "bad state's rate fraction (markov)", gt=0, le=1)
     link_trace: str | None = param(None, "CSV with round, client_id, uplink_mbps, downlink_mbps (link_model=trace)")
 
 
