@@ -278,6 +278,7 @@ def main() -> int:
         print(f"append: {len(skipped)} planned runs already done, {len(jobs)} to run", flush=True)
     t0 = time.time()
     connection = connect(num_cpus=2, log_to_driver=False)
+    t_runs = time.time()  # the first run's time, for the estimate, leaves out Ray's start
     done = 0
     try:
         for seed, env, variant in jobs:
@@ -291,7 +292,7 @@ def main() -> int:
             done += 1
             if done == 1:
                 modelled = run_seconds(cfg, variant)
-                actual = time.time() - t0
+                actual = time.time() - t_runs
                 print(f"first run: {actual:.0f} s against {modelled:.0f} s modelled -> estimate "
                       f"{estimate_s * actual / modelled / 60:.0f} min in all", flush=True)
     finally:
