@@ -3,7 +3,6 @@
 the ``observed`` feature; env invariants on it, the exported policy seeing what the env's agent saw,
 and parity with the FL runtime (coverage, availability, links and per-edge round time)."""
 
-import json
 import math
 
 import numpy as np
@@ -14,10 +13,11 @@ from edgeray.config import load_config
 from edgeray.errors import UserError
 from pipelines.population import MARKOV_P_BAD, MARKOV_P_GOOD, Link, LinkModel, disc_coverage, sample_profiles
 from pipelines.selection import GreedyLatencySelector, RandomSelector
-from pipelines.selection.crp import FEATURES, RLCRPSelector, choose, export_meta, save_export
+from pipelines.selection.crp import FEATURES, RLCRPSelector, export_meta, save_export
 from pipelines.selection.crp_policy import CRPPolicyNet
 from rl.crp.config import CRPConfig
 from rl.envs.crp import CRPSimulation, run_selector
+from test_crp_selector import assert_selector_is_the_env_agent
 
 CONTESTED = "configs/crp_contested.yaml"
 HOME, OVERLAP, OBSERVED, LATENCY = (FEATURES.index(f) for f in ("home", "overlap", "observed", "latency"))
@@ -125,14 +125,7 @@ def test_the_selector_sees_what_the_env_agent_saw_in_the_contested_setting(tmp_p
         requests = sim.requests(sim.round)
         picks = selector.select_all(requests, sim.round)
         for r in requests:
-            tracker, mine = selector.trackers[r.edge_id], sim.trackers[r.edge_id]
-            online = sim.available(sim.round)[mine.covered].astype(float)
-            assert np.allclose(tracker.features(sim.round, online), mine.features(sim.round, online))
-            net = selector.nets[r.edge_id]
-            with torch.no_grad():
-                local = choose(lambda o: net(torch.as_tensor(o)[None])[0][0].numpy(),
-                               mine.features(sim.round, online), sim.k)
-            assert sorted(mine.covered[local].tolist()) == picks[r.edge_id]
+            assert_selector_is_the_env_agent(selector, sim, r, picks)
         sim.play(picks)
     observed = sim.trackers[0].features(sim.round, np.ones(len(sim.trackers[0].covered)))[:, OBSERVED]
     assert not np.allclose(observed, sim.trackers[0].latency)        # the feature moved with what was seen
@@ -157,24 +150,16 @@ def test_contested_env_equals_the_fl_runtime(ray_session, tmp_path):
     U(0.7, 1)): the same coverage, online clients and per-edge round times as the env for the
     same picks, two rounds."""
     from actors.config import FLConfig
-    from actors.driver import FLRun, prepare
-    from pipelines.population import save_trace
     from rl.envs.crp import CRPEnvSection
     from rl.loop import torch_threads
+    from test_crp_rllib import two_fl_rounds
 
     cfg = load_config(FLConfig, "configs/fedavg_digits.yaml",
                       ["model.name=mlp", "selection.method=greedy-latency", "runtime.num_edge_servers=4",
                        "runtime.coverage=disc", "runtime.coverage_radius=0.5", "clock.link_model=markov",
                        "clock.link_min_gain=0.25", "clock.min_availability=0.7", "strategy.clients_per_round=8"])
-    prepared = prepare(cfg)
     with torch_threads(1):
-        fl = FLRun(cfg, cfg.strategy.spec(), prepared)
-        try:
-            rows = [ray_session.get(fl.aggregator.run_round.remote(r)) for r in (1, 2)]
-        finally:
-            fl.shutdown()
-    save_trace(prepared.profiles, tmp_path / "client_profiles.json")
-    (tmp_path / "sizes.json").write_text(json.dumps([len(p) for p in prepared.parts]))
+        prepared, rows, _ = two_fl_rounds(ray_session, cfg, tmp_path)
     model_bytes = (rows[0]["bytes_down"] + rows[0]["bytes_up"]) / (2 * rows[0]["clients_completed"])
     sim = CRPSimulation(CRPEnvSection(num_clients=10, num_edges=4, coverage="disc", coverage_radius=0.5,
                                       clients_per_round=8, seed=cfg.seed, link_model="markov", link_min_gain=0.25,

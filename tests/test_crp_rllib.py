@@ -91,10 +91,9 @@ def test_train_resume_export_and_run_the_policy_in_fl(ray_session, tmp_path, cap
                                      "has 12 (data.num_clients)")
 
 
-@pytest.mark.parametrize("rule", ["share", "fail"])
-def test_env_latency_equals_the_fl_runtimes_edge_round_time(ray_session, tmp_path, rule):
-    cfg = load_config(FLConfig, DIGITS, ["model.name=mlp", "selection.method=greedy-latency",
-                                         f"selection.conflict_rule={rule}"])
+def two_fl_rounds(ray_session, cfg, tmp_path):
+    """Two rounds of the FL runtime; the run's client profiles and partition sizes are written to
+    tmp_path (client_profiles.json, sizes.json) for the env to load. Returns (prepared, rows, sizes)."""
     prepared = prepare(cfg)
     fl = FLRun(cfg, cfg.strategy.spec(), prepared)
     try:
@@ -104,6 +103,14 @@ def test_env_latency_equals_the_fl_runtimes_edge_round_time(ray_session, tmp_pat
     save_trace(prepared.profiles, tmp_path / "client_profiles.json")
     sizes = [len(p) for p in prepared.parts]
     (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    return prepared, rows, sizes
+
+
+@pytest.mark.parametrize("rule", ["share", "fail"])
+def test_env_latency_equals_the_fl_runtimes_edge_round_time(ray_session, tmp_path, rule):
+    cfg = load_config(FLConfig, DIGITS, ["model.name=mlp", "selection.method=greedy-latency",
+                                         f"selection.conflict_rule={rule}"])
+    prepared, rows, sizes = two_fl_rounds(ray_session, cfg, tmp_path)
     # model bytes per client and direction, from the runtime's own meter (down also carries the
     # instruction, a few hundred bytes of ~1e5: within the tolerance below)
     kept = rows[0]["clients_completed"]

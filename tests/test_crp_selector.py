@@ -25,6 +25,18 @@ def _export(tmp_path, sim, hidden=(8,)):
     return save_export(tmp_path / "crp_policy.pt", meta, policies)
 
 
+def assert_selector_is_the_env_agent(selector, sim, request, picks):
+    """The selector's record, rebuilt from the request's history, equals the env's own, and its
+    arg-max picks are the env agent's, through the same observation and pick loop."""
+    tracker, mine = selector.trackers[request.edge_id], sim.trackers[request.edge_id]
+    online = sim.available(sim.round)[mine.covered].astype(float)
+    assert np.allclose(tracker.features(sim.round, online), mine.features(sim.round, online))
+    net = selector.nets[request.edge_id]
+    with torch.no_grad():
+        local = choose(lambda o: net(torch.as_tensor(o)[None])[0][0].numpy(), mine.features(sim.round, online), sim.k)
+    assert sorted(mine.covered[local].tolist()) == picks[request.edge_id]
+
+
 @pytest.fixture
 def sim():
     return CRPSimulation(CRPEnvSection(num_clients=24, num_edges=3, clients_per_round=6, rounds=5,
@@ -40,16 +52,7 @@ def test_the_selector_sees_what_the_env_agent_saw_and_picks_within_candidates(tm
         picks = selector.select_all(requests, sim.round)
         for r in requests:
             assert len(picks[r.edge_id]) == sim.k and set(picks[r.edge_id]) <= set(r.candidates)
-            tracker, mine = selector.trackers[r.edge_id], sim.trackers[r.edge_id]
-            online = sim.available(sim.round)[mine.covered].astype(float)
-            # the selector's record, rebuilt from the request's history, equals the env's own
-            assert np.allclose(tracker.features(sim.round, online), mine.features(sim.round, online))
-            # and its arg-max picks are the env agent's, through the same observation and pick loop
-            net = selector.nets[r.edge_id]
-            with torch.no_grad():
-                local = choose(lambda o: net(torch.as_tensor(o)[None])[0][0].numpy(),
-                               mine.features(sim.round, online), sim.k)
-            assert sorted(mine.covered[local].tolist()) == picks[r.edge_id]
+            assert_selector_is_the_env_agent(selector, sim, r, picks)
         sim.play(picks)
     assert sim.trackers[0].risk.fits >= 1
     again = RLCRPSelector(sim.population, 0, checkpoint=str(tmp_path))   # a folder holding the export works too

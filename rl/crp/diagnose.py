@@ -107,6 +107,14 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * (len(labels) - pos)))
 
 
+def pick_outcomes(result, picks: dict):
+    """(edge, client, whether that pick conflicted) for every pick of a played round."""
+    for e, chosen in picks.items():
+        conflicted = {o.client_id for o in result.observations[e].outcomes if o.contenders > 0}
+        for c in chosen:
+            yield e, c, c in conflicted
+
+
 def risk_auc(env, episodes: int, preference_scale: float) -> dict:
     """AUC of the risk feature (and of the true conflict probability) for picks that conflicted.
     Every edge picks k without replacement from softmax(pref_e), pref_e ~ N(0, scale) per client,
@@ -139,12 +147,10 @@ def risk_auc(env, episodes: int, preference_scale: float) -> dict:
             result = sim.play(picks)
             if rnd <= env.risk_lag + 1:
                 continue
-            for e, chosen in picks.items():
-                conflicted = {o.client_id for o in result.observations[e].outcomes if o.contenders > 0}
-                for c in chosen:
-                    risks.append(feats[e][sim.trackers[e].index[c]])
-                    truth.append(1 - np.prod([1 - pick_p[o][c] for o in sim.coverage if o != e and c in pick_p[o]]))
-                    labels.append(c in conflicted)
+            for e, c, conflicted in pick_outcomes(result, picks):
+                risks.append(feats[e][sim.trackers[e].index[c]])
+                truth.append(1 - np.prod([1 - pick_p[o][c] for o in sim.coverage if o != e and c in pick_p[o]]))
+                labels.append(conflicted)
     labels = np.asarray(labels)
     return {"preference_scale": preference_scale, "picks": int(len(labels)), "conflict_rate": float(labels.mean()),
             "risk_auc": auc(np.asarray(risks), labels), "true_probability_auc": auc(np.asarray(truth), labels)}
@@ -166,11 +172,9 @@ def trained_risk(env, run_dir: Path, episodes: int) -> dict:
             result = sim.play(picks)
             if rnd <= env.risk_lag + 1:
                 continue
-            for e, chosen in picks.items():
-                conflicted = {o.client_id for o in result.observations[e].outcomes if o.contenders > 0}
-                for c in chosen:
-                    risks.append(before[e][selector.trackers[e].index[c]])
-                    labels.append(c in conflicted)
+            for e, c, conflicted in pick_outcomes(result, picks):
+                risks.append(before[e][selector.trackers[e].index[c]])
+                labels.append(conflicted)
     risks, labels = np.asarray(risks), np.asarray(labels)
     high = risks > np.median(risks)
     return {"run": run_dir.name, "picks": int(len(labels)), "conflict_rate": float(labels.mean()),
