@@ -288,8 +288,11 @@ def main() -> None:
     if args.methods:
         plan["methods"] = {n: tuple(dict.fromkeys(["ippo", *args.methods])) for n in plan["agents"]}
     name = "leed-quick" if args.quick else "leed"
-    if args.agents or args.seeds or args.methods or args.first_seed or args.set:   # a partial grid never overwrites the full run's folder
+    # a partial grid (or a tuning run) never overwrites the full run's folder
+    if args.agents or args.seeds or args.methods or args.first_seed or args.set:
         name += "-" + "-".join(map(str, plan["agents"])) + f"-s{plan['seeds']}"
+        name += f"-from{args.first_seed}" if args.first_seed else ""
+        name += "-set" if args.set else ""
     out = Path(args.out or Path(__file__).resolve().parent / "results" / name)
     if out.exists():
         shutil.rmtree(out)
