@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgeray import runs  # noqa: E402
 from edgeray.config import load_config  # noqa: E402
+from edgeray.errors import UserError  # noqa: E402
 from rl.leed.config import LEEDConfig  # noqa: E402
 
 SMOLLM2 = "data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,24 +81,10 @@ def _merge(*parts):
     return out
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """`--set section.key=value` pairs (value parsed as YAML) as a nested dict; bad input is one line."""
-    import yaml
-
-    out: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        section, dot, field = key.partition(".")
-        if not sep or not dot or not section or not field:
-            raise SystemExit(f"bench/leed.py: --set expects section.key=value, got {pair!r}")
-        out.setdefault(section, {})[field] = yaml.safe_load(value)
-    return out
-
-
 def setting_config(n_agents: int, plan: dict, seed: int = 0, **extra) -> LEEDConfig:
     data = _merge(COMMON, SETTINGS[n_agents], {"train": {"seed": seed, "stop_iters": plan["iters"][n_agents]}},
-                  {"train": plan.get("train", {})}, plan.get("overrides", {}), extra)
-    return load_config(LEEDConfig, data=data)
+                  {"train": plan.get("train", {})}, extra)
+    return load_config(LEEDConfig, overrides=plan.get("overrides", ()), data=data)
 
 
 def demo_quality(plan: dict, llm_url: str | None) -> dict:
@@ -226,7 +213,7 @@ def summarize(out: Path, plan: dict, quality: dict, quick: bool, load_start, wal
     line["agents"] = list(plan["agents"])
     line["iterations"] = {str(k): v for k, v in plan["iters"].items()}
     line["seeds"] = list(range(plan["first_seed"], plan["first_seed"] + plan["seeds"]))
-    line["overrides"] = plan.get("overrides", {})
+    line["overrides"] = list(plan.get("overrides", ()))
     line["env_steps_per_iter"] = setting_config(small, plan).train.env_steps_per_iter
     line["policy_sharing"] = {str(n): SETTINGS[n]["policy"]["sharing"] for n in plan["agents"]}
     line["load_avg_1m_start_end"] = [load_start, os.getloadavg()[0]]
@@ -283,7 +270,11 @@ def main() -> None:
     if args.seeds:
         plan["seeds"] = args.seeds
     plan["first_seed"] = args.first_seed
-    plan["overrides"] = parse_overrides(args.set)
+    plan["overrides"] = args.set
+    try:                                  # a bad --set is one line before anything runs
+        setting_config(min(plan["agents"]), plan)
+    except UserError as exc:
+        raise SystemExit(f"bench/leed.py: {exc}") from None
     plan["demo_quality"] = not args.no_demo_quality
     if args.methods:
         plan["methods"] = {n: tuple(dict.fromkeys(["ippo", *args.methods])) for n in plan["agents"]}
