@@ -108,7 +108,8 @@ def paired_by_seed(items, ippo) -> dict:
             continue
         ippo_rows = ippo_by_seed[cfg.train.seed]
         final = final_return(ippo_rows)
-        first = _returns(ippo_rows)[0][1] if _returns(ippo_rows) else None
+        ippo_curve = _returns(ippo_rows)
+        first = ippo_curve[0][1] if ippo_curve else None
         partial = None if final is None or first is None else first + IMPROVEMENT_SHARE * (final - first)
         for target, into in ((final, ratios), (partial, ratios_90)):
             mine, theirs = steps_to_reach(rows, target), steps_to_reach(ippo_rows, target)
