@@ -24,8 +24,8 @@ leaves out against issue 17's matrix).
     python bench/deer.py --quick                     # < 2 min (ns-cartpole, DQN)
     python bench/deer.py --quick --envs ns-pendulum  # the SAC leg's smoke test, < 2 min
     python bench/deer.py                  # issue 17's matrix: ns-cartpole + ns-acrobot (DQN), ns-pendulum (SAC),
-                                          # 5 seeds x 4 variants = 60 runs, sized to ~60-75 min on the quiet
-                                          # 2-core machine (the plan line prints the estimate)
+                                          # 5 seeds x 4 variants = 60 runs: ~112 min on the quiet 2-core
+                                          # machine (measured 2026-12-03; issue 17 asks for 90: missed)
     python bench/deer.py --summarize-only # re-read finished runs and print the JSON
 """
 
@@ -87,10 +87,12 @@ PER_ENV = {"ns-cartpole": ["env.shift_params=[length]"],
                            "train.stop_iters=24", "train.checkpoint_every=24", "train.training_intensity=32.0"]}
 DEFAULT_ENVS = ("ns-cartpole", "ns-acrobot", "ns-pendulum")  # issue 17's matrix; --quick: ns-cartpole
 BUDGET_MIN = 90.0  # issue 17: the full matrix fits 90 minutes on the 2-core machine
-# Time model of the plan line: seconds per 1,000 env steps of one run (training + greedy evaluation, PER) and
-# seconds to build / stop a run, measured under the shared lock on this machine (see docs/deer.md, Measured);
-# DEER's detector and snapshots add DEER_FACTOR. The first finished run refines the estimate.
-SEC_PER_KSTEP = {"ns-cartpole": 1.2, "ns-acrobot": 1.3, "ns-pendulum": 3.6, "ns-mountaincar": 1.3}
+# Time model of the plan line: seconds per 1,000 env steps of one PER run (training + greedy evaluation) and
+# seconds to build / stop a run, measured in seed 0 of the full matrix on the quiet machine (2026-12-03, docs/deer.md);
+# DEER's detector and snapshots add DEER_FACTOR; "uniform" runs RLlib's stock DQN / SAC with its EpisodeReplayBuffer
+# (no fast path), UNIFORM_FACTOR times PER's time. The first finished run refines the estimate.
+SEC_PER_KSTEP = {"ns-cartpole": 1.2, "ns-acrobot": 1.3, "ns-pendulum": 7.4, "ns-mountaincar": 1.3}
+UNIFORM_FACTOR = {"ns-cartpole": 2.6, "ns-acrobot": 2.5, "ns-pendulum": 1.7, "ns-mountaincar": 2.5}
 BUILD_S = 6.0
 DEER_FACTOR = 1.15
 CUT = ("issue 17 asks for 20-25k env steps per segment; this matrix (ns-cartpole + ns-acrobot DQN, ns-pendulum SAC, "
@@ -100,14 +102,16 @@ CUT = ("issue 17 asks for 20-25k env steps per segment; this matrix (ns-cartpole
 
 
 def run_seconds(cfg, variant: str) -> float:
-    """Modelled wall seconds of one run (SEC_PER_KSTEP, BUILD_S, DEER_FACTOR); scaled by the updates per env step
-    relative to the env's default intensity when --set changes it (updates dominate)."""
+    """Modelled wall seconds of one run (SEC_PER_KSTEP, BUILD_S, DEER_FACTOR, UNIFORM_FACTOR); scaled by the updates
+    per env step relative to the env's default intensity when --set changes it (updates dominate)."""
     default = load_config(ExperimentConfig, None, overrides(cfg.env.name, 0, "per", False))
     per_update = cfg.train.training_intensity / cfg.train.train_batch_size
     base = default.train.training_intensity / default.train.train_batch_size
     kstep = SEC_PER_KSTEP.get(cfg.env.name, 1.3) * (0.4 + 0.6 * per_update / base)
     seconds = cfg.train.stop_iters * cfg.train.env_steps_per_iter / 1000 * kstep
-    return BUILD_S + seconds * (DEER_FACTOR if variant.startswith("deer") else 1.0)
+    factor = (DEER_FACTOR if variant.startswith("deer")
+              else UNIFORM_FACTOR.get(cfg.env.name, 2.5) if variant == "uniform" else 1.0)
+    return BUILD_S + seconds * factor
 
 
 def print_plan(jobs, configs: dict, seeds: int, variants, budget_min) -> float:
@@ -127,8 +131,9 @@ def print_plan(jobs, configs: dict, seeds: int, variants, budget_min) -> float:
     fits = "fits" if total_s <= 60 * BUDGET_MIN else "does NOT fit"
     print(f"plan: {len(jobs)} runs ({', '.join(configs)} x {seeds} seeds x {', '.join(variants)}), {total_steps} env "
           f"steps; estimate {total_s / 60:.0f} min on a quiet 2-core machine ({fits} issue 17's {BUDGET_MIN:.0f} min; "
-          f"model: {', '.join(f'{e} {SEC_PER_KSTEP[e]} s' for e in configs if e in SEC_PER_KSTEP)} per 1,000 env steps, "
-          f"{BUILD_S:.0f} s per run, DEER x{DEER_FACTOR}; a loaded machine is slower)"
+          f"model: PER {', '.join(f'{e} {SEC_PER_KSTEP[e]} s' for e in configs if e in SEC_PER_KSTEP)} per 1,000 env "
+          f"steps, {BUILD_S:.0f} s per run, DEER x{DEER_FACTOR}, uniform (stock RLlib) "
+          f"x{'/'.join(str(UNIFORM_FACTOR.get(e, 2.5)) for e in configs)}; a loaded machine is slower)"
           + (f"; --budget-min {budget_min:g} stops starting runs after that" if budget_min is not None else ""),
           flush=True)
     return total_s
