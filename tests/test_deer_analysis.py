@@ -79,3 +79,44 @@ def test_evaluate_policy_freezes_the_dynamics_of_the_step():
     assert evaluate_policy("ns-cartpole", cfg, 150, lambda o: 0, 2, 0) == evaluate_policy("ns-cartpole", cfg, 10_000, lambda o: 0, 2, 0)
     assert evaluate_policy("ns-cartpole", cfg, 50, lambda o: 0, 2, 0) != returns
     assert np.isfinite(random_return("ns-cartpole", cfg, 2.0, episodes=3))
+
+
+def _synthetic_run(env, seed, variant, post_shift_return):
+    """One run of 200 env steps with a shift at 100: greedy evaluations every 50 steps."""
+    from edgeray.config import load_config
+    from rl.deer.config import ExperimentConfig
+
+    overrides = [f"env.name={env}", f"train.seed={seed}", "env.shift_every=100", "env.magnitudes=[0.0, 1.0]",
+                 "env.schedule=hold"] + (["deer.change_source=oracle"] if variant == "deer-oracle" else [])
+    cfg = load_config(ExperimentConfig, None, overrides)
+    rows = [{"env_steps": s, "eval": {"step": s, "magnitude": 0.0 if s <= 100 else 1.0,
+                                      "returns": [10.0 if s <= 100 else post_shift_return]}}
+            for s in (50, 100, 150, 200)]
+    if variant.startswith("deer"):
+        for r in rows[2:]:
+            r["deer"] = {"change_points": [100]}  # declared at step 150
+    return ("per" if variant == "per" else "deer"), cfg, rows
+
+
+def test_post_shift_summary_pairs_runs_by_env_and_seed_and_reports_each_env():
+    from rl.deer.analysis import post_shift_summary
+
+    runs = []
+    for seed in range(3):
+        # ns-cartpole: DEER and the oracle recover to 60 + seed after the shift, PER to 50 + seed;
+        # ns-acrobot: every variant to 40 + seed
+        runs += [_synthetic_run("ns-cartpole", seed, "per", 50.0 + seed),
+                 _synthetic_run("ns-cartpole", seed, "deer", 60.0 + seed),
+                 _synthetic_run("ns-cartpole", seed, "deer-oracle", 60.0 + seed),
+                 _synthetic_run("ns-acrobot", seed, "per", 40.0 + seed),
+                 _synthetic_run("ns-acrobot", seed, "deer", 40.0 + seed)]
+    randoms = {(env, m): 0.0 for env in ("ns-cartpole", "ns-acrobot") for m in (0.0, 1.0)}
+    out = post_shift_summary(runs, random_returns=randoms, reps=500)
+    assert out["deer_vs_per"]["pairs"] == 6  # (env, seed) pairs over both envs
+    cartpole, acrobot = out["per_env_paired"]["ns-cartpole"], out["per_env_paired"]["ns-acrobot"]
+    assert cartpole["deer_vs_per"]["pairs"] == 3 and cartpole["deer_vs_per"]["diff_mean"] > 0.1
+    assert cartpole["deer_vs_per"]["diff_ci_low"] > 0
+    assert acrobot["deer_vs_per"]["diff_mean"] == 0 and acrobot["oracle_vs_per"] is None
+    # normalized between the random return (0) and the best evaluation of the env and magnitude
+    assert out["normalized_auc"]["ns-cartpole"]["deer"] == pytest.approx(np.mean([(60 + s) / 62 for s in range(3)]))
+    assert out["detection"]["hit_rate"] == 1.0 and out["detection"]["delay_steps_median"] == 50

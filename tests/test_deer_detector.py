@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl.deer.detector import DetectorSettings, RewardChangeDetector, calibrate_threshold, change_score
+from rl.deer.detector import (ConfirmationStreak, DetectorSettings, RewardChangeDetector, calibrate_threshold,
+                              change_score)
 
 # the earlier rule: threshold calibrated once on i.i.d. N(0,1) noise, one exceedance declares
 SETTINGS = DetectorSettings(window=100, subseq_len=8, check_every=50, epochs=30, calibration_trials=40,
@@ -158,6 +159,28 @@ def test_confirmations_need_consecutive_exceedances_and_stamps_map_change_points
     assert len(detector.scores) == 5 and len(detector.change_points) == 1
     # the change point is the stamp of the first test-window reward of the first exceedance
     assert detector.change_points == [100 * 10 + 7]
+
+
+def test_confirmation_streak_declares_at_the_nth_consecutive_exceedance():
+    streak = ConfirmationStreak(needed=2)
+    # an exceedance, a miss (resets), two exceedances: the change point is the first of the two
+    assert [streak.observe(e, start) for e, start in [(True, 10), (False, 20), (True, 30), (True, 40)]] == \
+        [None, None, None, 30]
+    assert (streak.count, streak.start) == (0, None)  # declared: a new streak starts from scratch
+    assert ConfirmationStreak(needed=1).observe(True, 5) == 5
+
+
+def test_a_checkpoint_taken_mid_streak_resumes_the_streak():
+    settings = dataclasses.replace(SETTINGS, threshold=-1e9, cooldown=0, confirmations=3)
+    whole = RewardChangeDetector(settings)
+    whole.update(np.zeros(400), stamps=np.arange(400) * 10 + 7)
+    first = RewardChangeDetector(settings)
+    first.update(np.zeros(260), stamps=np.arange(260) * 10 + 7)  # checks at 200 and 250: two of three
+    state = first.get_state()
+    assert (state["streak"], state["streak_point"]) == (2, 100 * 10 + 7)
+    second = RewardChangeDetector.from_state(state)
+    second.update(np.zeros(140), stamps=np.arange(260, 400) * 10 + 7)
+    assert second.change_points == whole.change_points == [100 * 10 + 7]
 
 
 def test_batched_scores_equal_one_classifier_at_a_time():

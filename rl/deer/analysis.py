@@ -325,8 +325,9 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
                                                   hit_steps=hit_steps or cfg.env.shift_every // 2,
                                                   declared=detected[1]))
 
-    def paired(a: str, b: str) -> dict | None:
-        keys = sorted(set(scores.get(a, {})) & set(scores.get(b, {})))
+    def paired(a: str, b: str, env: str | None = None) -> dict | None:
+        """Paired gain of variant a over b over their common (env, seed) pairs (one env's seeds when `env`)."""
+        keys = sorted(k for k in set(scores.get(a, {})) & set(scores.get(b, {})) if env is None or k[0] == env)
         if not keys:
             return None
         return {**paired_gain([scores[a][k] for k in keys], [scores[b][k] for k in keys], reps=reps),
@@ -343,6 +344,9 @@ def post_shift_summary(runs: list[tuple[str, object, list[dict]]], *, random_ret
         "deer_vs_uniform": paired("deer", "uniform"), "oracle_vs_deer": paired("deer-oracle", "deer"),
         "per_vs_uniform": paired("per", "uniform"),
         "dynamics_vs_per": paired("deer-dynamics", "per"),
+        "per_env_paired": {env: {"deer_vs_per": paired("deer", "per", env),
+                                 "oracle_vs_per": paired("deer-oracle", "per", env),
+                                 "per_vs_uniform": paired("per", "uniform", env)} for env in per_env},
         "detection": _detection_summary(detection),
         "detection_dynamics": out_dynamics,
     }

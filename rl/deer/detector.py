@@ -69,6 +69,29 @@ class DetectorSettings:
 NULLS = ("episode_permutation", "iid_gaussian")
 
 
+@dataclass
+class ConfirmationStreak:
+    """The confirmation rule both DEER detectors share: a change is declared at the `needed`-th
+    consecutive exceeding check, and its change point is the test-window start of the first one."""
+
+    needed: int
+    count: int = 0
+    start: int | None = None  # test-window start of the streak's first exceeding check
+
+    def observe(self, exceeds: bool, test_window_start: int) -> int | None:
+        """One check's outcome; returns the change point when this check completes a streak."""
+        if not exceeds:
+            self.count, self.start = 0, None
+            return None
+        if self.count == 0:
+            self.start = int(test_window_start)
+        self.count += 1
+        if self.count < self.needed:
+            return None
+        point, self.count, self.start = self.start, 0, None
+        return point
+
+
 def _subsequences(x: np.ndarray, length: int, stride: int = 1) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(x, length)[::stride].copy()
 
@@ -178,8 +201,7 @@ class RewardChangeDetector:
         self._recent_blocks = np.zeros(0, dtype=np.int64)
         self._recent_stamps = np.zeros(0, dtype=np.int64)
         self._next_block = 0
-        self._streak = 0
-        self._streak_point = -1
+        self._streak = ConfirmationStreak(settings.confirmations)
         self._null_threshold: float | None = None
         self._checks_since_null = 0
         self.null_computations = 0
@@ -250,22 +272,14 @@ class RewardChangeDetector:
                 self._checks_since_null += 1
             threshold = self._null_threshold
         self.thresholds.append((self.steps_seen, threshold))
-        if score <= threshold:
-            self._streak = 0
-            return None
-        if self._streak == 0:
-            self._streak_point = int(self._recent_stamps[s.window])  # start of this test window
-        self._streak += 1
-        if self._streak < s.confirmations:
-            return None
-        self._streak = 0
-        return self._streak_point
+        return self._streak.observe(score > threshold, self._recent_stamps[s.window])  # start of the test window
 
     def get_state(self) -> dict:
         return {"settings": dataclasses.asdict(self.settings), "threshold": self.threshold,
                 "recent": self._recent.tolist(), "recent_blocks": self._recent_blocks.tolist(),
                 "recent_stamps": self._recent_stamps.tolist(), "next_block": self._next_block,
-                "streak": self._streak, "streak_point": self._streak_point, "rng": self._rng.bit_generator.state,
+                "streak": self._streak.count, "streak_point": -1 if self._streak.start is None else self._streak.start,
+                "rng": self._rng.bit_generator.state,
                 "null_threshold": self._null_threshold, "checks_since_null": self._checks_since_null,
                 "steps_seen": self.steps_seen, "next_check": self._next_check,
                 "quiet_until": self._quiet_until, "change_points": list(self.change_points),
@@ -280,7 +294,8 @@ class RewardChangeDetector:
         detector._recent_blocks = np.asarray(state["recent_blocks"], dtype=np.int64)
         detector._recent_stamps = np.asarray(state["recent_stamps"], dtype=np.int64)
         detector._next_block = state["next_block"]
-        detector._streak, detector._streak_point = state["streak"], state["streak_point"]
+        detector._streak.count = state["streak"]
+        detector._streak.start = state["streak_point"] if state["streak"] else None
         detector._rng.bit_generator.state = state["rng"]
         detector._null_threshold, detector._checks_since_null = state["null_threshold"], state["checks_since_null"]
         detector.steps_seen = state["steps_seen"]

@@ -34,7 +34,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from rl.deer.detector import DetectorSettings
+from rl.deer.detector import ConfirmationStreak, DetectorSettings
 
 
 class DynamicsChangeDetector:
@@ -48,8 +48,7 @@ class DynamicsChangeDetector:
         self._y: deque = deque(maxlen=cap)   # s' - s
         self._stamps: deque = deque(maxlen=cap)
         self._since_check = 0
-        self._streak_start: int | None = None
-        self._streak = 0
+        self._streak = ConfirmationStreak(settings.confirmations)
         self._cooldown_until = -1
         self.change_points: list[int] = []
         self.scores: list[float] = []
@@ -140,26 +139,18 @@ class DynamicsChangeDetector:
                 null.append(both[perm[len(v):]].mean() - both[perm[:len(v)]].mean())
             self.threshold = max(float(np.quantile(null, s.quantile)), float(np.log(s.dynamics_min_ratio)))
         stamp_now = self._stamps[-1]
-        test_start = self._stamps[s.window]
-        if score > self.threshold and stamp_now >= self._cooldown_until:
-            if self._streak == 0:
-                self._streak_start = test_start
-            self._streak += 1
-            if self._streak >= s.confirmations:
-                change = int(self._streak_start)
-                self.change_points.append(change)
-                self._streak, self._streak_start = 0, None
-                self._cooldown_until = stamp_now + s.cooldown
-                return change
-        else:
-            self._streak, self._streak_start = 0, None
-        return None
+        change = self._streak.observe(score > self.threshold and stamp_now >= self._cooldown_until,
+                                      self._stamps[s.window])  # start of the test window
+        if change is not None:
+            self.change_points.append(change)
+            self._cooldown_until = stamp_now + s.cooldown
+        return change
 
     # ---- checkpoints
     def get_state(self) -> dict:
         return {"kind": "dynamics", "settings": dict(vars(self.settings)), "n_actions": self.n_actions,
                 "x": np.asarray(self._x).tolist(), "y": np.asarray(self._y).tolist(), "stamps": list(self._stamps),
-                "since_check": self._since_check, "streak": self._streak, "streak_start": self._streak_start,
+                "since_check": self._since_check, "streak": self._streak.count, "streak_start": self._streak.start,
                 "cooldown_until": self._cooldown_until, "change_points": list(self.change_points),
                 "scores": list(self.scores), "threshold": self.threshold,
                 "rng": self.rng.bit_generator.state}
@@ -172,7 +163,8 @@ class DynamicsChangeDetector:
         for row in state["y"]:
             det._y.append(np.asarray(row, dtype=np.float32))
         det._stamps.extend(int(v) for v in state["stamps"])
-        det._since_check, det._streak, det._streak_start = state["since_check"], state["streak"], state["streak_start"]
+        det._since_check = state["since_check"]
+        det._streak.count, det._streak.start = state["streak"], state["streak_start"]
         det._cooldown_until, det.change_points = state["cooldown_until"], list(state["change_points"])
         det.scores, det.threshold = list(state["scores"]), state["threshold"]
         det.rng.bit_generator.state = state["rng"]
