@@ -96,7 +96,8 @@ UNIFORM_FACTOR = {"ns-cartpole": 2.6, "ns-acrobot": 2.5, "ns-pendulum": 1.7, "ns
 BUILD_S = 6.0
 DEER_FACTOR = 1.15
 CUT = ("issue 17 asks for 20-25k env steps per segment; this matrix (ns-cartpole + ns-acrobot DQN, ns-pendulum SAC, "
-       "{seeds} seeds, uniform / PER / DEER / DEER-oracle, sized to fit 90 min on 2 cores) uses 5k (cartpole), 12k "
+       "{seeds} seeds, uniform / PER / DEER / DEER-oracle; ~112 min on the quiet 2-core machine, over issue 17's 90) uses "
+       "5k (cartpole), 12k "
        "(acrobot) and 8k (pendulum) env steps per segment, 3 segments (nominal, +100 %, +200 %); ns-mountaincar is "
        "not in it (--envs adds it)")
 
@@ -216,6 +217,9 @@ def summarize(out: Path, complete: bool, planned: int, load_start, seeds: int) -
         "mean_return_gain_vs_per_pct": summary["gain_vs_per_pct"],
         "paired": {k: post[k] for k in ("deer_vs_per", "oracle_vs_per", "oracle_vs_deer", "deer_vs_uniform",
                                         "per_vs_uniform")},
+        "gain_vs_per_pct_per_env": {env: {k: None if v is None else [round(v[f], 2) for f in
+                                                                     ("gain_pct", "ci_low_pct", "ci_high_pct")]
+                                          for k, v in pairs.items()} for env, pairs in post["per_env_paired"].items()},
         "runs_done": len(finished), "runs_planned": planned, "complete": complete and len(finished) == planned,
         "median_iter_wall_s": float(sorted(iter_walls)[len(iter_walls) // 2]) if iter_walls else None,
         "cut": CUT.format(seeds=seeds),
