@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                                                                   "processes, then --summarize their outputs)")
     parser.add_argument("--summarize", nargs="+", default=None, metavar="DIR",
                         help="no training: build the summary from the checkpoints/ of these earlier --out dirs")
-    parser.add_argument("--steps", default=None, help="warm-start checkpoints in optimizer steps, e.g. 4,12")
+    parser.add_argument("--steps", default=None, help="warm-start checkpoints in optimizer steps (full 9, quick 2), e.g. 4,12")
     parser.add_argument("--n-train", type=int, default=None, help="train questions per benchmark")
     parser.add_argument("--n-calib", type=int, default=None, help="calibration questions per benchmark")
     parser.add_argument("--n-test", type=int, default=None, help="test questions per benchmark")
@@ -163,11 +163,11 @@ def main(argv=None) -> int:
     names = (args.benchmarks or ("piqa,sciq,truthfulqa" if quick else FULL_BENCHMARKS)).split(",")
     methods = (args.methods or "prompt_tuning,lora,ia3").split(",")
     seeds = args.seeds or (1 if quick else 3)
-    steps = sorted(int(s) for s in (args.steps or ("2" if quick else "4,12")).split(","))
-    n_train = args.n_train or (4 if quick else 24)
-    n_calib = args.n_calib or (3 if quick else 8)
+    steps = sorted(int(s) for s in (args.steps or ("2" if quick else "9")).split(","))
+    n_train = args.n_train or (4 if quick else 10)
+    n_calib = args.n_calib or (3 if quick else 10)
     args.batch_size = args.batch_size or (4 if quick else 8)
-    n_test = args.n_test or (5 if quick else 40)
+    n_test = args.n_test or (5 if quick else 150)
     for m in methods:
         if m not in DEFAULT_LR:
             parser.error(f"unknown method {m!r}; choose from {', '.join(DEFAULT_LR)}")
