@@ -142,7 +142,8 @@ def main(argv=None) -> int:
                                                                   "processes, then --summarize their outputs)")
     parser.add_argument("--summarize", nargs="+", default=None, metavar="DIR",
                         help="no training: build the summary from the checkpoints/ of these earlier --out dirs")
-    parser.add_argument("--steps", default=None, help="warm-start checkpoints in optimizer steps (full 9, quick 2), e.g. 4,12")
+    parser.add_argument("--steps", default=None,
+                        help="warm-start checkpoints in optimizer steps (full 9, quick 2), e.g. 4,12")
     parser.add_argument("--n-train", type=int, default=None, help="train questions per benchmark")
     parser.add_argument("--n-calib", type=int, default=None, help="calibration questions per benchmark")
     parser.add_argument("--n-test", type=int, default=None, help="test questions per benchmark")
