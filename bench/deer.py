@@ -25,7 +25,7 @@ leaves out against issue 17's matrix).
     python bench/deer.py --quick --envs ns-pendulum  # the SAC leg's smoke test, < 2 min
     python bench/deer.py                  # issue 17's matrix: ns-cartpole + ns-acrobot (DQN), ns-pendulum (SAC),
                                           # 5 seeds x 4 variants = 60 runs: ~112 min on the quiet 2-core
-                                          # machine (measured 2026-12-03; issue 17 asks for 90: missed)
+                                          # machine (5 x seed 0's 22.4 min, 2026-12-03; issue 17 asks for 90)
     python bench/deer.py --summarize-only # re-read finished runs and print the JSON
 """
 
@@ -96,10 +96,9 @@ UNIFORM_FACTOR = {"ns-cartpole": 2.6, "ns-acrobot": 2.5, "ns-pendulum": 1.7, "ns
 BUILD_S = 6.0
 DEER_FACTOR = 1.15
 CUT = ("issue 17 asks for 20-25k env steps per segment; this matrix (ns-cartpole + ns-acrobot DQN, ns-pendulum SAC, "
-       "{seeds} seeds, uniform / PER / DEER / DEER-oracle; ~112 min on the quiet 2-core machine, over issue 17's 90) uses "
-       "5k (cartpole), 12k "
-       "(acrobot) and 8k (pendulum) env steps per segment, 3 segments (nominal, +100 %, +200 %); ns-mountaincar is "
-       "not in it (--envs adds it)")
+       "{seeds} seeds, uniform / PER / DEER / DEER-oracle; ~112 min on the quiet 2-core machine, over issue 17's 90) "
+       "uses 5k (cartpole), 12k (acrobot) and 8k (pendulum) env steps per segment, 3 segments (nominal, +100 %, "
+       "+200 %); ns-mountaincar is not in it (--envs adds it)")
 
 
 def run_seconds(cfg, variant: str) -> float:
@@ -111,7 +110,7 @@ def run_seconds(cfg, variant: str) -> float:
     kstep = SEC_PER_KSTEP.get(cfg.env.name, 1.3) * (0.4 + 0.6 * per_update / base)
     seconds = cfg.train.stop_iters * cfg.train.env_steps_per_iter / 1000 * kstep
     factor = (DEER_FACTOR if variant.startswith("deer")
-              else UNIFORM_FACTOR.get(cfg.env.name, 2.5) if variant == "uniform" else 1.0)
+              else UNIFORM_FACTOR[cfg.env.name] if variant == "uniform" else 1.0)
     return BUILD_S + seconds * factor
 
 
@@ -134,7 +133,7 @@ def print_plan(jobs, configs: dict, seeds: int, variants, budget_min) -> float:
           f"steps; estimate {total_s / 60:.0f} min on a quiet 2-core machine ({fits} issue 17's {BUDGET_MIN:.0f} min; "
           f"model: PER {', '.join(f'{e} {SEC_PER_KSTEP[e]} s' for e in configs if e in SEC_PER_KSTEP)} per 1,000 env "
           f"steps, {BUILD_S:.0f} s per run, DEER x{DEER_FACTOR}, uniform (stock RLlib) "
-          f"x{'/'.join(str(UNIFORM_FACTOR.get(e, 2.5)) for e in configs)}; a loaded machine is slower)"
+          f"x{'/'.join(str(UNIFORM_FACTOR[e]) for e in configs)}; a loaded machine is slower)"
           + (f"; --budget-min {budget_min:g} stops starting runs after that" if budget_min is not None else ""),
           flush=True)
     return total_s

@@ -151,9 +151,12 @@ def test_permutation_null_detects_a_shift_in_an_episodic_stream():
         assert detector.null_computations < len(detector.scores)
 
 
+# every check exceeds; a change needs three in a row
+EVERY_CHECK_EXCEEDS = dataclasses.replace(SETTINGS, threshold=-1e9, cooldown=0, confirmations=3)
+
+
 def test_confirmations_need_consecutive_exceedances_and_stamps_map_change_points():
-    settings = dataclasses.replace(SETTINGS, threshold=-1e9, cooldown=0, confirmations=3)
-    detector = RewardChangeDetector(settings)
+    detector = RewardChangeDetector(EVERY_CHECK_EXCEEDS)
     detector.update(np.zeros(400), stamps=np.arange(400) * 10 + 7)  # e.g. global steps of 4 env copies
     # checks at 200, 250, 300, 350, 400: every one exceeds, every third declares
     assert len(detector.scores) == 5 and len(detector.change_points) == 1
@@ -171,10 +174,9 @@ def test_confirmation_streak_declares_at_the_nth_consecutive_exceedance():
 
 
 def test_a_checkpoint_taken_mid_streak_resumes_the_streak():
-    settings = dataclasses.replace(SETTINGS, threshold=-1e9, cooldown=0, confirmations=3)
-    whole = RewardChangeDetector(settings)
+    whole = RewardChangeDetector(EVERY_CHECK_EXCEEDS)
     whole.update(np.zeros(400), stamps=np.arange(400) * 10 + 7)
-    first = RewardChangeDetector(settings)
+    first = RewardChangeDetector(EVERY_CHECK_EXCEEDS)
     first.update(np.zeros(260), stamps=np.arange(260) * 10 + 7)  # checks at 200 and 250: two of three
     state = first.get_state()
     assert (state["streak"], state["streak_point"]) == (2, 100 * 10 + 7)
